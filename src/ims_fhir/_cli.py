@@ -1,0 +1,77 @@
+"""The ``ims-fhir`` command line: a thin layer over the library."""
+
+from __future__ import annotations
+
+import json
+import sys
+from collections.abc import Sequence
+from pathlib import Path
+
+import click
+from rich.console import Console
+from rich.markup import escape
+
+from ._exceptions import RecordError
+from ._reader import read_records
+from ._schema import record_json_schema_text
+from ._version import __version__
+
+EXIT_OK = 0
+EXIT_SOME_FAILED = 1
+EXIT_USAGE = 2
+
+
+def _stderr() -> Console:
+    return Console(stderr=True, highlight=False, soft_wrap=True)
+
+
+@click.group(context_settings={"help_option_names": ["-h", "--help"]})
+@click.version_option(__version__, prog_name="ims-fhir")
+def cli() -> None:
+    """Move IMS (intramuscular stimulation) encounters between clinic systems and FHIR R4."""
+
+
+@cli.command()
+def schema() -> None:
+    """Print the JSON Schema of an IMS encounter record."""
+    click.echo(record_json_schema_text(), nl=False)
+
+
+@cli.command()
+@click.argument("paths", nargs=-1, required=True, type=click.Path(path_type=Path))
+@click.option("--json", "as_json", is_flag=True, help="Print a machine-readable report.")
+def validate(paths: Sequence[Path], as_json: bool) -> None:
+    """Check IMS records in PATHS (files or directories) and report every bad one."""
+    good = 0
+    errors: list[RecordError] = []
+    for item in read_records(paths):
+        if isinstance(item, RecordError):
+            errors.append(item)
+            if not as_json:
+                _stderr().print(f"[red]invalid[/red] {escape(str(item))}")
+        else:
+            good += 1
+    if as_json:
+        report = {
+            "valid": good,
+            "invalid": len(errors),
+            "errors": [
+                {
+                    "file": e.location.file,
+                    "line": e.location.line,
+                    "index": e.location.index,
+                    "record": e.location.record_id,
+                    "issues": [{"path": i.path, "reason": i.reason} for i in e.issues],
+                }
+                for e in errors
+            ],
+        }
+        click.echo(json.dumps(report, indent=2, ensure_ascii=False))
+    else:
+        click.echo(f"{good} valid, {len(errors)} invalid")
+    sys.exit(EXIT_SOME_FAILED if errors else EXIT_OK)
+
+
+def main() -> None:
+    """Run the command line (the ``ims-fhir`` console script)."""
+    cli()

@@ -1,0 +1,401 @@
+"""The clinic-side record of one IMS visit.
+
+An :class:`Encounter` carries what a physiotherapist charts at an IMS visit: the patient, the
+assessment of Gunn's signs of neuropathy, pain scores and the needling session. The models are
+frozen pydantic v2 models that refuse unknown fields, and their validation is clinical: a field
+that is typed right but clinically impossible (NRS 11, a grade of 4, a segment L7, a depth deeper
+than the needle) is an error naming the field.
+
+Coded fields take the record vocabulary: the codes of the matching group of the local CodeSystem
+in ``mappings/`` (``ims-fhir schema`` lists them).
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+from typing import Annotated, Any, Literal
+
+from pydantic import (
+    AwareDatetime,
+    BaseModel,
+    ConfigDict,
+    Field,
+    GetCoreSchemaHandler,
+    GetJsonSchemaHandler,
+    StringConstraints,
+    field_validator,
+    model_validator,
+)
+from pydantic.json_schema import JsonSchemaValue
+from pydantic_core import PydanticCustomError, core_schema
+
+from ._terminology import terminology
+
+__all__ = [
+    "AdverseEvent",
+    "Assessment",
+    "Clinic",
+    "Consent",
+    "Diagnosis",
+    "ElectricalStimulation",
+    "Encounter",
+    "Finding",
+    "HumanName",
+    "Identifier",
+    "NeedledSite",
+    "PainScore",
+    "Patient",
+    "Practitioner",
+    "Treatment",
+]
+
+
+class _Vocabulary:
+    """A string restricted to one group of the local CodeSystem, looked up when first used."""
+
+    def __init__(self, group: str) -> None:
+        self.group = group
+
+    def _check(self, value: str) -> str:
+        codes = terminology().vocabulary(self.group)
+        if value not in codes:
+            raise PydanticCustomError(
+                "ims_vocabulary",
+                "unknown {group} {value}; expected one of: {expected}",
+                {"group": self.group, "value": repr(value), "expected": ", ".join(codes)},
+            )
+        return value
+
+    def __get_pydantic_core_schema__(
+        self, source: Any, handler: GetCoreSchemaHandler
+    ) -> core_schema.CoreSchema:
+        return core_schema.no_info_after_validator_function(self._check, handler(source))
+
+    def __get_pydantic_json_schema__(
+        self, schema: core_schema.CoreSchema, handler: GetJsonSchemaHandler
+    ) -> JsonSchemaValue:
+        return {
+            "type": "string",
+            "enum": list(terminology().vocabulary(self.group)),
+            "description": f"A code of group '{self.group}' of the ims-local CodeSystem.",
+        }
+
+
+SourceId = Annotated[
+    str,
+    StringConstraints(pattern=r"^[A-Za-z0-9][A-Za-z0-9.\-_]{0,63}$"),
+    Field(description="A stable id from the clinic system: letters, digits, '.', '-', '_'."),
+]
+Text = Annotated[str, StringConstraints(min_length=1, max_length=10_000)]
+ShortText = Annotated[str, StringConstraints(min_length=1, max_length=200)]
+
+Sign = Annotated[str, _Vocabulary("sign")]
+Muscle = Annotated[str, _Vocabulary("muscle")]
+Side = Annotated[str, _Vocabulary("side")]
+SpinalLevel = Annotated[str, _Vocabulary("spinal-level")]
+TrophedemaTest = Annotated[str, _Vocabulary("trophedema-test")]
+NeedleResponse = Annotated[str, _Vocabulary("needle-response")]
+SiteRole = Annotated[str, _Vocabulary("site-role")]
+AdverseEventKind = Annotated[str, _Vocabulary("adverse-event")]
+Severity = Annotated[str, _Vocabulary("severity")]
+DiagnosisCode = Annotated[str, _Vocabulary("diagnosis")]
+VisitType = Annotated[str, _Vocabulary("visit-type")]
+PainTiming = Annotated[str, _Vocabulary("pain-timing")]
+
+
+def spinal_levels() -> list[str]:
+    """Return the spinal levels from C1 to S5 in cranio-caudal order."""
+    return list(terminology().vocabulary("spinal-level"))
+
+
+def _expand_segments(value: Any) -> Any:
+    """Expand ranges such as ``"L4-L5"`` or ``"C5-C7"`` to the levels they span, in order."""
+    if isinstance(value, str):
+        value = [value]
+    if not isinstance(value, list | tuple):
+        return value
+    levels = spinal_levels()
+    out: list[Any] = []
+    for item in value:
+        if isinstance(item, str) and "-" in item:
+            first, _, last = item.partition("-")
+            if first not in levels or last not in levels:
+                raise PydanticCustomError(
+                    "ims_segment",
+                    "{item} is not a spinal segment range: both ends must be levels C1..S5",
+                    {"item": repr(item)},
+                )
+            start, end = levels.index(first), levels.index(last)
+            if start >= end:
+                raise PydanticCustomError(
+                    "ims_segment",
+                    "segment range {item} must run cranial to caudal (e.g. L4-L5)",
+                    {"item": repr(item)},
+                )
+            out.extend(levels[start : end + 1])
+        else:
+            out.append(item)
+    return out
+
+
+def _check_segment_order(value: tuple[str, ...]) -> tuple[str, ...]:
+    if len(set(value)) != len(value):
+        raise PydanticCustomError("ims_segment", "a spinal segment is listed twice", {})
+    levels = spinal_levels()
+    return tuple(sorted(value, key=levels.index))
+
+
+class _Model(BaseModel):
+    model_config = ConfigDict(frozen=True, extra="forbid", str_strip_whitespace=True)
+
+
+Segments = Annotated[
+    tuple[SpinalLevel, ...],
+    Field(
+        default=(),
+        description="Spinal segments, e.g. ['L5'] or ['L4-L5'] (a range expands to its levels).",
+    ),
+]
+
+
+class _HasSegments(_Model):
+    segments: Segments
+
+    @field_validator("segments", mode="before")
+    @classmethod
+    def _expand(cls, value: Any) -> Any:
+        return _expand_segments(value)
+
+    @field_validator("segments")
+    @classmethod
+    def _order(cls, value: tuple[str, ...]) -> tuple[str, ...]:
+        return _check_segment_order(value)
+
+
+class Identifier(_Model):
+    """A business identifier such as a provincial health-card number."""
+
+    system: Annotated[str, StringConstraints(pattern=r"^[a-zA-Z][a-zA-Z0-9+.\-]*:\S+$")] = Field(
+        description="The namespace URI of the identifier."
+    )
+    value: Annotated[str, StringConstraints(min_length=1, max_length=100)]
+    kind: Literal["health-card", "licence", "other"] = "other"
+
+
+class HumanName(_Model):
+    """A person's name."""
+
+    family: ShortText
+    given: tuple[ShortText, ...] = ()
+
+
+class Clinic(_Model):
+    """The clinic that holds the record."""
+
+    id: SourceId
+    name: ShortText
+    namespace: Annotated[str, StringConstraints(pattern=r"^https?://\S+[^/]$")] | None = Field(
+        default=None,
+        description="Base URI of the clinic's identifier systems; default built from its id.",
+    )
+
+
+class Patient(_Model):
+    """The patient as the clinic knows them."""
+
+    id: SourceId
+    identifiers: tuple[Identifier, ...] = ()
+    name: HumanName
+    birth_date: dt.date
+    sex: Literal["female", "male", "other", "unknown"]
+
+
+class Practitioner(_Model):
+    """The physiotherapist who assessed and treated."""
+
+    id: SourceId
+    name: HumanName
+    licence: Identifier | None = None
+
+
+class Finding(_HasSegments):
+    """One sign of neuropathy looked for at one place, present or absent."""
+
+    id: SourceId
+    sign: Sign
+    present: bool
+    grade: Annotated[int, Field(ge=0, le=3)] | None = None
+    muscle: Muscle | None = None
+    region: ShortText | None = Field(default=None, description="Where, when not one muscle.")
+    side: Side | None = None
+    test: TrophedemaTest | None = Field(default=None, description="Trophedema only.")
+    joint: ShortText | None = Field(default=None, description="Restricted ROM only.")
+    movement: ShortText | None = Field(default=None, description="Restricted ROM only.")
+    degrees: Annotated[float, Field(ge=0, le=360)] | None = None
+    note: Text | None = None
+
+    @model_validator(mode="after")
+    def _clinical(self) -> Finding:
+        if self.muscle is None and self.region is None:
+            raise ValueError("a finding needs a muscle or a region")
+        if self.test is not None and self.sign != "trophedema":
+            raise ValueError("'test' applies to trophedema only")
+        rom = (self.joint, self.movement, self.degrees)
+        if self.sign == "restricted-rom":
+            if self.joint is None or self.movement is None:
+                raise ValueError("restricted range of motion needs 'joint' and 'movement'")
+        elif any(v is not None for v in rom):
+            raise ValueError("'joint', 'movement' and 'degrees' apply to restricted-rom only")
+        if not self.present and self.grade not in (None, 0):
+            raise ValueError("an absent sign cannot have a grade above 0")
+        return self
+
+
+class Diagnosis(_Model):
+    """A diagnosis the clinician states."""
+
+    code: DiagnosisCode
+    note: Text | None = None
+
+
+class Assessment(_Model):
+    """The assessment of Gunn's signs."""
+
+    findings: tuple[Finding, ...] = ()
+    suspected_levels: Segments
+    diagnosis: Diagnosis | None = None
+    notes: Text | None = None
+
+    @field_validator("suspected_levels", mode="before")
+    @classmethod
+    def _expand(cls, value: Any) -> Any:
+        return _expand_segments(value)
+
+    @field_validator("suspected_levels")
+    @classmethod
+    def _order(cls, value: tuple[str, ...]) -> tuple[str, ...]:
+        return _check_segment_order(value)
+
+    @model_validator(mode="after")
+    def _unique_ids(self) -> Assessment:
+        _require_unique("findings", [f.id for f in self.findings])
+        return self
+
+
+class PainScore(_Model):
+    """A pain score on the 0-10 numeric rating scale."""
+
+    id: SourceId
+    timing: PainTiming
+    nrs: Annotated[int, Field(ge=0, le=10)]
+    location: ShortText | None = None
+
+
+class ElectricalStimulation(_Model):
+    """Electrical stimulation through the needle."""
+
+    frequency_hz: Annotated[float, Field(gt=0, le=200)]
+    intensity_ma: Annotated[float, Field(gt=0, le=50)]
+    minutes: Annotated[float, Field(gt=0, le=60)]
+
+
+class NeedledSite(_HasSegments):
+    """One muscle site needled in the session."""
+
+    id: SourceId
+    muscle: Muscle
+    side: Side
+    role: SiteRole
+    needle_diameter_mm: Annotated[float, Field(gt=0, le=1)]
+    needle_length_mm: Annotated[float, Field(gt=0, le=150)]
+    insertions: Annotated[int, Field(ge=1, le=100)]
+    max_depth_mm: Annotated[float, Field(gt=0, le=150)]
+    dwell_time_s: Annotated[int, Field(ge=0, le=3600)]
+    response: NeedleResponse
+    electrical_stimulation: ElectricalStimulation | None = None
+
+    @model_validator(mode="after")
+    def _depth_within_needle(self) -> NeedledSite:
+        if self.max_depth_mm > self.needle_length_mm:
+            raise ValueError("max_depth_mm is deeper than the needle is long")
+        return self
+
+
+class AdverseEvent(_Model):
+    """An adverse event of the session."""
+
+    kind: AdverseEventKind
+    severity: Severity
+    note: Text | None = None
+
+    @model_validator(mode="after")
+    def _other_needs_note(self) -> AdverseEvent:
+        if self.kind == "other-event" and self.note is None:
+            raise ValueError("an adverse event of kind 'other-event' needs a note")
+        return self
+
+
+class Consent(_Model):
+    """The patient's consent to needling."""
+
+    given: bool
+    at: AwareDatetime
+    by: ShortText = Field(description="Who consented: the patient, or a named guardian.")
+    form_reference: ShortText | None = None
+
+
+class Treatment(_Model):
+    """The needling session."""
+
+    consent: Consent | None = None
+    sites: tuple[NeedledSite, ...] = ()
+    adverse_events: tuple[AdverseEvent, ...] = ()
+    notes: Text | None = None
+
+    @model_validator(mode="after")
+    def _clinical(self) -> Treatment:
+        _require_unique("sites", [s.id for s in self.sites])
+        if self.consent is not None and not self.consent.given and self.sites:
+            raise ValueError("needled sites are recorded although consent was refused")
+        return self
+
+
+class Encounter(_Model):
+    """One IMS visit: the unit that ims-fhir maps and syncs."""
+
+    id: SourceId
+    clinic: Clinic
+    patient: Patient
+    practitioner: Practitioner
+    start: AwareDatetime
+    end: AwareDatetime
+    visit_type: VisitType
+    assessment: Assessment | None = None
+    pain: tuple[PainScore, ...] = ()
+    treatment: Treatment | None = None
+    retracted: bool = Field(
+        default=False, description="True when the clinic withdrew the record (entered in error)."
+    )
+
+    @model_validator(mode="after")
+    def _clinical(self) -> Encounter:
+        if self.end <= self.start:
+            raise ValueError("the encounter ends before (or when) it starts")
+        if self.patient.birth_date > self.start.date():
+            raise ValueError("the patient is born after the encounter")
+        if self.assessment is None and self.treatment is None:
+            raise ValueError("an encounter needs an assessment, a treatment or both")
+        if self.visit_type == "treatment-only" and self.assessment is not None:
+            raise ValueError("a treatment-only visit has no assessment")
+        _require_unique("pain", [p.id for p in self.pain])
+        if self.treatment is None and any(p.timing == "after-treatment" for p in self.pain):
+            raise ValueError("an after-treatment pain score needs a treatment")
+        return self
+
+
+def _require_unique(field: str, ids: list[str]) -> None:
+    seen: set[str] = set()
+    for item in ids:
+        if item in seen:
+            raise ValueError(f"{field}: id {item!r} is used twice")
+        seen.add(item)

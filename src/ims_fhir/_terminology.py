@@ -1,0 +1,161 @@
+"""Terminology loaded from the FHIR artifacts under ``mappings/``.
+
+Every code ims-fhir emits comes from these files (see ``mappings/README.md``):
+
+- ``CodeSystem-ims-local.json``: the project's own codes, grouped by kind (sign, muscle, side, ...).
+  The groups are the record's vocabulary too.
+- ``ConceptMap-ims-to-standard.json``: local code -> SNOMED CT / LOINC, with TERMINOLOGY.md's
+  confidence expressed as the equivalence (``relatedto`` for unverified codes, never emitted).
+- ``Parameters-conventions.json``: fixed FHIR codings (categories, units, ...) with their source.
+
+The files are read once, on first use, and indexed.
+"""
+
+from __future__ import annotations
+
+import functools
+import json
+from collections.abc import Iterator, Mapping
+from dataclasses import dataclass
+from importlib import resources
+from pathlib import Path
+from typing import Any
+
+CANONICAL = "https://ims-fhir.org/fhir"
+"""Canonical base URL of every artifact the project publishes."""
+
+LOCAL_SYSTEM = f"{CANONICAL}/CodeSystem/ims-local"
+EXTENSION_BASE = f"{CANONICAL}/StructureDefinition"
+PROFILE_BASE = f"{CANONICAL}/StructureDefinition"
+
+# A target with one of these equivalences may be emitted (the first one per concept) and is
+# accepted on the way in. ``relatedto`` marks TERMINOLOGY.md's unverified (M) codes, and a
+# ``narrower`` target would claim more than the record says.
+_EMITTABLE = frozenset({"equal", "equivalent", "wider"})
+
+
+@dataclass(frozen=True, slots=True)
+class Coding:
+    """A plain coding: system, code and display."""
+
+    system: str
+    code: str
+    display: str
+
+    def as_fhir(self) -> dict[str, str]:
+        """Return the coding as FHIR JSON."""
+        return {"system": self.system, "code": self.code, "display": self.display}
+
+
+def mappings_dir() -> Path:
+    """Return the directory holding the mapping artifacts.
+
+    An installed wheel carries them as ``ims_fhir/mappings``; a source checkout keeps them at the
+    top of the repository.
+    """
+    packaged = resources.files("ims_fhir").joinpath("mappings")
+    if packaged.is_dir():
+        return Path(str(packaged))
+    checkout = Path(__file__).resolve().parents[2] / "mappings"
+    if checkout.is_dir():
+        return checkout
+    raise FileNotFoundError("ims-fhir mapping artifacts not found (mappings/ is missing)")
+
+
+class Terminology:
+    """Index over the mapping artifacts; use :func:`terminology` for the shared instance."""
+
+    def __init__(self, directory: Path) -> None:
+        """Load and index the artifacts in ``directory``."""
+        self.directory = directory
+        code_system = _load(directory / "CodeSystem-ims-local.json")
+        concept_map = _load(directory / "ConceptMap-ims-to-standard.json")
+        conventions = _load(directory / "Parameters-conventions.json")
+
+        self._groups: dict[str, dict[str, str]] = {}
+        self._local: dict[str, Coding] = {}
+        self._group_of: dict[str, str] = {}
+        for group in code_system["concept"]:
+            members: dict[str, str] = {}
+            for concept in group.get("concept", []):
+                members[concept["code"]] = concept["display"]
+                self._local[concept["code"]] = Coding(
+                    LOCAL_SYSTEM, concept["code"], concept["display"]
+                )
+                self._group_of[concept["code"]] = group["code"]
+            self._groups[group["code"]] = members
+            self._local[group["code"]] = Coding(LOCAL_SYSTEM, group["code"], group["display"])
+
+        self._standard: dict[str, Coding] = {}
+        self._reverse: dict[tuple[str, str], str] = {}
+        for cm_group in concept_map["group"]:
+            for element in cm_group["element"]:
+                for target in element.get("target", []):
+                    if target["equivalence"] not in _EMITTABLE:
+                        continue
+                    coding = Coding(cm_group["target"], target["code"], target["display"])
+                    self._standard.setdefault(element["code"], coding)
+                    self._reverse[(coding.system, coding.code)] = element["code"]
+
+        self._conventions: dict[str, Coding] = {}
+        for parameter in conventions["parameter"]:
+            value = parameter["valueCoding"]
+            self._conventions[parameter["name"]] = Coding(
+                value["system"], value["code"], value["display"]
+            )
+
+    def vocabulary(self, group: str) -> Mapping[str, str]:
+        """Return the codes (and displays) of one group of the local CodeSystem."""
+        return self._groups[group]
+
+    def group_of(self, code: str) -> str | None:
+        """Return the group a local code belongs to, if it is a local code."""
+        return self._group_of.get(code)
+
+    def local(self, code: str) -> Coding:
+        """Return the local coding for ``code``; KeyError if it is not a local code."""
+        return self._local[code]
+
+    def standard(self, code: str) -> Coding | None:
+        """Return the standard coding emitted for a local code, if one is verified."""
+        return self._standard.get(code)
+
+    def codings(self, code: str) -> list[Coding]:
+        """Return the codings for a local concept: the verified standard code first, if any."""
+        standard = self._standard.get(code)
+        local = self._local[code]
+        return [standard, local] if standard else [local]
+
+    def from_coding(self, system: str | None, code: str | None, group: str) -> str | None:
+        """Return the local code in ``group`` that a coding stands for, or None."""
+        if system is None or code is None:
+            return None
+        if system == LOCAL_SYSTEM:
+            found: str | None = code
+        else:
+            found = self._reverse.get((system, code))
+        if found is not None and self._group_of.get(found) == group:
+            return found
+        return None
+
+    def convention(self, name: str) -> Coding:
+        """Return a fixed FHIR coding from ``Parameters-conventions.json``."""
+        return self._conventions[name]
+
+    def emitted_codings(self) -> Iterator[Coding]:
+        """Yield every coding this terminology can emit (for conformance tests)."""
+        yield from self._local.values()
+        yield from self._standard.values()
+        yield from self._conventions.values()
+
+
+def _load(path: Path) -> dict[str, Any]:
+    with path.open(encoding="utf-8") as handle:
+        data: dict[str, Any] = json.load(handle)
+    return data
+
+
+@functools.cache
+def terminology() -> Terminology:
+    """Return the terminology loaded from the packaged ``mappings/`` (loaded once)."""
+    return Terminology(mappings_dir())
