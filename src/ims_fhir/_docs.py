@@ -1,0 +1,86 @@
+"""Render ``docs/mapping.md`` from the artifacts in ``mappings/``.
+
+Run ``python -m ims_fhir._docs > docs/mapping.md``; a test keeps the committed copy current.
+"""
+
+from __future__ import annotations
+
+import json
+from typing import Any
+
+from ._terminology import mappings_dir
+
+
+def _load(name: str) -> dict[str, Any]:
+    data: dict[str, Any] = json.loads((mappings_dir() / name).read_text(encoding="utf-8"))
+    return data
+
+
+def _cell(text: str) -> str:
+    return text.replace("|", "\\|").replace("\n", " ")
+
+
+def render_mapping_doc() -> str:
+    """Return the Markdown text of ``docs/mapping.md``."""
+    field_map = _load("Parameters-field-map.json")
+    code_system = _load("CodeSystem-ims-local.json")
+    concept_map = _load("ConceptMap-ims-to-standard.json")
+    conventions = _load("Parameters-conventions.json")
+
+    targets: dict[str, list[str]] = {}
+    for group in concept_map["group"]:
+        system = "SCT" if group["target"].endswith("snomed.info/sct") else "LOINC"
+        for element in group["element"]:
+            for target in element["target"]:
+                targets.setdefault(element["code"], []).append(
+                    f"{system} {target['code']} {target['display']} "
+                    f"({target['equivalence']}; {target['comment']})"
+                )
+
+    lines = [
+        "# How an IMS record maps to FHIR R4",
+        "",
+        "Generated from `mappings/` by `python -m ims_fhir._docs`; do not edit by hand.",
+        "`{ns}` is the clinic's identifier namespace. Codes: `group:` a group of the local",
+        f"CodeSystem `{code_system['url']}` (listed below with their standard codes),",
+        "`local:` one local code, `convention:` a fixed coding of `Parameters-conventions.json`.",
+        "",
+        "| record field | FHIR element | codes | source |",
+        "|---|---|---|---|",
+    ]
+    for rule in field_map["parameter"]:
+        parts = {p["name"]: p["valueString"] for p in rule["part"]}
+        lines.append(
+            f"| `{_cell(parts['field'])}` | {_cell(parts['element'])} | "
+            f"{_cell(parts.get('codes', ''))} | {_cell(parts['source'])} |"
+        )
+    lines += ["", "## Codes", ""]
+    for group in code_system["concept"]:
+        lines += [
+            f"### `{group['code']}`: {group['display']}",
+            "",
+            "| local code | display | standard code (equivalence; confidence) |",
+            "|---|---|---|",
+        ]
+        for concept in group.get("concept", []):
+            standard = "; ".join(targets.get(concept["code"], [])) or "none (local code only)"
+            lines.append(
+                f"| `{concept['code']}` | {_cell(concept['display'])} | {_cell(standard)} |"
+            )
+        lines.append("")
+    lines += [
+        "## Fixed codings",
+        "",
+        "| name | system | code | source |",
+        "|---|---|---|---|",
+    ]
+    for parameter in conventions["parameter"]:
+        coding = parameter["valueCoding"]
+        source = next(p["valueString"] for p in parameter["part"] if p["name"] == "source")
+        code = f"`{coding['code']}` {coding['display']}"
+        lines.append(f"| `{parameter['name']}` | {coding['system']} | {code} | {_cell(source)} |")
+    return "\n".join(lines) + "\n"
+
+
+if __name__ == "__main__":
+    print(render_mapping_doc(), end="")

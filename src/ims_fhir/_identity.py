@@ -1,0 +1,109 @@
+"""Names shared by both mapping directions: identifiers, profiles and extensions.
+
+Every resource ims-fhir writes carries a business identifier derived from the record's stable
+source ids: the system is ``{namespace}/{kind}`` where the namespace is the clinic's (configurable
+per clinic, see :attr:`~ims_fhir.Clinic.namespace`), and the value is built from source keys, e.g.
+``enc-1/finding/f3``. The transaction's ``urn:uuid`` fullUrls are UUIDv5 of that identifier, so
+mapping a record twice gives the same bytes.
+"""
+
+from __future__ import annotations
+
+import uuid
+from enum import StrEnum
+
+from ._terminology import CANONICAL, EXTENSION_BASE, PROFILE_BASE
+
+DEFAULT_NAMESPACE_BASE = f"{CANONICAL}/sid"
+
+
+def default_namespace(clinic_id: str) -> str:
+    """Return the identifier namespace used for a clinic that configures none."""
+    return f"{DEFAULT_NAMESPACE_BASE}/{clinic_id}"
+
+
+class Kind(StrEnum):
+    """The identifier kinds: the last path segment of each identifier system."""
+
+    PATIENT = "patient"
+    PRACTITIONER = "practitioner"
+    ORGANIZATION = "organization"
+    ENCOUNTER = "encounter"
+    OBSERVATION = "observation"
+    CONDITION = "condition"
+    PROCEDURE = "procedure"
+    CONSENT = "consent"
+    CONSENT_FORM = "consent-form"
+    PROVENANCE = "provenance"
+
+
+def system(namespace: str, kind: Kind) -> str:
+    """Return the identifier system for one kind of resource of a clinic."""
+    return f"{namespace}/{kind.value}"
+
+
+def split_system(value: str) -> tuple[str, Kind] | None:
+    """Split an identifier system into (namespace, kind), or None if it is not ours."""
+    namespace, _, last = value.rpartition("/")
+    try:
+        return namespace, Kind(last)
+    except ValueError:
+        return None
+
+
+def full_url(identifier_system: str, value: str) -> str:
+    """Return the deterministic ``urn:uuid`` fullUrl of the resource with this identifier."""
+    return f"urn:uuid:{uuid.uuid5(uuid.NAMESPACE_URL, f'{identifier_system}|{value}')}"
+
+
+class Profile(StrEnum):
+    """The project's profiles, one per kind of resource the mapper writes."""
+
+    PATIENT = "ims-patient"
+    PRACTITIONER = "ims-practitioner"
+    ORGANIZATION = "ims-organization"
+    ENCOUNTER = "ims-encounter"
+    ASSESSMENT_PANEL = "ims-assessment-panel"
+    FINDING = "ims-finding"
+    PAIN_SCORE = "ims-pain-score"
+    DIAGNOSIS = "ims-diagnosis"
+    SESSION = "ims-session"
+    NEEDLED_SITE = "ims-needled-site"
+    CONSENT = "ims-consent"
+    PROVENANCE = "ims-provenance"
+
+    @property
+    def url(self) -> str:
+        """The profile's canonical URL."""
+        return f"{PROFILE_BASE}/{self.value}"
+
+
+class Ext(StrEnum):
+    """Extensions: the project's own (defined in ``mappings/``) and the core ones used."""
+
+    SPINAL_SEGMENT = "spinal-segment"
+    SITE_ROLE = "site-role"
+    NEEDLE_DIAMETER = "needle-diameter"
+    NEEDLE_LENGTH = "needle-length"
+    INSERTIONS = "insertions"
+    MAX_DEPTH = "max-depth"
+    DWELL_TIME = "dwell-time"
+    NEEDLE_RESPONSE = "needle-response"
+    ELECTRICAL_STIMULATION = "electrical-stimulation"
+    BODYSITE_LATERALITY = "bodysite-laterality"
+    ADVERSE_EVENT_SEVERITY = "adverse-event-severity"
+    ADVERSE_EVENT_NOTE = "adverse-event-note"
+    # Core extensions (FHIR extensions pack), named in TERMINOLOGY.md.
+    STRUCTURE_LATERALITY = "http://hl7.org/fhir/StructureDefinition/observation-structureLaterality"
+    SUPPORTING_INFO = "http://hl7.org/fhir/StructureDefinition/workflow-supportingInfo"
+
+    @property
+    def url(self) -> str:
+        """The extension's canonical URL."""
+        return self.value if "://" in self.value else f"{EXTENSION_BASE}/{self.value}"
+
+
+# Sub-extensions of electrical-stimulation.
+ESTIM_FREQUENCY = "frequency"
+ESTIM_INTENSITY = "intensity"
+ESTIM_DURATION = "duration"

@@ -1,0 +1,680 @@
+"""Forward mapping: an IMS encounter record -> a FHIR R4 transaction Bundle.
+
+One encounter becomes (see ``docs/mapping.md`` for the element-by-element table):
+
+- Organization (the clinic), Patient and Practitioner, each created only if no resource with
+  the same identifier exists (``If-None-Exist``), so they are never duplicated;
+- Encounter (class AMB), and when an assessment was made, a panel Observation whose
+  ``hasMember`` lists one Observation per finding (absent findings too: absence is clinical
+  information) and a Condition for a stated diagnosis with the present findings as evidence;
+- one pain Observation per NRS score (LOINC 72514-3), the after-treatment ones ``partOf`` the
+  session;
+- when a treatment was given, the session Procedure with one Procedure per needled site
+  (``partOf`` the session) and a Consent linked by the ``workflow-supportingInfo`` extension;
+- one Provenance naming the practitioner and the clinic, recorded at the encounter's end.
+
+Every request but the Provenance's is conditional on the resource's business identifier, so
+posting the Bundle twice changes nothing; the Provenance (R4 gives it no identifier) is written
+to a deterministic id. A retracted record maps to the same resources, ``entered-in-error``.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import html
+import uuid
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass
+from typing import Any
+from urllib.parse import quote
+
+from fhir.resources.R4B.bundle import Bundle
+from fhir.resources.R4B.resource import Resource
+
+from ._identity import (
+    ESTIM_DURATION,
+    ESTIM_FREQUENCY,
+    ESTIM_INTENSITY,
+    Ext,
+    Kind,
+    Profile,
+    default_namespace,
+    full_url,
+    system,
+)
+from ._record import Encounter, Finding, NeedledSite, PainScore, Treatment
+from ._terminology import Terminology, terminology
+
+__all__ = ["to_fhir", "to_fhir_json", "to_resources", "to_transaction"]
+
+JSON = dict[str, Any]
+
+
+@dataclass(frozen=True, slots=True)
+class _Entry:
+    full_url: str
+    resource: JSON
+    method: str
+    url: str
+    if_none_exist: str | None = None
+
+
+def to_fhir(record: Encounter) -> Bundle:
+    """Map one encounter to a FHIR R4 transaction Bundle of conditional requests."""
+    return Bundle.model_validate(_bundle(record))
+
+
+def to_transaction(records: Iterable[Encounter]) -> Bundle:
+    """Map several encounters to one transaction Bundle.
+
+    Resources shared by the encounters (the clinic, a patient seen twice, the practitioner) are
+    listed once: a transaction may not hold two requests for the same resource.
+    """
+    entries: dict[str, JSON] = {}
+    for record in records:
+        for entry in _bundle(record)["entry"]:
+            entries.setdefault(entry["fullUrl"], entry)
+    return Bundle.model_validate(
+        {"resourceType": "Bundle", "type": "transaction", "entry": list(entries.values())}
+    )
+
+
+def to_fhir_json(record: Encounter) -> str:
+    """Map one encounter to the JSON text of its transaction Bundle (deterministic)."""
+    text: str = to_fhir(record).model_dump_json()
+    return text
+
+
+def to_resources(record: Encounter) -> list[Resource]:
+    """Map one encounter to its resources, in the order the Bundle lists them."""
+    bundle = to_fhir(record)
+    return [entry.resource for entry in bundle.entry or []]
+
+
+def _bundle(record: Encounter) -> JSON:
+    builder = _Builder(record, terminology())
+    entries = builder.build()
+    return {
+        "resourceType": "Bundle",
+        "type": "transaction",
+        "entry": [
+            {
+                "fullUrl": e.full_url,
+                "resource": e.resource,
+                "request": {"method": e.method, "url": e.url}
+                | ({"ifNoneExist": e.if_none_exist} if e.if_none_exist else {}),
+            }
+            for e in entries
+        ],
+    }
+
+
+def _instant(value: dt.datetime) -> str:
+    return value.isoformat()
+
+
+def _div(*lines: str) -> JSON:
+    body = "".join(f"<p>{html.escape(line, quote=False)}</p>" for line in lines)
+    return {"status": "generated", "div": f'<div xmlns="http://www.w3.org/1999/xhtml">{body}</div>'}
+
+
+def _query(identifier_system: str, value: str) -> str:
+    return f"identifier={quote(identifier_system, safe=':/')}|{quote(value, safe='')}"
+
+
+class _Builder:
+    """Builds the entries of one encounter's Bundle; one instance per record."""
+
+    def __init__(self, record: Encounter, terms: Terminology) -> None:
+        self.r = record
+        self.t = terms
+        self.ns = record.clinic.namespace or default_namespace(record.clinic.id)
+        self.entries: list[_Entry] = []
+        self.retracted = record.retracted
+        self.refs: dict[str, str] = {}
+
+    # -- helpers -------------------------------------------------------------------------------
+
+    def concept(self, code: str, text: str | None = None) -> JSON:
+        out: JSON = {"coding": [c.as_fhir() for c in self.t.codings(code)]}
+        if text is not None:
+            out["text"] = text
+        return out
+
+    def convention(self, *names: str) -> JSON:
+        return {"coding": [self.t.convention(n).as_fhir() for n in names]}
+
+    def quantity(self, value: float | int, unit: str) -> JSON:
+        coding = self.t.convention(f"unit-{unit}")
+        return {
+            "value": value,
+            "unit": coding.display,
+            "system": coding.system,
+            "code": coding.code,
+        }
+
+    def identifier(self, kind: Kind, value: str) -> JSON:
+        return {"use": "official", "system": system(self.ns, kind), "value": value}
+
+    def meta(self, profile: Profile) -> JSON:
+        return {"profile": [profile.url], "source": self.ns}
+
+    def add(
+        self,
+        resource_type: str,
+        kind: Kind,
+        value: str,
+        profile: Profile,
+        body: JSON,
+        summary: Sequence[str],
+        *,
+        create_only: bool = False,
+    ) -> str:
+        """Add a resource with its identifier; return the reference to use for it."""
+        identifier_system = system(self.ns, kind)
+        url = full_url(identifier_system, value)
+        identifiers = [self.identifier(kind, value), *body.pop("identifier", [])]
+        resource = {
+            "resourceType": resource_type,
+            "meta": self.meta(profile),
+            "text": _div(*summary),
+            "identifier": identifiers,
+            **body,
+        }
+        query = _query(identifier_system, value)
+        if create_only:
+            entry = _Entry(url, resource, "POST", resource_type, if_none_exist=query)
+        else:
+            entry = _Entry(url, resource, "PUT", f"{resource_type}?{query}")
+        self.entries.append(entry)
+        return url
+
+    def status(self, normal: str) -> str:
+        return "entered-in-error" if self.retracted else normal
+
+    # -- resources -----------------------------------------------------------------------------
+
+    def build(self) -> list[_Entry]:
+        r = self.r
+        self.org = self.organization()
+        self.patient = self.patient_resource()
+        self.practitioner = self.practitioner_resource()
+        self.encounter = self.encounter_resource()
+        session_url = None
+        if r.treatment is not None:
+            session_url = full_url(
+                system(self.ns, Kind.PROCEDURE), f"{r.id}/session"
+            )  # referenced by after-treatment scores before the session is added
+        panel_url = condition_url = None
+        finding_urls: dict[str, str] = {}
+        if r.assessment is not None:
+            for finding in r.assessment.findings:
+                finding_urls[finding.id] = self.finding(finding)
+            panel_url = self.panel(list(finding_urls.values()))
+            if r.assessment.diagnosis is not None:
+                present = [finding_urls[f.id] for f in r.assessment.findings if f.present]
+                condition_url = self.condition(present)
+        for score in r.pain:
+            self.pain(score, session_url)
+        if r.treatment is not None:
+            consent_url = self.consent(r.treatment) if r.treatment.consent else None
+            reasons = [u for u in (condition_url, panel_url) if u]
+            self.session(r.treatment, reasons, consent_url)
+            for site in r.treatment.sites:
+                self.site(site)
+        self.provenance()
+        return self.entries
+
+    def organization(self) -> str:
+        clinic = self.r.clinic
+        return self.add(
+            "Organization",
+            Kind.ORGANIZATION,
+            clinic.id,
+            Profile.ORGANIZATION,
+            {"active": True, "name": clinic.name},
+            [f"Clinic: {clinic.name}"],
+            create_only=True,
+        )
+
+    def patient_resource(self) -> str:
+        p = self.r.patient
+        extra = []
+        for ident in p.identifiers:
+            item: JSON = {"system": ident.system, "value": ident.value}
+            if ident.kind == "health-card":
+                item["type"] = self.convention("identifier-type-health-card")
+            elif ident.kind == "licence":
+                item["type"] = self.convention("identifier-type-licence")
+            extra.append(item)
+        name: JSON = {"family": p.name.family}
+        if p.name.given:
+            name["given"] = list(p.name.given)
+        return self.add(
+            "Patient",
+            Kind.PATIENT,
+            p.id,
+            Profile.PATIENT,
+            {
+                "identifier": extra,
+                "name": [name],
+                "gender": p.sex,
+                "birthDate": p.birth_date.isoformat(),
+                "managingOrganization": {"reference": self.org},
+            },
+            [f"Patient {' '.join(p.name.given)} {p.name.family}, born {p.birth_date}, {p.sex}"],
+            create_only=True,
+        )
+
+    def practitioner_resource(self) -> str:
+        pr = self.r.practitioner
+        extra = []
+        if pr.licence is not None:
+            extra.append(
+                {
+                    "type": self.convention("identifier-type-licence"),
+                    "system": pr.licence.system,
+                    "value": pr.licence.value,
+                }
+            )
+        name: JSON = {"family": pr.name.family}
+        if pr.name.given:
+            name["given"] = list(pr.name.given)
+        return self.add(
+            "Practitioner",
+            Kind.PRACTITIONER,
+            pr.id,
+            Profile.PRACTITIONER,
+            {"identifier": extra, "active": True, "name": [name]},
+            [f"Physiotherapist {' '.join(pr.name.given)} {pr.name.family}"],
+            create_only=True,
+        )
+
+    def encounter_resource(self) -> str:
+        r = self.r
+        return self.add(
+            "Encounter",
+            Kind.ENCOUNTER,
+            r.id,
+            Profile.ENCOUNTER,
+            {
+                "status": self.status("finished"),
+                "class": self.t.convention("encounter-class-ambulatory").as_fhir(),
+                "type": [self.concept(r.visit_type)],
+                "subject": {"reference": self.patient},
+                "participant": [{"individual": {"reference": self.practitioner}}],
+                "period": {"start": _instant(r.start), "end": _instant(r.end)},
+                "serviceProvider": {"reference": self.org},
+            },
+            [
+                f"IMS visit ({self.t.local(r.visit_type).display}) at {r.clinic.name}",
+                f"{_instant(r.start)} to {_instant(r.end)}",
+            ]
+            + (["Entered in error: withdrawn by the clinic."] if r.retracted else []),
+        )
+
+    def _observation_common(self, category: str) -> JSON:
+        return {
+            "status": self.status("final"),
+            "category": [self.convention(category)],
+        }
+
+    def _context(self, performer: str | None = None) -> JSON:
+        return {
+            "subject": {"reference": self.patient},
+            "encounter": {"reference": self.encounter},
+            "effectiveDateTime": _instant(self.r.start),
+            "performer": [{"reference": performer or self.practitioner}],
+        }
+
+    def _segments(self, segments: Iterable[str]) -> list[JSON]:
+        return [
+            {"code": self.concept("spinal-segment"), "valueCodeableConcept": self.concept(level)}
+            for level in segments
+        ]
+
+    def finding(self, f: Finding) -> str:
+        t = self.t
+        body_site: JSON = {}
+        if f.side is not None:
+            body_site["extension"] = [
+                {"url": Ext.STRUCTURE_LATERALITY.url, "valueCodeableConcept": self.concept(f.side)}
+            ]
+        if f.muscle is not None:
+            body_site["coding"] = [c.as_fhir() for c in t.codings(f.muscle)]
+        if f.region is not None:
+            body_site["text"] = f.region
+        components: list[JSON] = []
+        if f.grade is not None:
+            components.append({"code": self.concept("grade"), "valueInteger": f.grade})
+        components += self._segments(f.segments)
+        if f.test is not None:
+            components.append(
+                {
+                    "code": self.concept("trophedema-test-used"),
+                    "valueCodeableConcept": self.concept(f.test),
+                }
+            )
+        if f.joint is not None:
+            components.append({"code": self.concept("rom-joint"), "valueString": f.joint})
+        if f.movement is not None:
+            components.append({"code": self.concept("rom-movement"), "valueString": f.movement})
+        if f.degrees is not None:
+            components.append(
+                {
+                    "code": self.concept("rom-degrees"),
+                    "valueQuantity": self.quantity(f.degrees, "deg"),
+                }
+            )
+        body: JSON = {
+            **self._observation_common("observation-category-exam"),
+            "code": self.concept(f.sign),
+            **self._context(),
+            "valueBoolean": f.present,
+            "bodySite": body_site,
+        }
+        if f.note is not None:
+            body["note"] = [{"text": f.note}]
+        if components:
+            body["component"] = components
+        where = ", ".join(
+            x
+            for x in (
+                t.local(f.muscle).display if f.muscle else None,
+                f.region,
+                t.local(f.side).display.lower() if f.side else None,
+                "-".join(f.segments) if f.segments else None,
+            )
+            if x
+        )
+        state = "present" if f.present else "absent"
+        grade = f", grade {f.grade}" if f.grade is not None else ""
+        return self.add(
+            "Observation",
+            Kind.OBSERVATION,
+            f"{self.r.id}/finding/{f.id}",
+            Profile.FINDING,
+            body,
+            [f"{t.local(f.sign).display}: {state}{grade} ({where})"],
+        )
+
+    def panel(self, members: list[str]) -> str:
+        assert self.r.assessment is not None
+        a = self.r.assessment
+        body: JSON = {
+            **self._observation_common("observation-category-exam"),
+            "code": self.concept("gunn-assessment-panel"),
+            **self._context(),
+        }
+        if members:
+            body["hasMember"] = [{"reference": m} for m in members]
+        if a.suspected_levels:
+            body["component"] = [
+                {"code": self.concept("suspected-levels"), "valueCodeableConcept": self.concept(lv)}
+                for lv in a.suspected_levels
+            ]
+        if a.notes is not None:
+            body["note"] = [{"text": a.notes}]
+        present = sum(1 for f in a.findings if f.present)
+        levels = ", ".join(a.suspected_levels) or "none stated"
+        return self.add(
+            "Observation",
+            Kind.OBSERVATION,
+            f"{self.r.id}/assessment",
+            Profile.ASSESSMENT_PANEL,
+            body,
+            [
+                f"Assessment of Gunn's signs: {present} of {len(a.findings)} signs present",
+                f"Suspected segmental levels: {levels}",
+            ],
+        )
+
+    def condition(self, evidence: list[str]) -> str:
+        assert self.r.assessment is not None and self.r.assessment.diagnosis is not None
+        d = self.r.assessment.diagnosis
+        body: JSON = {
+            "verificationStatus": self.convention(
+                "condition-verification-entered-in-error"
+                if self.retracted
+                else "condition-verification-confirmed"
+            ),
+            "category": [self.convention("condition-category-encounter-diagnosis")],
+            "code": self.concept(d.code),
+            "subject": {"reference": self.patient},
+            "encounter": {"reference": self.encounter},
+            "recordedDate": _instant(self.r.start),
+            "recorder": {"reference": self.practitioner},
+        }
+        if not self.retracted:  # con-5: no clinicalStatus on an entered-in-error Condition
+            body["clinicalStatus"] = self.convention("condition-clinical-active")
+        if evidence:
+            body["evidence"] = [{"detail": [{"reference": e} for e in evidence]}]
+        if d.note is not None:
+            body["note"] = [{"text": d.note}]
+        return self.add(
+            "Condition",
+            Kind.CONDITION,
+            f"{self.r.id}/diagnosis",
+            Profile.DIAGNOSIS,
+            body,
+            [f"Diagnosis: {self.t.local(d.code).display}"],
+        )
+
+    def pain(self, score: PainScore, session: str | None) -> str:
+        body: JSON = {
+            **self._observation_common("observation-category-survey"),
+            "code": self.concept("pain-score"),
+            **self._context(performer=self.patient),
+            "valueQuantity": self.quantity(score.nrs, "score"),
+            "component": [
+                {
+                    "code": self.concept("score-timing"),
+                    "valueCodeableConcept": self.concept(score.timing),
+                }
+            ],
+        }
+        if score.timing == "after-treatment":
+            body["effectiveDateTime"] = _instant(self.r.end)
+            if session is not None:
+                body["partOf"] = [{"reference": session}]
+        if score.location is not None:
+            body["bodySite"] = {"text": score.location}
+        where = f" ({score.location})" if score.location else ""
+        return self.add(
+            "Observation",
+            Kind.OBSERVATION,
+            f"{self.r.id}/pain/{score.id}",
+            Profile.PAIN_SCORE,
+            body,
+            [f"Pain {score.nrs}/10 {self.t.local(score.timing).display.lower()}{where}"],
+        )
+
+    def consent(self, treatment: Treatment) -> str:
+        c = treatment.consent
+        assert c is not None
+        performer = (
+            {"reference": self.patient} if c.by.casefold() == "patient" else {"display": c.by}
+        )
+        body: JSON = {
+            "status": self.status("active"),
+            "scope": self.convention("consent-scope-treatment"),
+            "category": [self.concept("ims-treatment-consent")],
+            "patient": {"reference": self.patient},
+            "dateTime": _instant(c.at),
+            "performer": [performer],
+            "organization": [{"reference": self.org}],
+            "policyRule": self.convention("consent-policy-opt-in"),
+            "provision": {"type": "permit" if c.given else "deny"},
+        }
+        if c.form_reference is not None:
+            body["sourceReference"] = {
+                "type": "DocumentReference",
+                "identifier": {
+                    "system": system(self.ns, Kind.CONSENT_FORM),
+                    "value": c.form_reference,
+                },
+            }
+        decision = "given" if c.given else "refused"
+        return self.add(
+            "Consent",
+            Kind.CONSENT,
+            f"{self.r.id}/consent",
+            Profile.CONSENT,
+            body,
+            [f"Consent to IMS {decision} by {c.by} at {_instant(c.at)}"],
+        )
+
+    def _procedure_common(self) -> JSON:
+        return {
+            "category": self.convention("procedure-category"),
+            "subject": {"reference": self.patient},
+            "encounter": {"reference": self.encounter},
+            "performedPeriod": {"start": _instant(self.r.start), "end": _instant(self.r.end)},
+            "performer": [{"actor": {"reference": self.practitioner}}],
+        }
+
+    def session(self, treatment: Treatment, reasons: list[str], consent: str | None) -> str:
+        devices = ["device-needle"]
+        if any(s.electrical_stimulation for s in treatment.sites):
+            devices.append("device-electrostimulation")
+        body: JSON = {
+            "status": self.status("completed" if treatment.sites else "not-done"),
+            "code": self.concept("ims-session"),
+            **self._procedure_common(),
+            "usedCode": [self.convention(d) for d in devices],
+        }
+        if consent is not None:
+            body["extension"] = [
+                {"url": Ext.SUPPORTING_INFO.url, "valueReference": {"reference": consent}}
+            ]
+        if reasons:
+            body["reasonReference"] = [{"reference": r} for r in reasons]
+        if treatment.adverse_events:
+            body["complication"] = [
+                self.concept(event.kind)
+                | {
+                    "extension": [
+                        {
+                            "url": Ext.ADVERSE_EVENT_SEVERITY.url,
+                            "valueCodeableConcept": self.concept(event.severity),
+                        }
+                    ]
+                    + (
+                        [{"url": Ext.ADVERSE_EVENT_NOTE.url, "valueString": event.note}]
+                        if event.note is not None
+                        else []
+                    )
+                }
+                for event in treatment.adverse_events
+            ]
+        if treatment.notes is not None:
+            body["note"] = [{"text": treatment.notes}]
+        events = ", ".join(self.t.local(e.kind).display for e in treatment.adverse_events)
+        return self.add(
+            "Procedure",
+            Kind.PROCEDURE,
+            f"{self.r.id}/session",
+            Profile.SESSION,
+            body,
+            [f"IMS session: {len(treatment.sites)} site(s) needled"]
+            + ([f"Adverse events: {events}"] if events else []),
+        )
+
+    def site(self, s: NeedledSite) -> str:
+        t = self.t
+        session = full_url(system(self.ns, Kind.PROCEDURE), f"{self.r.id}/session")
+        extensions: list[JSON] = [
+            {"url": Ext.SITE_ROLE.url, "valueCodeableConcept": self.concept(s.role)},
+            *(
+                {"url": Ext.SPINAL_SEGMENT.url, "valueCodeableConcept": self.concept(level)}
+                for level in s.segments
+            ),
+            {
+                "url": Ext.NEEDLE_DIAMETER.url,
+                "valueQuantity": self.quantity(s.needle_diameter_mm, "mm"),
+            },
+            {
+                "url": Ext.NEEDLE_LENGTH.url,
+                "valueQuantity": self.quantity(s.needle_length_mm, "mm"),
+            },
+            {"url": Ext.INSERTIONS.url, "valuePositiveInt": s.insertions},
+            {"url": Ext.MAX_DEPTH.url, "valueQuantity": self.quantity(s.max_depth_mm, "mm")},
+            {"url": Ext.DWELL_TIME.url, "valueQuantity": self.quantity(s.dwell_time_s, "s")},
+            {"url": Ext.NEEDLE_RESPONSE.url, "valueCodeableConcept": self.concept(s.response)},
+        ]
+        if s.electrical_stimulation is not None:
+            e = s.electrical_stimulation
+            extensions.append(
+                {
+                    "url": Ext.ELECTRICAL_STIMULATION.url,
+                    "extension": [
+                        {
+                            "url": ESTIM_FREQUENCY,
+                            "valueQuantity": self.quantity(e.frequency_hz, "Hz"),
+                        },
+                        {
+                            "url": ESTIM_INTENSITY,
+                            "valueQuantity": self.quantity(e.intensity_ma, "mA"),
+                        },
+                        {"url": ESTIM_DURATION, "valueQuantity": self.quantity(e.minutes, "min")},
+                    ],
+                }
+            )
+        body: JSON = {
+            "extension": extensions,
+            "partOf": [{"reference": session}],
+            "status": self.status("completed"),
+            "code": self.concept("ims-needled-site"),
+            **self._procedure_common(),
+            "bodySite": [
+                {
+                    "extension": [
+                        {
+                            "url": Ext.BODYSITE_LATERALITY.url,
+                            "valueCodeableConcept": self.concept(s.side),
+                        }
+                    ],
+                    "coding": [c.as_fhir() for c in t.codings(s.muscle)],
+                }
+            ],
+            "usedCode": [self.convention("device-needle")],
+        }
+        return self.add(
+            "Procedure",
+            Kind.PROCEDURE,
+            f"{self.r.id}/site/{s.id}",
+            Profile.NEEDLED_SITE,
+            body,
+            [
+                f"Needled {t.local(s.muscle).display} ({t.local(s.side).display.lower()}, "
+                f"{s.role}, {'-'.join(s.segments) or 'no segment'})",
+                f"Needle {s.needle_diameter_mm} x {s.needle_length_mm} mm, "
+                f"{s.insertions} insertion(s), max depth {s.max_depth_mm} mm, "
+                f"{s.dwell_time_s} s, response: {s.response}",
+            ],
+        )
+
+    def provenance(self) -> None:
+        targets = [e.full_url for e in self.entries]
+        value = self.r.id
+        prov_system = system(self.ns, Kind.PROVENANCE)
+        resource_id = str(uuid.uuid5(uuid.NAMESPACE_URL, f"{prov_system}|{value}"))
+        resource: JSON = {
+            "resourceType": "Provenance",
+            "id": resource_id,
+            "meta": self.meta(Profile.PROVENANCE),
+            "text": _div(f"Provenance of IMS encounter {value} from {self.r.clinic.name}"),
+            "target": [{"reference": t} for t in targets],
+            "recorded": _instant(self.r.end),
+            "agent": [
+                {
+                    "type": self.convention("provenance-author"),
+                    "who": {"reference": self.practitioner},
+                    "onBehalfOf": {"reference": self.org},
+                },
+                {"type": self.convention("provenance-custodian"), "who": {"reference": self.org}},
+            ],
+        }
+        self.entries.append(
+            _Entry(full_url(prov_system, value), resource, "PUT", f"Provenance/{resource_id}")
+        )

@@ -1,0 +1,171 @@
+from __future__ import annotations
+
+import copy
+import json
+import os
+import random
+from pathlib import Path
+from typing import Any
+
+import pytest
+from fhir.resources.R4B import get_fhir_model_class
+from hypothesis import HealthCheck, given, settings
+
+from ims_fhir import Encounter, from_fhir, to_fhir, to_fhir_json, to_transaction
+
+from .conftest import ENCOUNTER_FILES, FIXTURES
+from .strategies import encounters
+
+GOLDEN = FIXTURES / "fhir"
+GOLDEN_NAMES = [
+    "01-lumbar-l5-initial",
+    "05-cervical-c5-c6-initial",
+    "09-thoracic-t5-initial",
+    "14-lumbosacral-estim",
+    "17-lumbosacral-retracted",
+    "11-thoracic-assessment-consent-refused",
+]
+
+
+def _record(path: Path) -> Encounter:
+    return Encounter.model_validate_json(path.read_text(encoding="utf-8"))
+
+
+@pytest.mark.parametrize("path", ENCOUNTER_FILES, ids=lambda p: p.stem)
+def test_every_fixture_round_trips(path: Path) -> None:
+    record = _record(path)
+    report = from_fhir(to_fhir(record))
+    assert report.errors == []
+    assert report.skipped == []
+    assert report.records == [record]
+
+
+@pytest.mark.parametrize("path", ENCOUNTER_FILES, ids=lambda p: p.stem)
+def test_mapping_twice_gives_the_same_bytes(path: Path) -> None:
+    record = _record(path)
+    assert to_fhir_json(record) == to_fhir_json(_record(path))
+
+
+@pytest.mark.parametrize("path", ENCOUNTER_FILES, ids=lambda p: p.stem)
+def test_every_resource_validates_as_its_r4b_model(path: Path) -> None:
+    bundle = json.loads(to_fhir_json(_record(path)))
+    assert bundle["type"] == "transaction"
+    for entry in bundle["entry"]:
+        resource = entry["resource"]
+        model = get_fhir_model_class(resource["resourceType"])
+        model.model_validate(resource)
+        assert resource["meta"]["profile"][0].startswith("https://ims-fhir.org/fhir/")
+        assert resource["text"]["status"] == "generated"
+        if resource["resourceType"] != "Provenance":
+            assert entry["request"]["method"] in {"PUT", "POST"}
+            assert "identifier=" in (entry["request"].get("ifNoneExist") or entry["request"]["url"])
+
+
+@pytest.mark.parametrize("name", GOLDEN_NAMES)
+def test_golden_files(name: str) -> None:
+    produced = json.dumps(
+        json.loads(to_fhir_json(_record(FIXTURES / "encounters" / f"{name}.json"))),
+        indent=2,
+        ensure_ascii=False,
+    )
+    golden = GOLDEN / f"{name}.bundle.json"
+    if os.environ.get("IMS_FHIR_UPDATE_GOLDEN"):
+        golden.write_text(produced + "\n", encoding="utf-8")
+    assert golden.read_text(encoding="utf-8") == produced + "\n"
+
+
+def _as_server_returns(bundle: dict[str, Any], seed: int, absolute: bool) -> dict[str, Any]:
+    """Do to a transaction what a FHIR server does, then return it as a searchset."""
+    rng = random.Random(seed)
+    bundle = copy.deepcopy(bundle)
+    base = "https://fhir.example.org/r4"
+    new_ids: dict[str, str] = {}
+    for n, entry in enumerate(bundle["entry"]):
+        resource = entry["resource"]
+        resource["id"] = resource.get("id") or str(1000 + n)
+        new_ids[entry["fullUrl"]] = f"{resource['resourceType']}/{resource['id']}"
+        resource["meta"] |= {"versionId": "3", "lastUpdated": "2026-11-26T02:00:00.000+00:00"}
+        resource["meta"]["tag"] = [{"system": "https://example.org/tags", "code": "imported"}]
+        resource["text"] = {
+            "status": "generated",
+            "div": '<div xmlns="http://www.w3.org/1999/xhtml">rewritten by server</div>',
+        }
+
+    def rewrite(node: Any) -> Any:
+        if isinstance(node, dict):
+            out = {}
+            for key, value in node.items():
+                if key == "reference" and value in new_ids:
+                    value = f"{base}/{new_ids[value]}" if absolute else new_ids[value]
+                out[key] = rewrite(value)
+            if "coding" in out and isinstance(out["coding"], list):
+                out["coding"].append(
+                    {"system": "http://example.org/terminology-service", "code": "extra"}
+                )
+            return out
+        if isinstance(node, list):
+            return [rewrite(item) for item in node]
+        return node
+
+    entries = [
+        {
+            "fullUrl": f"{base}/{new_ids[e['fullUrl']]}",
+            "resource": rewrite(e["resource"]),
+            "search": {"mode": "match"},
+        }
+        for e in bundle["entry"]
+    ]
+    rng.shuffle(entries)
+    return {"resourceType": "Bundle", "type": "searchset", "entry": entries}
+
+
+@pytest.mark.parametrize("absolute", [False, True], ids=["relative-refs", "absolute-refs"])
+@pytest.mark.parametrize("path", ENCOUNTER_FILES, ids=lambda p: p.stem)
+def test_round_trip_survives_what_servers_do(path: Path, absolute: bool) -> None:
+    record = _record(path)
+    served = _as_server_returns(
+        json.loads(to_fhir_json(record)), seed=len(path.name), absolute=absolute
+    )
+    report = from_fhir(served)
+    assert report.errors == []
+    assert report.records == [record]
+
+
+def test_a_plain_list_of_fetched_resources_round_trips() -> None:
+    record = _record(ENCOUNTER_FILES[0])
+    served = _as_server_returns(json.loads(to_fhir_json(record)), seed=3, absolute=False)
+    resources = [entry["resource"] for entry in served["entry"]]
+    assert from_fhir(resources).records == [record]
+
+
+def test_many_encounters_in_one_transaction_round_trip() -> None:
+    records = [_record(p) for p in ENCOUNTER_FILES]
+    bundle = to_transaction(records)
+    urls = [e.fullUrl for e in bundle.entry or []]
+    assert len(urls) == len(set(urls)), "shared resources are listed once"
+    report = from_fhir(bundle)
+    assert report.errors == []
+    assert sorted(report.records, key=lambda r: r.id) == sorted(records, key=lambda r: r.id)
+
+
+@settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(record=encounters())
+def test_generated_records_round_trip(record: Encounter) -> None:
+    report = from_fhir(to_fhir(record))
+    assert report.errors == []
+    assert report.records == [record]
+
+
+@settings(max_examples=50, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(record=encounters())
+def test_generated_records_round_trip_through_a_server(record: Encounter) -> None:
+    served = _as_server_returns(json.loads(to_fhir_json(record)), seed=7, absolute=True)
+    assert from_fhir(served).records == [record]
+
+
+def test_retracted_record_is_entered_in_error_everywhere() -> None:
+    record = _record(FIXTURES / "encounters" / "17-lumbosacral-retracted.json")
+    for entry in json.loads(to_fhir_json(record))["entry"]:
+        resource = entry["resource"]
+        if resource["resourceType"] in {"Encounter", "Observation", "Procedure", "Consent"}:
+            assert resource["status"] == "entered-in-error", resource["resourceType"]

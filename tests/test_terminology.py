@@ -1,0 +1,175 @@
+"""Every code comes from mappings/, and every standard code there is one TERMINOLOGY.md allows."""
+
+from __future__ import annotations
+
+import json
+import re
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from ims_fhir import terminology, to_fhir_json
+from ims_fhir._identity import Ext, Profile
+from ims_fhir._terminology import LOCAL_SYSTEM
+
+from .conftest import ENCOUNTER_FILES, ROOT
+
+SCT = "http://snomed.info/sct"
+LOINC = "http://loinc.org"
+MAPPINGS = ROOT / "mappings"
+# The shared folder beside the checkout is the source of truth; tests/data/shared is a copy
+# so the suite also runs where shared/ is absent (and a test below keeps the copy current).
+SHARED = ROOT.parent / "shared"
+SHARED_COPY = ROOT / "tests" / "data" / "shared"
+SHARED_DIR = SHARED if (SHARED / "TERMINOLOGY.md").exists() else SHARED_COPY
+
+
+def _load(name: str) -> dict[str, Any]:
+    data: dict[str, Any] = json.loads((MAPPINGS / name).read_text(encoding="utf-8"))
+    return data
+
+
+def _terminology_codes() -> dict[str, set[str]]:
+    """Codes TERMINOLOGY.md lists, by confidence (V, M), from its tables."""
+    out: dict[str, set[str]] = {"V": set(), "M": set()}
+    for line in (SHARED_DIR / "TERMINOLOGY.md").read_text(encoding="utf-8").splitlines():
+        cells = [c.strip() for c in line.strip().strip("|").split("|")]
+        if len(cells) != 3 or cells[2][:1] not in {"V", "M"}:
+            continue
+        codes = re.findall(r"\b\d{3,6}-\d\b|\b\d{5,18}\b", cells[1])
+        out[cells[2][0]].update(codes)
+    return out
+
+
+def _inbound_laterality() -> set[str]:
+    text = (SHARED_DIR / "TERMINOLOGY.md").read_text(encoding="utf-8")
+    paragraph = next(p for p in text.split("\n\n") if "accept both on the way in" in p)
+    return set(re.findall(r"\b\d{6,18}\b", paragraph))
+
+
+def _reference_codes() -> set[str]:
+    codes = set()
+    for tsv in (SHARED_DIR / "reference").glob("*.tsv"):
+        for line in tsv.read_text(encoding="utf-8").splitlines()[1:]:
+            codes.add(line.split("\t", 1)[0])
+    return codes
+
+
+VERIFIED = _terminology_codes()["V"] | _reference_codes()
+MEDIUM = _terminology_codes()["M"]
+
+
+def _codings(node: Any) -> list[dict[str, Any]]:
+    found = []
+    if isinstance(node, dict):
+        if "system" in node and "code" in node and isinstance(node["code"], str):
+            found.append(node)
+        for value in node.values():
+            found += _codings(value)
+    elif isinstance(node, list):
+        for item in node:
+            found += _codings(item)
+    return found
+
+
+def test_the_copy_of_shared_is_current() -> None:
+    if not (SHARED / "TERMINOLOGY.md").exists():
+        pytest.skip("no shared/ beside this checkout")
+    assert (SHARED / "TERMINOLOGY.md").read_text() == (SHARED_COPY / "TERMINOLOGY.md").read_text()
+
+
+def test_terminology_parsing_finds_the_tables() -> None:
+    codes = _terminology_codes()
+    assert {"247348008", "72514-3", "7771000"} <= codes["V"]
+    assert {"55406008", "44868003", "181675000"} <= codes["M"]
+    assert _inbound_laterality() == {"419161000", "419465000", "272741003"}
+
+
+@pytest.mark.parametrize("path", ENCOUNTER_FILES, ids=lambda p: p.stem)
+def test_every_code_emitted_is_in_mappings(path: Path) -> None:
+    from ims_fhir import Encounter
+
+    record = Encounter.model_validate_json(path.read_text(encoding="utf-8"))
+    known = {(c.system, c.code) for c in terminology().emitted_codings()}
+    for coding in _codings(json.loads(to_fhir_json(record))):
+        if (
+            coding["system"] in {SCT, LOINC, LOCAL_SYSTEM}
+            or "terminology.hl7.org" in coding["system"]
+            or coding["system"] == "http://unitsofmeasure.org"
+        ):
+            assert (coding["system"], coding["code"]) in known, coding
+
+
+def test_emitted_standard_codes_are_verified() -> None:
+    for coding in terminology().emitted_codings():
+        if coding.system in {SCT, LOINC}:
+            assert coding.code in VERIFIED, f"{coding} is not V in TERMINOLOGY.md"
+
+
+def test_every_standard_code_in_mappings_is_allowed() -> None:
+    inbound = _inbound_laterality()
+    concept_map = _load("ConceptMap-ims-to-standard.json")
+    for group in concept_map["group"]:
+        for element in group["element"]:
+            for target in element["target"]:
+                code, equivalence = target["code"], target["equivalence"]
+                if equivalence == "relatedto":
+                    assert code in MEDIUM, f"relatedto target {code} is not an M code"
+                    assert "M (secondary evidence only)" in target["comment"]
+                else:
+                    assert code in VERIFIED | inbound, f"{code} is not V in TERMINOLOGY.md"
+                    assert target["comment"].startswith("TERMINOLOGY.md: V")
+    for path in MAPPINGS.glob("*.json"):
+        for coding in _codings(json.loads(path.read_text(encoding="utf-8"))):
+            if coding["system"] in {SCT, LOINC}:
+                assert coding["code"] in VERIFIED | inbound, f"{path.name}: {coding}"
+
+
+def test_m_codes_are_never_emitted() -> None:
+    emitted = {c.code for c in terminology().emitted_codings()}
+    assert not emitted & (MEDIUM - VERIFIED)
+
+
+def test_local_codes_are_unique_and_defined() -> None:
+    code_system = _load("CodeSystem-ims-local.json")
+    codes = []
+    for group in code_system["concept"]:
+        codes.append(group["code"])
+        for concept in group["concept"]:
+            codes.append(concept["code"])
+            assert concept["definition"], concept["code"]
+    assert len(codes) == len(set(codes))
+    assert code_system["count"] == len(codes)
+
+
+def test_every_extension_and_bound_value_set_is_defined() -> None:
+    defined = {
+        json.loads(p.read_text())["url"]
+        for p in MAPPINGS.glob("*.json")
+        if "url" in p.read_text()[:400]
+    }
+    for ext in Ext:
+        if "ims-fhir.org" in ext.url:
+            assert ext.url in defined, ext
+    for path in MAPPINGS.glob("StructureDefinition-*.json"):
+        for element in json.loads(path.read_text())["differential"]["element"]:
+            if "binding" in element:
+                assert element["binding"]["valueSet"] in defined, (path.name, element["id"])
+
+
+def test_each_mapping_file_names_its_sources() -> None:
+    for path in MAPPINGS.glob("*.json"):
+        data = json.loads(path.read_text(encoding="utf-8"))
+        if data["resourceType"] == "Parameters":
+            for parameter in data["parameter"]:
+                names = {p["name"] for p in parameter.get("part", [])}
+                assert "source" in names, (path.name, parameter)
+        else:
+            assert "TERMINOLOGY.md" in data["description"] or "Source" in data["description"], path
+
+
+def test_profiles_are_named_consistently() -> None:
+    assert all(
+        p.url.startswith("https://ims-fhir.org/fhir/StructureDefinition/ims-") for p in Profile
+    )
