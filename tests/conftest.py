@@ -21,6 +21,11 @@ def root() -> Path:
 
 
 @pytest.fixture(scope="session")
+def anyio_backend() -> str:
+    return "asyncio"
+
+
+@pytest.fixture(scope="session")
 def fhir_base_url() -> Iterator[str]:
     """A real FHIR R4 server: FHIR_BASE_URL if set, else the HAPI JPA server of tests/hapi.
 

@@ -17,7 +17,11 @@ def test_readme_has_examples() -> None:
 
 
 @pytest.mark.parametrize("code", EXAMPLES, ids=[f"example-{n}" for n in range(len(EXAMPLES))])
-def test_readme_example_runs(code: str, root: Path, capsys: pytest.CaptureFixture[str]) -> None:
+def test_readme_example_runs(
+    code: str, root: Path, request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    if "FHIR_BASE_URL" in code:  # examples that talk to a server get the real test server
+        monkeypatch.setenv("FHIR_BASE_URL", request.getfixturevalue("fhir_base_url"))
     cwd = os.getcwd()
     os.chdir(root)
     try:

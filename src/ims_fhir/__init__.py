@@ -1,7 +1,34 @@
 """ims-fhir: IMS encounters to FHIR R4 and back, and in sync with FHIR servers."""
 
-from ._exceptions import FieldIssue, ImsFhirError, MappingError, RecordError, RecordLocation
+from ._async_client import AsyncFhirClient
+from ._auth import BearerAuth, SmartBackendAuth
+from ._exceptions import (
+    AuthenticationError,
+    BadRequestError,
+    ConfigurationError,
+    ConflictError,
+    ConnectError,
+    FhirError,
+    FieldIssue,
+    GoneError,
+    ImsFhirError,
+    InvalidResponseError,
+    MappingError,
+    NotFoundError,
+    PermissionDeniedError,
+    ProtocolError,
+    RateLimitError,
+    RecordError,
+    RecordLocation,
+    ServerError,
+    StatusError,
+    TimeoutError,
+    TransportError,
+    UnprocessableEntityError,
+    VersionConflictError,
+)
 from ._from_fhir import MappingReport, SkippedResource, from_fhir
+from ._http import Outcome, RetryPolicy
 from ._reader import ReadRecord, read_records, validate_record
 from ._record import (
     AdverseEvent,
@@ -21,6 +48,7 @@ from ._record import (
     Treatment,
 )
 from ._schema import record_json_schema
+from ._sync_client import FhirClient
 from ._terminology import CANONICAL, Terminology, terminology
 from ._to_fhir import to_fhir, to_fhir_json, to_resources, to_transaction
 from ._version import __version__
@@ -29,28 +57,52 @@ __all__ = [
     "CANONICAL",
     "AdverseEvent",
     "Assessment",
+    "AsyncFhirClient",
+    "AuthenticationError",
+    "BadRequestError",
+    "BearerAuth",
     "Clinic",
+    "ConfigurationError",
+    "ConflictError",
+    "ConnectError",
     "Consent",
     "Diagnosis",
     "ElectricalStimulation",
     "Encounter",
+    "FhirClient",
+    "FhirError",
     "FieldIssue",
     "Finding",
+    "GoneError",
     "HumanName",
     "Identifier",
     "ImsFhirError",
+    "InvalidResponseError",
     "MappingError",
     "MappingReport",
     "NeedledSite",
+    "NotFoundError",
+    "Outcome",
     "PainScore",
     "Patient",
+    "PermissionDeniedError",
     "Practitioner",
+    "ProtocolError",
+    "RateLimitError",
     "ReadRecord",
     "RecordError",
     "RecordLocation",
+    "RetryPolicy",
+    "ServerError",
     "SkippedResource",
+    "SmartBackendAuth",
+    "StatusError",
     "Terminology",
+    "TimeoutError",
+    "TransportError",
     "Treatment",
+    "UnprocessableEntityError",
+    "VersionConflictError",
     "__version__",
     "from_fhir",
     "read_records",

@@ -3,19 +3,67 @@
 The tree::
 
     ImsFhirError
-    ├── RecordError            a record that cannot be read or fails clinical validation
-    └── MappingError           FHIR resources that cannot be mapped back to a record
+    ├── RecordError                a record that cannot be read or fails clinical validation
+    ├── MappingError               FHIR resources that cannot be mapped back to a record
+    ├── ConfigurationError         settings that cannot work (e.g. plain http to a remote host)
+    └── FhirError                  talking to a FHIR server went wrong
+        ├── TransportError         no usable response (wraps the httpx exception as __cause__)
+        │   ├── ConnectError
+        │   ├── TimeoutError
+        │   └── ProtocolError
+        ├── InvalidResponseError   a response that is not the FHIR it should be
+        └── StatusError            the server answered with an error status
+            ├── BadRequestError            400
+            ├── AuthenticationError        401
+            ├── PermissionDeniedError      403
+            ├── NotFoundError              404
+            ├── ConflictError              409 (and 412: see VersionConflictError)
+            │   └── VersionConflictError   412, or 409 on a versioned update
+            ├── GoneError                  410
+            ├── UnprocessableEntityError   422
+            ├── RateLimitError             429
+            └── ServerError                5xx
 
 Each error carries what a caller needs to act on it: a :class:`RecordError` names the file, the
 line or index, the record id when known, and each field path with its reason; a
-:class:`MappingError` names the resource and the element path.
+:class:`MappingError` names the resource and the element path; a :class:`StatusError` has the
+request, the response and the parsed OperationOutcome, and its message lists the outcome's
+issues. Messages never contain request or response bodies, tokens or query strings (which can
+hold patient identifiers).
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Any
 
-__all__ = ["FieldIssue", "ImsFhirError", "MappingError", "RecordError", "RecordLocation"]
+import httpx
+
+__all__ = [
+    "AuthenticationError",
+    "BadRequestError",
+    "ConfigurationError",
+    "ConflictError",
+    "ConnectError",
+    "FhirError",
+    "FieldIssue",
+    "GoneError",
+    "ImsFhirError",
+    "InvalidResponseError",
+    "MappingError",
+    "NotFoundError",
+    "PermissionDeniedError",
+    "ProtocolError",
+    "RateLimitError",
+    "RecordError",
+    "RecordLocation",
+    "ServerError",
+    "StatusError",
+    "TimeoutError",
+    "TransportError",
+    "UnprocessableEntityError",
+    "VersionConflictError",
+]
 
 
 class ImsFhirError(Exception):
@@ -72,3 +120,118 @@ class MappingError(ImsFhirError):
         self.path = path
         self.reason = reason
         super().__init__(f"{resource}: {path}: {reason}")
+
+
+class ConfigurationError(ImsFhirError):
+    """Settings that cannot work, found before anything is sent."""
+
+
+def describe_request(request: httpx.Request | None) -> str:
+    """Return ``METHOD scheme://host/path`` without the query (it may hold identifiers)."""
+    if request is None:
+        return "request"
+    url = request.url
+    return f"{request.method} {url.scheme}://{url.netloc.decode('ascii')}{url.path}"
+
+
+class FhirError(ImsFhirError):
+    """Talking to a FHIR server went wrong."""
+
+    def __init__(self, message: str, *, request: httpx.Request | None = None) -> None:
+        """Create the error with the request it concerns."""
+        self.request = request
+        super().__init__(message)
+
+
+class TransportError(FhirError):
+    """The request got no usable response; ``__cause__`` is the httpx exception."""
+
+
+class ConnectError(TransportError):
+    """The server could not be reached."""
+
+
+class TimeoutError(TransportError):  # noqa: A001 - part of the public tree, like httpx's
+    """The server did not answer in time."""
+
+
+class ProtocolError(TransportError):
+    """The connection broke or the HTTP exchange was malformed."""
+
+
+class InvalidResponseError(FhirError):
+    """A response that is not the FHIR content it should be (not JSON, wrong type, ...)."""
+
+    def __init__(
+        self,
+        message: str,
+        *,
+        request: httpx.Request | None = None,
+        response: httpx.Response | None = None,
+    ) -> None:
+        """Create the error with the request and the offending response."""
+        self.response = response
+        super().__init__(message, request=request)
+
+
+class StatusError(FhirError):
+    """The server answered with an error status."""
+
+    def __init__(
+        self,
+        message: str,
+        *,
+        request: httpx.Request,
+        response: httpx.Response,
+        outcome: dict[str, Any] | None,
+    ) -> None:
+        """Create the error with the request, the response and the parsed OperationOutcome."""
+        self.response = response
+        self.status_code = response.status_code
+        self.outcome = outcome
+        super().__init__(message, request=request)
+
+    @property
+    def issues(self) -> list[dict[str, Any]]:
+        """The OperationOutcome's issues (empty when the body was not an OperationOutcome)."""
+        return list((self.outcome or {}).get("issue") or [])
+
+
+class BadRequestError(StatusError):
+    """400: the server refused the request as malformed or invalid."""
+
+
+class AuthenticationError(StatusError):
+    """401: credentials missing, wrong or expired."""
+
+
+class PermissionDeniedError(StatusError):
+    """403: the credentials do not allow this."""
+
+
+class NotFoundError(StatusError):
+    """404: no such resource or endpoint."""
+
+
+class ConflictError(StatusError):
+    """409: the request conflicts with the server's state."""
+
+
+class VersionConflictError(ConflictError):
+    """412 (or a 409 on a versioned update): the resource changed since the version sent."""
+
+
+class GoneError(StatusError):
+    """410: the resource was deleted."""
+
+
+class UnprocessableEntityError(StatusError):
+    """422: the resource violates the server's rules or profiles."""
+
+
+class RateLimitError(StatusError):
+    """429: too many requests."""
+
+
+class ServerError(StatusError):
+    """5xx: the server failed."""

@@ -1,0 +1,376 @@
+"""The asynchronous FHIR client.
+
+This file is the source of the synchronous client: ``scripts/unasync.py`` writes
+``_sync_client.py`` from it, and a test fails when the two differ. Request building and response
+parsing live in ``_http.py`` (I/O-free); this class only sends.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import datetime as dt
+import json
+import logging
+import time
+from collections.abc import AsyncIterator, Mapping
+from types import TracebackType
+from typing import Any, Literal, overload
+
+import httpx
+from fhir.resources.R4B.bundle import Bundle
+from fhir.resources.R4B.capabilitystatement import CapabilityStatement
+from fhir.resources.R4B.resource import Resource
+
+from ._auth import SmartBackendAuth
+from ._constants import DEFAULT_TIMEOUT, MAX_PAGES, MAX_RESPONSE_BYTES
+from ._exceptions import InvalidResponseError, describe_request
+from ._http import (
+    JSON,
+    Call,
+    Outcome,
+    ResourceType,
+    RetryPolicy,
+    bundle_call,
+    bundle_outcomes,
+    capabilities_call,
+    check_base_url,
+    conditional_update_call,
+    create_call,
+    delete_call,
+    expect_resource,
+    history_call,
+    install_log_redaction,
+    make_status_error,
+    next_link,
+    read_call,
+    read_json,
+    same_origin,
+    search_call,
+    to_model,
+    translate_transport_error,
+    type_name,
+    update_call,
+    validate_call,
+    vread_call,
+    write_outcome,
+)
+
+__all__ = ["AsyncFhirClient"]
+
+logger = logging.getLogger("ims_fhir.client")
+
+
+class AsyncFhirClient:
+    """A FHIR R4 REST client over one pooled ``httpx.AsyncClient``.
+
+    Typed in and out with fhir.resources R4B models (plain JSON dicts are accepted as input, and
+    ``search``/``history`` yield dicts with ``raw=True``). Retries requests that are safe to
+    repeat, follows ``next`` links lazily, and turns every failure into an
+    :class:`~ims_fhir.FhirError`.
+
+    Args:
+        base_url: the server's FHIR base URL, e.g. ``https://fhir.example.org/r4``.
+        auth: an ``httpx.Auth`` (:class:`~ims_fhir.BearerAuth`, ``httpx.BasicAuth``,
+            :class:`~ims_fhir.SmartBackendAuth`), or None.
+        timeout: an ``httpx.Timeout`` or seconds; on by default.
+        retry: the retry policy (``RetryPolicy(max_retries=0)`` turns retries off).
+        verify: TLS verification (on by default): True, False or an ``ssl.SSLContext``.
+        allow_insecure_http: allow plain ``http://`` to a host other than this machine.
+        max_connections: the connection pool's size.
+        transport: an httpx transport (tests, proxies); None for the default.
+    """
+
+    def __init__(
+        self,
+        base_url: str,
+        *,
+        auth: httpx.Auth | None = None,
+        timeout: httpx.Timeout | float = DEFAULT_TIMEOUT,
+        retry: RetryPolicy | None = None,
+        verify: Any = True,
+        allow_insecure_http: bool = False,
+        max_connections: int = 20,
+        transport: httpx.AsyncBaseTransport | None = None,
+        headers: Mapping[str, str] | None = None,
+    ) -> None:
+        """Create the client; nothing is sent until the first call."""
+        self.base_url = check_base_url(base_url, allow_insecure_http=allow_insecure_http)
+        if isinstance(auth, SmartBackendAuth) and auth.fhir_base_url is None:
+            auth.fhir_base_url = str(self.base_url)
+        self.retry = retry or RetryPolicy()
+        install_log_redaction()
+        self._http = httpx.AsyncClient(
+            base_url=self.base_url,
+            auth=auth,
+            timeout=timeout,
+            verify=verify,
+            follow_redirects=False,
+            limits=httpx.Limits(max_connections=max_connections),
+            transport=transport,
+            headers=dict(headers or {}),
+        )
+
+    async def __aenter__(self) -> AsyncFhirClient:
+        return self
+
+    async def __aexit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        await self.aclose()
+
+    async def aclose(self) -> None:
+        """Close the connection pool."""
+        await self._http.aclose()
+
+    # -- sending ---------------------------------------------------------------------------
+
+    async def _send(self, call: Call, *, ok: frozenset[int] = frozenset()) -> httpx.Response:
+        """Send ``call`` with retries; return a successful response or raise."""
+        attempt = 0
+        while True:
+            attempt += 1
+            request = call.build(self._http)
+            started = time.monotonic()
+            try:
+                response = await self._http.send(request, stream=True)
+                try:
+                    body = await self._read_capped(response)
+                finally:
+                    await response.aclose()
+            except httpx.TransportError as exc:
+                wait = self.retry.delay(call, attempt, error=exc)
+                logger.warning(
+                    "%s failed (%s), attempt %d%s",
+                    describe_request(request),
+                    type(exc).__name__,
+                    attempt,
+                    f", retrying in {wait:.2f} s" if wait is not None else "",
+                )
+                if wait is None:
+                    raise translate_transport_error(exc, request) from exc
+                await asyncio.sleep(wait)
+                continue
+            # The body is decoded already: the rebuilt response must not decode it again.
+            headers = [
+                (k, v)
+                for k, v in response.headers.multi_items()
+                if k.lower() not in {"content-encoding", "content-length", "transfer-encoding"}
+            ]
+            response = httpx.Response(
+                response.status_code,
+                headers=headers,
+                content=body,
+                request=response.request,
+                extensions=response.extensions,
+            )
+            logger.debug(
+                "%s -> %d (%.3f s)",
+                describe_request(request),
+                response.status_code,
+                time.monotonic() - started,
+            )
+            if response.is_success or response.status_code in ok:
+                return response
+            wait = self.retry.delay(call, attempt, response=response)
+            if wait is None:
+                raise make_status_error(response)
+            logger.warning(
+                "%s -> %d, retrying in %.2f s",
+                describe_request(request),
+                response.status_code,
+                wait,
+            )
+            await asyncio.sleep(wait)
+
+    async def _read_capped(self, response: httpx.Response) -> bytes:
+        declared = response.headers.get("Content-Length")
+        if declared and declared.isdigit() and int(declared) > MAX_RESPONSE_BYTES:
+            raise InvalidResponseError(
+                f"{describe_request(response.request)}: response of {declared} bytes is too large",
+                request=response.request,
+            )
+        chunks = []
+        size = 0
+        async for chunk in response.aiter_bytes():
+            size += len(chunk)
+            if size > MAX_RESPONSE_BYTES:
+                raise InvalidResponseError(
+                    f"{describe_request(response.request)}: response larger than "
+                    f"{MAX_RESPONSE_BYTES} bytes",
+                    request=response.request,
+                )
+            chunks.append(chunk)
+        return b"".join(chunks)
+
+    # -- operations ------------------------------------------------------------------------
+
+    async def request_json(
+        self,
+        method: str,
+        url: str,
+        *,
+        params: Mapping[str, Any] | None = None,
+        json_body: JSON | None = None,
+        retry_safe: bool | None = None,
+    ) -> JSON:
+        """Send any request (relative to the base URL) and return the FHIR JSON answer."""
+        body = json.dumps(json_body).encode() if json_body is not None else None
+        safe = (
+            method.upper() in {"GET", "HEAD", "PUT", "DELETE"} if retry_safe is None else retry_safe
+        )
+        response = await self._send(Call(method.upper(), url, params, {}, body, safe))
+        return read_json(response)
+
+    async def capabilities(self) -> CapabilityStatement:
+        """Read the server's CapabilityStatement (``GET metadata``)."""
+        response = await self._send(capabilities_call())
+        resource = to_model(expect_resource(response, "CapabilityStatement"), response)
+        assert isinstance(resource, CapabilityStatement)
+        return resource
+
+    async def read(self, resource_type: ResourceType, resource_id: str) -> Resource:
+        """Read the current version of a resource."""
+        response = await self._send(read_call(resource_type, resource_id))
+        return to_model(expect_resource(response, type_name(resource_type)), response)
+
+    async def vread(self, resource_type: ResourceType, resource_id: str, version: str) -> Resource:
+        """Read one version of a resource."""
+        response = await self._send(vread_call(resource_type, resource_id, version))
+        return to_model(expect_resource(response, type_name(resource_type)), response)
+
+    async def create(
+        self,
+        resource: Resource | Mapping[str, Any],
+        *,
+        if_none_exist: str | Mapping[str, str] | None = None,
+    ) -> Outcome:
+        """Create a resource; with ``if_none_exist`` criteria, only if no match exists."""
+        return write_outcome(await self._send(create_call(resource, if_none_exist)))
+
+    async def update(
+        self, resource: Resource | Mapping[str, Any], *, if_match: bool | str = False
+    ) -> Outcome:
+        """Update (or create at a client-chosen id) a resource.
+
+        Args:
+            resource: the resource, with its id.
+            if_match: True to send ``If-Match`` with the resource's ``meta.versionId``, or the
+                version (``"3"`` or ``'W/"3"'``) to send; a stale version raises
+                :class:`~ims_fhir.VersionConflictError`.
+        """
+        return write_outcome(await self._send(update_call(resource, if_match)))
+
+    async def conditional_update(
+        self, resource: Resource | Mapping[str, Any], criteria: str | Mapping[str, str]
+    ) -> Outcome:
+        """Create or update the one resource matching ``criteria`` (``PUT Type?criteria``)."""
+        return write_outcome(await self._send(conditional_update_call(resource, criteria)))
+
+    async def delete(self, resource_type: ResourceType, resource_id: str) -> None:
+        """Delete a resource (deleting one already gone is not an error)."""
+        await self._send(delete_call(resource_type, resource_id), ok=frozenset({404, 410}))
+
+    @overload
+    def search(
+        self,
+        resource_type: ResourceType | None,
+        params: Mapping[str, Any] | None = ...,
+        *,
+        raw: Literal[False] = ...,
+        max_pages: int = ...,
+    ) -> AsyncIterator[Resource]: ...
+
+    @overload
+    def search(
+        self,
+        resource_type: ResourceType | None,
+        params: Mapping[str, Any] | None = ...,
+        *,
+        raw: Literal[True],
+        max_pages: int = ...,
+    ) -> AsyncIterator[JSON]: ...
+
+    def search(
+        self,
+        resource_type: ResourceType | None,
+        params: Mapping[str, Any] | None = None,
+        *,
+        raw: bool = False,
+        max_pages: int = MAX_PAGES,
+    ) -> AsyncIterator[Resource] | AsyncIterator[JSON]:
+        """Search lazily: yield every matching (and included) resource over all pages.
+
+        ``next`` links are followed whether absolute or relative; one pointing at another host,
+        or back at a page already read, stops the search with an InvalidResponseError, so
+        credentials never leave for another host and paging cannot loop.
+        """
+        return self._pages(search_call(resource_type, params), raw=raw, max_pages=max_pages)
+
+    def history(
+        self,
+        resource_type: ResourceType | None = None,
+        resource_id: str | None = None,
+        *,
+        since: str | dt.datetime | None = None,
+        raw: bool = False,
+        max_pages: int = MAX_PAGES,
+    ) -> AsyncIterator[Any]:
+        """Yield the versions in a history (system, type or instance), newest first."""
+        call = history_call(resource_type, resource_id, since)
+        return self._pages(call, raw=raw, max_pages=max_pages)
+
+    async def _pages(self, call: Call, *, raw: bool, max_pages: int) -> AsyncIterator[Any]:
+        seen: set[str] = set()
+        pages = 0
+        current: Call | None = call
+        while current is not None:
+            pages += 1
+            if pages > max_pages:
+                raise InvalidResponseError(f"search stopped after {max_pages} pages")
+            response = await self._send(current)
+            bundle = expect_resource(response, "Bundle")
+            for entry in bundle.get("entry") or []:
+                resource = entry.get("resource")
+                if isinstance(resource, dict):
+                    yield resource if raw else to_model(resource, response)
+            link = next_link(bundle)
+            current = None
+            if link is not None:
+                url = self.base_url.join(link)
+                if not same_origin(url, self.base_url):
+                    raise InvalidResponseError(
+                        f"{describe_request(response.request)}: next link points to another "
+                        f"host ({url.host}); not followed",
+                        request=response.request,
+                        response=response,
+                    )
+                key = str(url)
+                if key in seen or key == str(response.request.url):
+                    raise InvalidResponseError(
+                        f"{describe_request(response.request)}: next link loops back to a page "
+                        "already read",
+                        request=response.request,
+                        response=response,
+                    )
+                seen.add(key)
+                current = Call("GET", key)
+
+    async def transaction(self, bundle: Bundle | Mapping[str, Any]) -> list[Outcome]:
+        """Post a transaction Bundle; all entries succeed or none do. Returns each outcome."""
+        response = await self._send(bundle_call(bundle, "transaction"))
+        return bundle_outcomes(response, "transaction")
+
+    async def batch(self, bundle: Bundle | Mapping[str, Any]) -> list[Outcome]:
+        """Post a batch Bundle; each entry succeeds or fails on its own. Returns each outcome."""
+        response = await self._send(bundle_call(bundle, "batch"))
+        return bundle_outcomes(response, "batch")
+
+    async def validate(
+        self, resource: Resource | Mapping[str, Any], *, profile: str | None = None
+    ) -> JSON:
+        """Run ``$validate`` and return the OperationOutcome (errors do not raise)."""
+        response = await self._send(validate_call(resource, profile), ok=frozenset({400, 412, 422}))
+        return expect_resource(response, "OperationOutcome")

@@ -1,0 +1,188 @@
+"""Authentication for the FHIR client, as ``httpx.Auth`` flows (sync and async alike).
+
+- :class:`BearerAuth`: a fixed token, or a callable returning the current one.
+- ``httpx.BasicAuth``: HTTP Basic, as httpx provides it.
+- :class:`SmartBackendAuth`: SMART Backend Services (client credentials with a
+  ``private_key_jwt`` client assertion signed RS384 or ES384 by joserfc). The token endpoint is
+  read from the server's ``.well-known/smart-configuration`` unless given; the access token is
+  cached until shortly before it expires, and renewed once when the server answers 401.
+
+Tokens are never logged and never put in an exception message.
+"""
+
+from __future__ import annotations
+
+import os
+import stat
+import time
+import uuid
+import warnings
+from collections.abc import Callable, Generator
+from pathlib import Path
+
+import httpx
+from joserfc import jwt
+from joserfc.jwk import ECKey, RSAKey
+
+from ._constants import CLIENT_ASSERTION_LIFETIME, TOKEN_REFRESH_MARGIN
+from ._exceptions import ConfigurationError, InvalidResponseError, describe_request
+from ._http import make_status_error
+
+__all__ = ["BearerAuth", "SmartBackendAuth"]
+
+_ASSERTION_TYPE = "urn:ietf:params:oauth:client-assertion-type:jwt-bearer"
+
+
+class BearerAuth(httpx.Auth):
+    """``Authorization: Bearer <token>`` with a fixed token or one from a callable."""
+
+    def __init__(self, token: str | Callable[[], str]) -> None:
+        """Use ``token``, or call it for each request when it is a callable."""
+        self._token = token
+
+    def auth_flow(self, request: httpx.Request) -> Generator[httpx.Request, httpx.Response, None]:
+        """Add the header."""
+        token = self._token() if callable(self._token) else self._token
+        request.headers["Authorization"] = f"Bearer {token}"
+        yield request
+
+
+class SmartBackendAuth(httpx.Auth):
+    """SMART Backend Services authorization (client credentials, ``private_key_jwt``)."""
+
+    requires_response_body = True
+
+    def __init__(
+        self,
+        client_id: str,
+        private_key: RSAKey | ECKey,
+        *,
+        kid: str,
+        algorithm: str = "RS384",
+        scope: str = "system/*.read system/*.write",
+        token_url: str | None = None,
+        fhir_base_url: str | None = None,
+        clock: Callable[[], float] = time.time,
+    ) -> None:
+        """Authorize as ``client_id`` with a private key registered under ``kid``.
+
+        Args:
+            client_id: the client id the authorization server issued.
+            private_key: the client's RSA (RS384) or EC P-384 (ES384) private key.
+            kid: the key id of the public key registered with the server.
+            algorithm: ``RS384`` or ``ES384``.
+            scope: the scopes to request.
+            token_url: the token endpoint; read from ``.well-known/smart-configuration`` if None.
+            fhir_base_url: the FHIR base URL (set by the client when None).
+            clock: seconds since the epoch (for tests).
+        """
+        if algorithm not in {"RS384", "ES384"}:
+            raise ConfigurationError(f"unsupported signing algorithm {algorithm!r}")
+        if (algorithm == "RS384") != isinstance(private_key, RSAKey):
+            raise ConfigurationError(
+                f"{algorithm} needs {'an RSA' if algorithm == 'RS384' else 'an EC'} key"
+            )
+        self.client_id = client_id
+        self.kid = kid
+        self.algorithm = algorithm
+        self.scope = scope
+        self.token_url = token_url
+        self.fhir_base_url = fhir_base_url
+        self._key = private_key
+        self._clock = clock
+        self._token: str | None = None
+        self._expires_at = 0.0
+
+    @classmethod
+    def from_key_file(
+        cls, client_id: str, key_file: str | Path, **kwargs: object
+    ) -> SmartBackendAuth:
+        """Load the private key from a PEM file; warn when others may read it."""
+        path = Path(key_file)
+        mode = path.stat().st_mode
+        if os.name == "posix" and mode & (stat.S_IRWXG | stat.S_IRWXO):
+            warnings.warn(
+                f"private key {path} is readable by other users (mode {stat.filemode(mode)}); "
+                "run: chmod 600 " + str(path),
+                stacklevel=2,
+            )
+        data = path.read_bytes()
+        key: RSAKey | ECKey
+        try:
+            key = RSAKey.import_key(data)
+        except ValueError:
+            key = ECKey.import_key(data)
+        algorithm = "RS384" if isinstance(key, RSAKey) else "ES384"
+        return cls(client_id, key, algorithm=str(kwargs.pop("algorithm", algorithm)), **kwargs)  # type: ignore[arg-type]
+
+    def client_assertion(self, token_url: str) -> str:
+        """Return a signed client assertion for ``token_url`` (valid five minutes at most)."""
+        now = int(self._clock())
+        claims = {
+            "iss": self.client_id,
+            "sub": self.client_id,
+            "aud": token_url,
+            "iat": now,
+            "exp": now + CLIENT_ASSERTION_LIFETIME,
+            "jti": str(uuid.uuid4()),
+        }
+        header = {"alg": self.algorithm, "kid": self.kid, "typ": "JWT"}
+        token: str = jwt.encode(header, claims, self._key, algorithms=[self.algorithm])
+        return token
+
+    def _valid(self) -> bool:
+        return self._token is not None and self._clock() < self._expires_at - TOKEN_REFRESH_MARGIN
+
+    def _fetch_token(self) -> Generator[httpx.Request, httpx.Response, None]:
+        if self.token_url is None:
+            if self.fhir_base_url is None:
+                raise ConfigurationError("SmartBackendAuth needs token_url or fhir_base_url")
+            well_known = self.fhir_base_url.rstrip("/") + "/.well-known/smart-configuration"
+            response = yield httpx.Request(
+                "GET", well_known, headers={"Accept": "application/json"}
+            )
+            if response.status_code != 200:
+                raise make_status_error(response)
+            try:
+                self.token_url = str(response.json()["token_endpoint"])
+            except (ValueError, KeyError, TypeError) as exc:
+                raise InvalidResponseError(
+                    f"{describe_request(response.request)}: no token_endpoint",
+                    request=response.request,
+                    response=response,
+                ) from exc
+        form = {
+            "grant_type": "client_credentials",
+            "scope": self.scope,
+            "client_assertion_type": _ASSERTION_TYPE,
+            "client_assertion": self.client_assertion(self.token_url),
+        }
+        response = yield httpx.Request(
+            "POST", self.token_url, data=form, headers={"Accept": "application/json"}
+        )
+        if response.status_code != 200:
+            raise make_status_error(response)
+        try:
+            body = response.json()
+            token = str(body["access_token"])
+            lifetime = float(body.get("expires_in", 300))
+        except (ValueError, KeyError, TypeError) as exc:
+            raise InvalidResponseError(
+                f"{describe_request(response.request)}: token response without access_token",
+                request=response.request,
+                response=response,
+            ) from exc
+        self._token = token
+        self._expires_at = self._clock() + lifetime
+
+    def auth_flow(self, request: httpx.Request) -> Generator[httpx.Request, httpx.Response, None]:
+        """Get a token when needed, send the request, renew once on 401."""
+        if not self._valid():
+            yield from self._fetch_token()
+        request.headers["Authorization"] = f"Bearer {self._token}"
+        response = yield request
+        if response.status_code == 401:
+            self._token = None
+            yield from self._fetch_token()
+            request.headers["Authorization"] = f"Bearer {self._token}"
+            yield request

@@ -1,0 +1,562 @@
+"""The I/O-free half of the FHIR client: building requests, reading responses, retry policy.
+
+:class:`~ims_fhir.AsyncFhirClient` and :class:`~ims_fhir.FhirClient` only send what this module
+builds and hand back what it parses, so the two cannot drift apart.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import email.utils
+import ipaddress
+import json
+import logging
+import random
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
+from typing import Any
+
+import httpx
+from fhir.resources.R4B import get_fhir_model_class
+from fhir.resources.R4B.resource import Resource
+
+from ._constants import (
+    DEFAULT_MAX_RETRIES,
+    FHIR_JSON,
+    INITIAL_RETRY_DELAY,
+    MAX_RETRY_AFTER,
+    MAX_RETRY_DELAY,
+    RETRY_JITTER,
+    RETRY_STATUSES,
+)
+from ._exceptions import (
+    AuthenticationError,
+    BadRequestError,
+    ConfigurationError,
+    ConflictError,
+    ConnectError,
+    GoneError,
+    InvalidResponseError,
+    NotFoundError,
+    PermissionDeniedError,
+    ProtocolError,
+    RateLimitError,
+    ServerError,
+    StatusError,
+    TimeoutError,
+    TransportError,
+    UnprocessableEntityError,
+    VersionConflictError,
+    describe_request,
+)
+
+__all__ = ["Call", "Outcome", "RetryPolicy"]
+
+logger = logging.getLogger("ims_fhir.client")
+
+JSON = dict[str, Any]
+ResourceType = str | type[Resource]
+
+_SAFE_METHODS = frozenset({"GET", "HEAD", "PUT", "DELETE"})
+
+
+class RedactQueryFilter(logging.Filter):
+    """Strip query strings from the URLs httpx logs: searches carry patient identifiers."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        """Rewrite the record's URL arguments; never drop the record."""
+        if isinstance(record.args, tuple):
+            record.args = tuple(
+                arg.copy_with(query=None) if isinstance(arg, httpx.URL) and arg.query else arg
+                for arg in record.args
+            )
+        return True
+
+
+_REDACT = RedactQueryFilter()
+
+
+def install_log_redaction() -> None:
+    """Attach the redacting filter to httpx's logger (once)."""
+    httpx_logger = logging.getLogger("httpx")
+    if _REDACT not in httpx_logger.filters:
+        httpx_logger.addFilter(_REDACT)
+
+
+# -- results ------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True, slots=True)
+class Outcome:
+    """The result of one write, or of one entry of a transaction or batch."""
+
+    status: int
+    location: str | None = None
+    etag: str | None = None
+    last_modified: str | None = None
+    resource: Resource | None = None
+    outcome: JSON | None = None
+
+    @property
+    def id(self) -> str | None:
+        """The resource id from ``location`` (``Type/id/_history/n``)."""
+        parts = _location_parts(self.location)
+        return parts[1] if parts else None
+
+    @property
+    def version(self) -> str | None:
+        """The version from ``etag`` (``W/"3"``) or ``location``."""
+        if self.etag:
+            return self.etag.removeprefix("W/").strip('"')
+        parts = _location_parts(self.location)
+        return parts[2] if parts else None
+
+
+def _location_parts(location: str | None) -> tuple[str, str, str | None] | None:
+    if not location:
+        return None
+    parts = location.rstrip("/").split("/")
+    if "_history" in parts:
+        at = parts.index("_history")
+        if at >= 2 and at + 1 < len(parts):
+            return parts[at - 2], parts[at - 1], parts[at + 1]
+    if len(parts) >= 2:
+        return parts[-2], parts[-1], None
+    return None
+
+
+# -- requests -----------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True, slots=True)
+class Call:
+    """One FHIR interaction to send: the request and whether repeating it is safe."""
+
+    method: str
+    url: str
+    params: Mapping[str, Any] | None = None
+    headers: Mapping[str, str] = field(default_factory=dict)
+    body: bytes | None = None
+    retry_safe: bool = True
+
+    def build(self, client: httpx.Client | httpx.AsyncClient) -> httpx.Request:
+        """Build the httpx request on ``client`` (which holds the base URL and auth)."""
+        headers = {"Accept": FHIR_JSON, **self.headers}
+        if self.body is not None:
+            headers["Content-Type"] = f"{FHIR_JSON}; charset=utf-8"
+        return client.build_request(
+            self.method, self.url, params=self.params, headers=headers, content=self.body
+        )
+
+
+def type_name(resource_type: ResourceType) -> str:
+    """Return the FHIR type name of a type given as a string or a model class."""
+    if isinstance(resource_type, str):
+        return resource_type
+    return str(resource_type.get_resource_type())
+
+
+def _body(resource: Resource | Mapping[str, Any]) -> bytes:
+    if isinstance(resource, Resource):
+        text: str = resource.model_dump_json()
+        return text.encode("utf-8")
+    return json.dumps(resource, ensure_ascii=False, separators=(",", ":")).encode("utf-8")
+
+
+def _type_of(resource: Resource | Mapping[str, Any]) -> str:
+    if isinstance(resource, Resource):
+        return str(resource.get_resource_type())
+    return str(resource["resourceType"])
+
+
+def _id_of(resource: Resource | Mapping[str, Any]) -> str | None:
+    value = resource.id if isinstance(resource, Resource) else resource.get("id")
+    return str(value) if value else None
+
+
+def _version_of(resource: Resource | Mapping[str, Any]) -> str | None:
+    if isinstance(resource, Resource):
+        return resource.meta.versionId if resource.meta and resource.meta.versionId else None
+    return (resource.get("meta") or {}).get("versionId")
+
+
+def criteria_query(criteria: str | Mapping[str, str]) -> str:
+    """Return search criteria as a query string (``identifier=system|value``)."""
+    if isinstance(criteria, str):
+        return criteria.lstrip("?")
+    return str(httpx.QueryParams(dict(criteria)))
+
+
+def capabilities_call() -> Call:
+    """``GET metadata``."""
+    return Call("GET", "metadata")
+
+
+def read_call(resource_type: ResourceType, resource_id: str) -> Call:
+    """``GET Type/id``."""
+    return Call("GET", f"{type_name(resource_type)}/{resource_id}")
+
+
+def vread_call(resource_type: ResourceType, resource_id: str, version: str) -> Call:
+    """``GET Type/id/_history/version``."""
+    return Call("GET", f"{type_name(resource_type)}/{resource_id}/_history/{version}")
+
+
+def create_call(
+    resource: Resource | Mapping[str, Any], if_none_exist: str | Mapping[str, str] | None
+) -> Call:
+    """``POST Type``, conditional with ``If-None-Exist`` when criteria are given."""
+    headers = {"Prefer": "return=representation"}
+    if if_none_exist is not None:
+        headers["If-None-Exist"] = criteria_query(if_none_exist)
+    # A plain create repeated after a lost response would create a duplicate.
+    return Call(
+        "POST",
+        _type_of(resource),
+        headers=headers,
+        body=_body(resource),
+        retry_safe=if_none_exist is not None,
+    )
+
+
+def update_call(resource: Resource | Mapping[str, Any], if_match: bool | str) -> Call:
+    """``PUT Type/id``, with ``If-Match`` (from the resource's version, or as given)."""
+    resource_id = _id_of(resource)
+    if resource_id is None:
+        raise ConfigurationError("update needs a resource with an id; use conditional_update")
+    headers = {"Prefer": "return=representation"}
+    if if_match:
+        version = if_match if isinstance(if_match, str) else _version_of(resource)
+        if version is None:
+            raise ConfigurationError("if_match=True needs the resource's meta.versionId")
+        headers["If-Match"] = version if version.startswith("W/") else f'W/"{version}"'
+    return Call("PUT", f"{_type_of(resource)}/{resource_id}", headers=headers, body=_body(resource))
+
+
+def conditional_update_call(
+    resource: Resource | Mapping[str, Any], criteria: str | Mapping[str, str]
+) -> Call:
+    """``PUT Type?criteria``."""
+    url = f"{_type_of(resource)}?{criteria_query(criteria)}"
+    return Call("PUT", url, headers={"Prefer": "return=representation"}, body=_body(resource))
+
+
+def delete_call(resource_type: ResourceType, resource_id: str) -> Call:
+    """``DELETE Type/id``."""
+    return Call("DELETE", f"{type_name(resource_type)}/{resource_id}")
+
+
+def search_call(resource_type: ResourceType | None, params: Mapping[str, Any] | None) -> Call:
+    """``GET Type?params`` (or a system-wide search when the type is None)."""
+    return Call("GET", type_name(resource_type) if resource_type else "", params=params)
+
+
+def history_call(
+    resource_type: ResourceType | None, resource_id: str | None, since: str | dt.datetime | None
+) -> Call:
+    """``GET [Type[/id]]/_history``."""
+    if resource_id is not None and resource_type is None:
+        raise ConfigurationError("history of one resource needs its type")
+    path = "/".join(
+        p for p in (type_name(resource_type) if resource_type else "", resource_id) if p
+    )
+    params = None
+    if since is not None:
+        params = {"_since": since.isoformat() if isinstance(since, dt.datetime) else since}
+    return Call("GET", f"{path}/_history" if path else "_history", params=params)
+
+
+def bundle_call(bundle: Resource | Mapping[str, Any], kind: str) -> Call:
+    """``POST [base]`` with a transaction or batch Bundle."""
+    data = json.loads(_body(bundle))
+    if data.get("resourceType") != "Bundle" or data.get("type") != kind:
+        raise ConfigurationError(f"expected a Bundle of type {kind!r}")
+    return Call("POST", "", body=_body(data), retry_safe=_entries_repeatable(data))
+
+
+def _entries_repeatable(bundle: Mapping[str, Any]) -> bool:
+    """A transaction may be retried when every entry is idempotent or conditional."""
+    for entry in bundle.get("entry") or []:
+        request = entry.get("request") or {}
+        method = str(request.get("method", "")).upper()
+        if method in _SAFE_METHODS:
+            continue
+        if method == "POST" and request.get("ifNoneExist"):
+            continue
+        return False
+    return True
+
+
+def validate_call(resource: Resource | Mapping[str, Any], profile: str | None) -> Call:
+    """``POST Type/$validate`` (with a profile when given)."""
+    params = {"profile": profile} if profile else None
+    return Call("POST", f"{_type_of(resource)}/$validate", params=params, body=_body(resource))
+
+
+# -- base URL and security ----------------------------------------------------------------------
+
+
+def is_loopback(host: str) -> bool:
+    """Tell whether ``host`` is this machine."""
+    if host.lower() in {"localhost", "localhost."}:
+        return True
+    try:
+        return ipaddress.ip_address(host.strip("[]")).is_loopback
+    except ValueError:
+        return False
+
+
+def check_base_url(base_url: str, *, allow_insecure_http: bool) -> httpx.URL:
+    """Validate the server's base URL; plain http is allowed only to loopback or when asked."""
+    url = httpx.URL(base_url.rstrip("/") + "/")
+    if url.scheme not in {"http", "https"} or not url.host:
+        raise ConfigurationError(f"not an http(s) URL: {base_url!r}")
+    if url.scheme == "http" and not is_loopback(url.host) and not allow_insecure_http:
+        raise ConfigurationError(
+            f"refusing plain http to {url.host}: health data must travel over https "
+            "(pass allow_insecure_http=True only for a test server on a trusted network)"
+        )
+    return url
+
+
+def same_origin(a: httpx.URL, b: httpx.URL) -> bool:
+    """Tell whether two URLs share scheme, host and port."""
+    return (a.scheme, a.host, a.port) == (b.scheme, b.host, b.port)
+
+
+# -- responses ----------------------------------------------------------------------------------
+
+
+def read_json(response: httpx.Response) -> JSON:
+    """Return the response body as a JSON object, or raise InvalidResponseError."""
+    try:
+        data = json.loads(response.content)
+    except (ValueError, RecursionError) as exc:
+        raise InvalidResponseError(
+            f"{describe_request(response.request)}: {response.status_code} response is not JSON "
+            f"(content-type {response.headers.get('content-type', 'none')!r})",
+            request=response.request,
+            response=response,
+        ) from exc
+    if not isinstance(data, dict) or not isinstance(data.get("resourceType"), str):
+        raise InvalidResponseError(
+            f"{describe_request(response.request)}: response is not a FHIR resource",
+            request=response.request,
+            response=response,
+        )
+    return data
+
+
+def to_model(data: JSON, response: httpx.Response | None = None) -> Resource:
+    """Parse FHIR JSON into its fhir.resources R4B model."""
+    try:
+        model = get_fhir_model_class(data["resourceType"])
+        resource: Resource = model.model_validate(data)
+    except (KeyError, ValueError) as exc:
+        raise InvalidResponseError(
+            f"{describe_request(response.request if response else None)}: "
+            f"invalid {data.get('resourceType')} resource: {str(exc).splitlines()[0]}",
+            request=response.request if response else None,
+            response=response,
+        ) from exc
+    return resource
+
+
+def expect_resource(response: httpx.Response, resource_type: str | None = None) -> JSON:
+    """Return the body as FHIR JSON, checking its resourceType when one is expected."""
+    data = read_json(response)
+    if resource_type and data["resourceType"] != resource_type:
+        raise InvalidResponseError(
+            f"{describe_request(response.request)}: expected {resource_type}, "
+            f"got {data['resourceType']}",
+            request=response.request,
+            response=response,
+        )
+    return data
+
+
+def write_outcome(response: httpx.Response) -> Outcome:
+    """Read the answer to a create or an update."""
+    resource = None
+    if response.content.strip():
+        data = read_json(response)
+        if data["resourceType"] != "OperationOutcome":
+            resource = to_model(data, response)
+    return Outcome(
+        status=response.status_code,
+        location=response.headers.get("Location") or response.headers.get("Content-Location"),
+        etag=response.headers.get("ETag"),
+        last_modified=response.headers.get("Last-Modified"),
+        resource=resource,
+    )
+
+
+def bundle_outcomes(response: httpx.Response, kind: str) -> list[Outcome]:
+    """Read each entry's outcome from a transaction-response or batch-response."""
+    data = expect_resource(response, "Bundle")
+    if data.get("type") != f"{kind}-response":
+        raise InvalidResponseError(
+            f"{describe_request(response.request)}: expected a {kind}-response Bundle",
+            request=response.request,
+            response=response,
+        )
+    outcomes = []
+    for entry in data.get("entry") or []:
+        answer = entry.get("response") or {}
+        status_text = str(answer.get("status", ""))
+        try:
+            status = int(status_text.split()[0])
+        except (ValueError, IndexError) as exc:
+            raise InvalidResponseError(
+                f"{describe_request(response.request)}: entry status {status_text!r}",
+                request=response.request,
+                response=response,
+            ) from exc
+        resource = entry.get("resource")
+        outcomes.append(
+            Outcome(
+                status=status,
+                location=answer.get("location"),
+                etag=answer.get("etag"),
+                last_modified=answer.get("lastModified"),
+                resource=to_model(resource, response) if resource else None,
+                outcome=answer.get("outcome"),
+            )
+        )
+    return outcomes
+
+
+def next_link(bundle: JSON) -> str | None:
+    """Return the ``next`` link of a Bundle, if any."""
+    for link in bundle.get("link") or []:
+        if link.get("relation") == "next" and link.get("url"):
+            return str(link["url"])
+    return None
+
+
+def outcome_message(outcome: JSON | None) -> str:
+    """Summarise an OperationOutcome: severity, code, diagnostics and expression per issue."""
+    parts = []
+    for issue in (outcome or {}).get("issue") or []:
+        text = f"{issue.get('severity', '?')} {issue.get('code', '?')}"
+        detail = issue.get("diagnostics") or (issue.get("details") or {}).get("text")
+        if detail:
+            text += f": {detail}"
+        where = issue.get("expression") or issue.get("location")
+        if where:
+            text += f" (at {', '.join(where)})"
+        parts.append(text)
+    return "; ".join(parts)
+
+
+_STATUS_ERRORS: dict[int, type[StatusError]] = {
+    400: BadRequestError,
+    401: AuthenticationError,
+    403: PermissionDeniedError,
+    404: NotFoundError,
+    409: ConflictError,
+    410: GoneError,
+    412: VersionConflictError,
+    422: UnprocessableEntityError,
+    429: RateLimitError,
+}
+
+
+def make_status_error(response: httpx.Response) -> StatusError:
+    """Map an error response to its exception: the one place where statuses become classes."""
+    request = response.request
+    outcome = None
+    try:
+        data = json.loads(response.content)
+        if isinstance(data, dict) and data.get("resourceType") == "OperationOutcome":
+            outcome = data
+    except (ValueError, RecursionError):
+        pass
+    status = response.status_code
+    cls = _STATUS_ERRORS.get(status) or (ServerError if status >= 500 else StatusError)
+    if cls is ConflictError and request.headers.get("If-Match"):
+        cls = VersionConflictError  # a stale If-Match: 409 from servers that do not say 412
+    detail = outcome_message(outcome)
+    if not detail:
+        kind = response.headers.get("content-type", "no content-type").split(";")[0]
+        detail = f"no OperationOutcome (the body is {kind}, {len(response.content)} bytes)"
+    reason = response.reason_phrase or ""
+    message = f"{describe_request(request)}: {status} {reason}".rstrip() + f": {detail}"
+    return cls(message, request=request, response=response, outcome=outcome)
+
+
+def translate_transport_error(exc: httpx.TransportError, request: httpx.Request) -> TransportError:
+    """Wrap an httpx transport error in the ims-fhir tree (the caller raises it from exc)."""
+    where = describe_request(request)
+    if isinstance(exc, httpx.TimeoutException):
+        return TimeoutError(f"{where}: timed out ({type(exc).__name__})", request=request)
+    if isinstance(exc, httpx.ConnectError):
+        return ConnectError(f"{where}: cannot connect ({exc})", request=request)
+    return ProtocolError(f"{where}: {type(exc).__name__}: {exc}", request=request)
+
+
+# -- retries ------------------------------------------------------------------------------------
+
+
+def parse_retry_after(value: str | None, now: dt.datetime | None = None) -> float | None:
+    """Return the seconds a ``Retry-After`` header asks for (delta-seconds or HTTP-date)."""
+    if value is None:
+        return None
+    value = value.strip()
+    if value.isdigit():
+        return float(value)
+    try:
+        when = email.utils.parsedate_to_datetime(value)
+    except (TypeError, ValueError):
+        return None
+    if when.tzinfo is None:
+        when = when.replace(tzinfo=dt.UTC)
+    now = now or dt.datetime.now(dt.UTC)
+    return max(0.0, (when - now).total_seconds())
+
+
+@dataclass(frozen=True, slots=True)
+class RetryPolicy:
+    """Bounded exponential backoff with jitter, honouring ``Retry-After``.
+
+    Only requests that are safe to repeat are retried, after a connect error, a timeout, a
+    broken connection or a status in ``statuses``. A request that never reached the server
+    (the connection could not be made) is retried whatever its method.
+    """
+
+    max_retries: int = DEFAULT_MAX_RETRIES
+    initial_delay: float = INITIAL_RETRY_DELAY
+    max_delay: float = MAX_RETRY_DELAY
+    max_retry_after: float = MAX_RETRY_AFTER
+    jitter: float = RETRY_JITTER
+    statuses: frozenset[int] = RETRY_STATUSES
+
+    def backoff(self, attempt: int, rng: Callable[[], float] = random.random) -> float:
+        """Seconds to wait before retry number ``attempt`` (1-based), jitter included."""
+        base: float = min(self.max_delay, self.initial_delay * 2.0 ** (attempt - 1))
+        return max(0.0, base * (1 + self.jitter * (2 * rng() - 1)))
+
+    def delay(
+        self,
+        call: Call,
+        attempt: int,
+        *,
+        response: httpx.Response | None = None,
+        error: httpx.TransportError | None = None,
+        now: dt.datetime | None = None,
+        rng: Callable[[], float] = random.random,
+    ) -> float | None:
+        """Seconds to wait before retrying, or None when the failure must be raised."""
+        if attempt > self.max_retries:
+            return None
+        if error is not None:
+            never_sent = isinstance(error, httpx.ConnectError | httpx.ConnectTimeout)
+            return self.backoff(attempt, rng) if (call.retry_safe or never_sent) else None
+        if response is None or response.status_code not in self.statuses or not call.retry_safe:
+            return None
+        asked = parse_retry_after(response.headers.get("Retry-After"), now)
+        if asked is None:
+            return self.backoff(attempt, rng)
+        if asked > self.max_retry_after:
+            return None
+        return asked
