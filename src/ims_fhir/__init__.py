@@ -2,6 +2,7 @@
 
 from ._async_client import AsyncFhirClient
 from ._auth import BearerAuth, SmartBackendAuth
+from ._check import Check, check_capabilities
 from ._exceptions import (
     AuthenticationError,
     BadRequestError,
@@ -29,6 +30,7 @@ from ._exceptions import (
 )
 from ._from_fhir import MappingReport, SkippedResource, from_fhir
 from ._http import Outcome, RetryPolicy
+from ._pull import pull
 from ._reader import ReadRecord, read_records, validate_record
 from ._record import (
     AdverseEvent,
@@ -48,7 +50,10 @@ from ._record import (
     Treatment,
 )
 from ._schema import record_json_schema
+from ._state import StateStore
+from ._sync import Pusher, PushResult, PushSummary, push
 from ._sync_client import FhirClient
+from ._synthetic import synthetic_encounters
 from ._terminology import CANONICAL, Terminology, terminology
 from ._to_fhir import to_fhir, to_fhir_json, to_resources, to_transaction
 from ._version import __version__
@@ -61,6 +66,7 @@ __all__ = [
     "AuthenticationError",
     "BadRequestError",
     "BearerAuth",
+    "Check",
     "Clinic",
     "ConfigurationError",
     "ConflictError",
@@ -88,6 +94,9 @@ __all__ = [
     "PermissionDeniedError",
     "Practitioner",
     "ProtocolError",
+    "PushResult",
+    "PushSummary",
+    "Pusher",
     "RateLimitError",
     "ReadRecord",
     "RecordError",
@@ -96,6 +105,7 @@ __all__ = [
     "ServerError",
     "SkippedResource",
     "SmartBackendAuth",
+    "StateStore",
     "StatusError",
     "Terminology",
     "TimeoutError",
@@ -104,9 +114,13 @@ __all__ = [
     "UnprocessableEntityError",
     "VersionConflictError",
     "__version__",
+    "check_capabilities",
     "from_fhir",
+    "pull",
+    "push",
     "read_records",
     "record_json_schema",
+    "synthetic_encounters",
     "terminology",
     "to_fhir",
     "to_fhir_json",

@@ -323,6 +323,29 @@ class AsyncFhirClient:
         return self._pages(call, raw=raw, max_pages=max_pages)
 
     async def _pages(self, call: Call, *, raw: bool, max_pages: int) -> AsyncIterator[Any]:
+        async for bundle, response in self._bundles(call, max_pages=max_pages):
+            for entry in bundle.get("entry") or []:
+                resource = entry.get("resource")
+                if isinstance(resource, dict):
+                    yield resource if raw else to_model(resource, response)
+
+    def pages(
+        self,
+        resource_type: ResourceType | None,
+        params: Mapping[str, Any] | None = None,
+        *,
+        max_pages: int = MAX_PAGES,
+    ) -> AsyncIterator[JSON]:
+        """Search lazily, yielding each page's Bundle (JSON) with its matches and includes."""
+        return self._page_bundles(search_call(resource_type, params), max_pages)
+
+    async def _page_bundles(self, call: Call, max_pages: int) -> AsyncIterator[JSON]:
+        async for bundle, _ in self._bundles(call, max_pages=max_pages):
+            yield bundle
+
+    async def _bundles(
+        self, call: Call, *, max_pages: int
+    ) -> AsyncIterator[tuple[JSON, httpx.Response]]:
         seen: set[str] = set()
         pages = 0
         current: Call | None = call
@@ -332,10 +355,7 @@ class AsyncFhirClient:
                 raise InvalidResponseError(f"search stopped after {max_pages} pages")
             response = await self._send(current)
             bundle = expect_resource(response, "Bundle")
-            for entry in bundle.get("entry") or []:
-                resource = entry.get("resource")
-                if isinstance(resource, dict):
-                    yield resource if raw else to_model(resource, response)
+            yield bundle, response
             link = next_link(bundle)
             current = None
             if link is not None:

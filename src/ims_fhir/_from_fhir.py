@@ -73,14 +73,20 @@ def from_fhir(resources: Any) -> MappingReport:
         ours = _our_identifier(encounter, Kind.ENCOUNTER)
         if ours is None:
             continue
+        rebuild = _Rebuild(index, encounter, ours[0], terminology())
         try:
-            record, touched = _Rebuild(index, encounter, ours[0], terminology()).run()
+            record = rebuild.run()
         except MappingError as exc:
             report.errors.append(exc)
             used.add(id(encounter))
             continue
         report.records.append(record)
-        used |= touched
+        used |= rebuild.touched
+        for retired in rebuild.retired:
+            used.add(id(retired))
+            report.skipped.append(
+                SkippedResource(_name(retired), "entered in error: no longer part of the record")
+            )
     for resource in index.resources:
         if id(resource) not in used:
             report.skipped.append(SkippedResource(_name(resource), _skip_reason(resource, index)))
@@ -187,6 +193,8 @@ class _Rebuild:
         self.ns = namespace
         self.t = terms
         self.touched: set[int] = {id(encounter)}
+        self.retired: list[JSON] = []
+        self.live = encounter.get("status") != "entered-in-error"
         self.enc_id = _our_identifier(encounter, Kind.ENCOUNTER)[1]  # type: ignore[index]
         # The Provenance lists the resources in the order the record gave them; servers may
         # return resources in any order, so that list (when present) is the order of pain
@@ -266,7 +274,21 @@ class _Rebuild:
 
     # -- the record ----------------------------------------------------------------------------
 
-    def run(self) -> tuple[Encounter, set[int]]:
+    def is_retired(self, resource: JSON) -> bool:
+        """A part the record no longer holds: entered in error while its encounter is not."""
+        status = resource.get("status")
+        if resource.get("resourceType") == "Condition":
+            codes = [
+                c.get("code")
+                for c in (resource.get("verificationStatus") or {}).get("coding") or []
+            ]
+            status = "entered-in-error" if "entered-in-error" in codes else None
+        if self.live and status == "entered-in-error":
+            self.retired.append(resource)
+            return True
+        return False
+
+    def run(self) -> Encounter:
         enc = self.enc
         data: JSON = {
             "id": self.enc_id,
@@ -291,7 +313,7 @@ class _Rebuild:
         if treatment is not None:
             data["treatment"] = treatment
         try:
-            return Encounter.model_validate(data), self.touched
+            return Encounter.model_validate(data)
         except ValidationError as exc:
             first = exc.errors()[0]
             path = ".".join(str(p) for p in first["loc"]) or "<record>"
@@ -383,7 +405,7 @@ class _Rebuild:
         out = []
         for obs in observations:
             fid = self.suffix(obs, Kind.OBSERVATION, "finding")
-            if not fid:
+            if not fid or self.is_retired(obs):
                 continue
             self.use(obs)
             sign = self.code_in(obs, "code", obs.get("code"), "sign")
@@ -463,7 +485,7 @@ class _Rebuild:
         if notes:
             a["notes"] = notes[0].get("text")
         for cond in self.linked("Condition"):
-            if self.suffix(cond, Kind.CONDITION, "diagnosis") == "":
+            if self.suffix(cond, Kind.CONDITION, "diagnosis") == "" and not self.is_retired(cond):
                 self.use(cond)
                 d: JSON = {"code": self.code_in(cond, "code", cond.get("code"), "diagnosis")}
                 cnotes = cond.get("note") or []
@@ -476,7 +498,7 @@ class _Rebuild:
         out = []
         for obs in sorted(observations, key=lambda o: self.rank[id(o)]):
             pid = self.suffix(obs, Kind.OBSERVATION, "pain")
-            if not pid:
+            if not pid or self.is_retired(obs):
                 continue
             self.use(obs)
             timing = None
@@ -517,7 +539,7 @@ class _Rebuild:
         sites = []
         for proc in sorted(procedures, key=lambda p: self.rank[id(p)]):
             sid = self.suffix(proc, Kind.PROCEDURE, "site")
-            if sid:
+            if sid and not self.is_retired(proc):
                 sites.append(self.site(self.use(proc), sid))
         if sites:
             t["sites"] = sites

@@ -247,8 +247,13 @@ def delete_call(resource_type: ResourceType, resource_id: str) -> Call:
 
 
 def search_call(resource_type: ResourceType | None, params: Mapping[str, Any] | None) -> Call:
-    """``GET Type?params`` (or a system-wide search when the type is None)."""
-    return Call("GET", type_name(resource_type) if resource_type else "", params=params)
+    """``GET Type?params`` (or a system-wide search when the type is None).
+
+    Asks for fresh results: some servers (HAPI) otherwise answer a repeated search from a
+    cache for a minute, and a pull right after a push would miss what was just written.
+    """
+    path = type_name(resource_type) if resource_type else ""
+    return Call("GET", path, params=params, headers={"Cache-Control": "no-cache"})
 
 
 def history_call(

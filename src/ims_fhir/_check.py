@@ -1,0 +1,78 @@
+"""Check whether a FHIR server can take what ims-fhir pushes and pulls."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+__all__ = ["Check", "check_capabilities"]
+
+# What push and pull use, by resource type: conditional create or update, and search params.
+_NEEDS: dict[str, tuple[str, set[str]]] = {
+    "Patient": ("create", {"identifier"}),
+    "Practitioner": ("create", {"identifier"}),
+    "Organization": ("create", {"identifier"}),
+    "Encounter": ("update", {"identifier", "subject", "_profile", "_lastUpdated"}),
+    "Observation": ("update", {"identifier", "encounter"}),
+    "Condition": ("update", {"identifier", "encounter"}),
+    "Procedure": ("update", {"identifier", "encounter"}),
+    "Consent": ("update", {"identifier", "_id"}),
+    "Provenance": ("update", {"target"}),
+}
+# Parameters every server supports on every type (FHIR R4 search.html#all).
+_ALWAYS = {"_id", "_lastUpdated", "_profile", "_tag", "_security", "_source"}
+
+
+@dataclass(frozen=True, slots=True)
+class Check:
+    """One requirement, whether the server meets it, and why not."""
+
+    name: str
+    ok: bool
+    detail: str = ""
+
+
+def check_capabilities(statement: dict[str, Any]) -> list[Check]:
+    """Compare a CapabilityStatement (JSON) with what push and pull need."""
+    checks = []
+    version = str(statement.get("fhirVersion", ""))
+    checks.append(Check("FHIR 4.0.x", version.startswith("4.0"), f"server says {version or '?'}"))
+    rest: dict[str, Any] = next(
+        (r for r in statement.get("rest") or [] if r.get("mode") == "server"), {}
+    )
+    system = {i.get("code") for i in rest.get("interaction") or []}
+    checks.append(Check("transactions", "transaction" in system, ""))
+    resources = {r.get("type"): r for r in rest.get("resource") or []}
+    for resource_type, (write, params) in _NEEDS.items():
+        resource = resources.get(resource_type)
+        if resource is None:
+            checks.append(Check(resource_type, False, "not supported"))
+            continue
+        interactions = {i.get("code") for i in resource.get("interaction") or []}
+        missing = [i for i in ("read", "update", "search-type") if i not in interactions]
+        if write == "create" and "create" not in interactions:
+            missing.append("create")
+        if write == "create" and not resource.get("conditionalCreate"):
+            missing.append("conditional create")
+        if (
+            write == "update"
+            and not resource.get("conditionalUpdate")
+            and resource_type != "Provenance"
+        ):
+            missing.append("conditional update")
+        if resource_type == "Provenance" and resource.get("updateCreate") is False:
+            # The Provenance is written to a client-chosen id (R4 gives it no identifier).
+            # Servers often leave updateCreate out; --write-test shows whether it works.
+            missing.append("update as create (client-assigned id)")
+        declared = {p.get("name") for p in resource.get("searchParam") or []}
+        missing += [f"search parameter {p}" for p in sorted(params - declared - _ALWAYS)]
+        checks.append(Check(resource_type, not missing, ", ".join(missing)))
+    operations = {o.get("name") for o in rest.get("operation") or []}
+    for resource in resources.values():
+        operations |= {o.get("name") for o in resource.get("operation") or []}
+    checks.append(
+        Check(
+            "$validate", "validate" in operations, "" if "validate" in operations else "not listed"
+        )
+    )
+    return checks

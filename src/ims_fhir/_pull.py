@@ -1,0 +1,94 @@
+"""Pull: fetch IMS encounters back from a FHIR server and rebuild the records.
+
+Encounters are found by the project's profile, a page at a time. For each page, the resources
+that make those encounters up are fetched with their own paged searches (``Observation?encounter=
+...`` and so on) rather than ``_include``/``_revinclude``: servers cap the resources they include
+per page (HAPI at 1,000) and drop the rest without a word, which would lose data. Consents,
+linked from the session by an extension servers do not index, are fetched by id. Each page is
+mapped back on its own, so memory stays bounded however many encounters the server holds.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+from collections.abc import AsyncIterator
+from typing import Any
+
+from ._async_client import AsyncFhirClient
+from ._from_fhir import MappingReport, from_fhir
+from ._identity import Ext, Profile
+
+__all__ = ["DEFAULT_PAGE_SIZE", "pull"]
+
+DEFAULT_PAGE_SIZE = 50
+
+# Resource type -> the search parameter that points at the encounter.
+_PARTS = {"Observation": "encounter", "Procedure": "encounter", "Condition": "encounter"}
+
+
+def pull_params(
+    *, patient: str | None = None, since: str | dt.datetime | None = None, page_size: int
+) -> dict[str, Any]:
+    """The Encounter search that finds IMS encounters and includes their resources."""
+    params: dict[str, Any] = {"_profile": Profile.ENCOUNTER.url, "_count": str(page_size)}
+    if patient:
+        params["subject"] = patient if "/" in patient else f"Patient/{patient}"
+    if since is not None:
+        params["_lastUpdated"] = "ge" + (
+            since.isoformat() if isinstance(since, dt.datetime) else since
+        )
+    return params
+
+
+async def pull(
+    client: AsyncFhirClient,
+    *,
+    patient: str | None = None,
+    since: str | dt.datetime | None = None,
+    page_size: int = DEFAULT_PAGE_SIZE,
+) -> AsyncIterator[MappingReport]:
+    """Yield, page by page, the records rebuilt and what was skipped or could not be mapped."""
+    params = pull_params(patient=patient, since=since, page_size=page_size)
+    async for page in client.pages("Encounter", params):
+        encounters = [
+            e["resource"]
+            for e in page.get("entry") or []
+            if (e.get("resource") or {}).get("resourceType") == "Encounter"
+        ]
+        if not encounters:
+            continue
+        refs = ",".join(f"Encounter/{e['id']}" for e in encounters)
+        resources: list[dict[str, Any]] = list(encounters)
+        for resource_type, param in _PARTS.items():
+            resources += await _all(client, resource_type, {param: refs})
+        resources += await _all(client, "Provenance", {"target": refs})
+        wanted = {
+            "Patient": {_ref_id(e.get("subject")) for e in encounters},
+            "Practitioner": {
+                _ref_id(p.get("individual")) for e in encounters for p in e.get("participant") or []
+            },
+            "Organization": {_ref_id(e.get("serviceProvider")) for e in encounters},
+            "Consent": {
+                _ref_id(ext.get("valueReference"))
+                for r in resources
+                if r.get("resourceType") == "Procedure"
+                for ext in r.get("extension") or []
+                if ext.get("url") == Ext.SUPPORTING_INFO.url
+            },
+        }
+        for resource_type, ids in wanted.items():
+            ids.discard(None)
+            if ids:
+                resources += await _all(client, resource_type, {"_id": ",".join(sorted(ids))})  # type: ignore[arg-type]
+        yield from_fhir(resources)
+
+
+async def _all(client: AsyncFhirClient, resource_type: str, params: dict[str, str]) -> list[Any]:
+    return [r async for r in client.search(resource_type, params | {"_count": "200"}, raw=True)]
+
+
+def _ref_id(reference: Any) -> str | None:
+    ref = (reference or {}).get("reference") if isinstance(reference, dict) else None
+    if not isinstance(ref, str) or "/" not in ref:
+        return None
+    return ref.split("/_history")[0].rsplit("/", 1)[-1]
