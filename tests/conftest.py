@@ -7,6 +7,8 @@ from pathlib import Path
 
 import pytest
 
+from ims_fhir._package import build_package
+
 ROOT = Path(__file__).resolve().parents[1]
 FIXTURES = ROOT / "fixtures"
 ENCOUNTER_FILES = sorted((FIXTURES / "encounters").glob("*.json"))
@@ -38,9 +40,13 @@ def fhir_base_url() -> Iterator[str]:
         return
     HAPI_LOG.parent.mkdir(parents=True, exist_ok=True)
     launcher_log = HAPI_LOG.with_suffix(".launcher.log")
+    # The server installs the project's FHIR package and validates every incoming resource
+    # against the profiles in its meta.profile, as a regional health record would.
+    package = build_package(HAPI_DIR / "target" / "ims-fhir-package.tgz")
+    server_options = ["--", f"--ims.package={package}", "--ims.validate-requests=true"]
     with launcher_log.open("w") as stderr:
         process = subprocess.Popen(
-            [str(HAPI_DIR / "run"), "--log", str(HAPI_LOG)],
+            [str(HAPI_DIR / "run"), "--log", str(HAPI_LOG), *server_options],
             stdout=subprocess.PIPE,
             stderr=stderr,
             text=True,

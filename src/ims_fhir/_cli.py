@@ -24,6 +24,7 @@ from ._check import check_capabilities
 from ._config import auth_from, load_config
 from ._convert import detect_input, read_fhir
 from ._exceptions import ConfigurationError, FhirError, RecordError
+from ._package import PACKAGE_NAME, build_package, package_resources
 from ._pull import DEFAULT_PAGE_SIZE, pull
 from ._reader import read_records
 from ._record import Encounter
@@ -143,10 +144,25 @@ def schema() -> None:
 @cli.command()
 @click.argument("paths", nargs=-1, required=True, type=click.Path(path_type=Path))
 @click.option("--json", "as_json", is_flag=True, help="Print a machine-readable report.")
-def validate(paths: Sequence[Path], as_json: bool) -> None:
-    """Check IMS records in PATHS (files or directories) and report every bad one."""
+@click.option(
+    "--server",
+    envvar="IMS_FHIR_VALIDATE_SERVER",
+    help="Also run $validate on this server for every resource mapped from the records, "
+    "against its profile.",
+)
+@click.option("--allow-insecure-http", is_flag=True, help="Allow plain http to a remote host.")
+def validate(
+    paths: Sequence[Path], as_json: bool, server: str | None, allow_insecure_http: bool
+) -> None:
+    """Check IMS records in PATHS (files or directories) and report every bad one.
+
+    Without --server, records are checked clinically and mapped to FHIR. With --server, every
+    resource mapped from them is also validated by the server against the profile named in
+    its meta.profile, and each issue is reported with resource, element path and message.
+    """
     good = 0
     errors: list[RecordError] = []
+    records: list[Encounter] = []
     for item in read_records(paths):
         if isinstance(item, RecordError):
             errors.append(item)
@@ -154,12 +170,78 @@ def validate(paths: Sequence[Path], as_json: bool) -> None:
                 _stderr().print(f"[red]invalid[/red] {escape(str(item))}")
         else:
             good += 1
+            if server:
+                records.append(item.record)
+    server_issues: list[dict[str, Any]] = []
+    if server:
+        options = {"server": server, "timeout": 60.0, "allow_insecure_http": allow_insecure_http}
+        server_issues = _run(_server_validate(_client(options), records))
+        for issue in server_issues:
+            if not as_json:
+                _stderr().print(
+                    f"[red]{issue['severity']}[/red] {issue['record']} {issue['resource']} "
+                    f"{issue['path']}: {escape(issue['message'])}"
+                )
+    failed = errors or any(i["severity"] in {"error", "fatal"} for i in server_issues)
     if as_json:
-        report = {"valid": good, "invalid": len(errors), "errors": [_error_json(e) for e in errors]}
+        report = {
+            "valid": good,
+            "invalid": len(errors),
+            "errors": [_error_json(e) for e in errors],
+            "server_issues": server_issues,
+        }
         click.echo(json.dumps(report, indent=2, ensure_ascii=False))
     else:
-        click.echo(f"{good} valid, {len(errors)} invalid")
-    sys.exit(EXIT_SOME_FAILED if errors else EXIT_OK)
+        line = f"{good} valid, {len(errors)} invalid"
+        if server:
+            count = sum(1 for i in server_issues if i["severity"] in {"error", "fatal"})
+            line += f"; {count} errors from $validate on {server}"
+        click.echo(line)
+    sys.exit(EXIT_SOME_FAILED if failed else EXIT_OK)
+
+
+async def _server_validate(
+    client: AsyncFhirClient, records: list[Encounter]
+) -> list[dict[str, Any]]:
+    issues = []
+    async with client:
+        for record in records:
+            for entry in json.loads(to_fhir_json(record))["entry"]:
+                resource = entry["resource"]
+                profile = resource["meta"]["profile"][0]
+                outcome = await client.validate(resource, profile=profile)
+                label = f"{resource['resourceType']} ({profile.rsplit('/', 1)[-1]})"
+                for issue in outcome.get("issue") or []:
+                    if issue.get("severity") not in {"error", "fatal", "warning"}:
+                        continue
+                    where = issue.get("expression") or issue.get("location") or ["?"]
+                    issues.append(
+                        {
+                            "record": record.id,
+                            "resource": label,
+                            "severity": issue["severity"],
+                            "path": where[0],
+                            "message": issue.get("diagnostics") or "",
+                        }
+                    )
+    return [i for i in issues if i["severity"] != "warning"] + [
+        i for i in issues if i["severity"] == "warning"
+    ]
+
+
+@cli.command()
+@click.option(
+    "-o",
+    "--output",
+    type=click.Path(dir_okay=False, path_type=Path),
+    default=Path(f"{PACKAGE_NAME}-{__version__}.tgz"),
+    show_default=True,
+    help="Where to write the package.",
+)
+def package(output: Path) -> None:
+    """Build the FHIR NPM package of the project's profiles and terminology."""
+    path = build_package(output)
+    click.echo(f"{path} ({len(package_resources())} resources)")
 
 
 def _error_json(error: RecordError) -> dict[str, Any]:

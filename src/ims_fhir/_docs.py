@@ -1,6 +1,7 @@
 """Render ``docs/mapping.md`` from the artifacts in ``mappings/``.
 
-Run ``python -m ims_fhir._docs > docs/mapping.md``; a test keeps the committed copy current.
+Run ``python -m ims_fhir._docs`` (writes ``docs/mapping.md`` and ``docs/profiles.md``); a test
+keeps the committed copies current.
 """
 
 from __future__ import annotations
@@ -82,5 +83,59 @@ def render_mapping_doc() -> str:
     return "\n".join(lines) + "\n"
 
 
+def render_profiles_doc() -> str:
+    """Return the Markdown text of ``docs/profiles.md``: each profile's constrained elements."""
+    lines = [
+        "# Profiles",
+        "",
+        "Generated from the StructureDefinitions in `mappings/` by `python -m ims_fhir._docs`;",
+        "do not edit by hand. Each table lists the elements a profile constrains (its",
+        "differential); the snapshot in the same file holds the full definition.",
+        "",
+    ]
+    for path in sorted(mappings_dir().glob("StructureDefinition-*.json")):
+        sd = json.loads(path.read_text(encoding="utf-8"))
+        kind = "Extension" if sd["type"] == "Extension" else f"Profile on {sd['type']}"
+        lines += [f"## {sd['title']} (`{sd['id']}`)", "", f"{kind}: `{sd['url']}`", ""]
+        lines += [_cell(sd["description"]), ""]
+        if sd.get("context"):
+            lines += ["Used on: " + ", ".join(f"`{c['expression']}`" for c in sd["context"]), ""]
+        lines += ["| element | card. | type / binding | notes |", "|---|---|---|---|"]
+        for element in sd["differential"]["element"]:
+            card = ""
+            if "min" in element or "max" in element:
+                card = f"{element.get('min', '')}..{element.get('max', '')}"
+            kinds = []
+            for type_ in element.get("type", []):
+                target = type_.get("profile") or type_.get("targetProfile") or []
+                kinds.append(
+                    type_["code"]
+                    + (f"({', '.join(t.rsplit('/', 1)[-1] for t in target)})" if target else "")
+                )
+            if "binding" in element:
+                binding = element["binding"]
+                kinds.append(f"{binding['strength']}: {binding['valueSet'].rsplit('/', 1)[-1]}")
+            notes = []
+            for key, value in element.items():
+                if key.startswith(("pattern", "fixed")):
+                    notes.append(f"{key} {json.dumps(value, ensure_ascii=False)}")
+            for constraint in element.get("constraint", []):
+                notes.append(f"{constraint['key']}: {constraint['human']}")
+            if element.get("slicing"):
+                notes.append(
+                    "sliced by " + ", ".join(d["path"] for d in element["slicing"]["discriminator"])
+                )
+            if element.get("sliceName"):
+                notes.append(f"slice {element['sliceName']}")
+            types, remarks = _cell(", ".join(kinds)), _cell("; ".join(notes))
+            lines.append(f"| `{element['id']}` | {card} | {types} | {remarks} |")
+        lines.append("")
+    return "\n".join(lines)
+
+
 if __name__ == "__main__":
-    print(render_mapping_doc(), end="")
+    import pathlib
+
+    docs = pathlib.Path(__file__).resolve().parents[2] / "docs"
+    (docs / "mapping.md").write_text(render_mapping_doc(), encoding="utf-8")
+    (docs / "profiles.md").write_text(render_profiles_doc(), encoding="utf-8")

@@ -36,6 +36,7 @@ from ._terminology import Terminology, terminology
 __all__ = ["MappingReport", "SkippedResource", "from_fhir"]
 
 JSON = dict[str, Any]
+_CONSENT_LINKS = frozenset({Ext.SESSION_CONSENT.url, Ext.SUPPORTING_INFO.url})
 
 
 @dataclass(frozen=True, slots=True)
@@ -532,7 +533,7 @@ class _Rebuild:
         self.use(session)
         t: JSON = {}
         for ext in session.get("extension") or []:
-            if ext.get("url") == Ext.SUPPORTING_INFO.url:
+            if ext.get("url") in _CONSENT_LINKS:
                 consent = self.index.resolve(ext.get("valueReference"))
                 if consent is not None and consent.get("resourceType") == "Consent":
                     t["consent"] = self.consent(self.use(consent))

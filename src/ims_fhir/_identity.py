@@ -93,6 +93,11 @@ class Ext(StrEnum):
     BODYSITE_LATERALITY = "bodysite-laterality"
     ADVERSE_EVENT_SEVERITY = "adverse-event-severity"
     ADVERSE_EVENT_NOTE = "adverse-event-note"
+    # Links the session Procedure to its Consent. TERMINOLOGY.md names the core
+    # workflow-supportingInfo extension, but FHIR R4 (4.0.1) allows that one only on
+    # DiagnosticReport, Observation and CommunicationRequest, so R4 validators reject it on a
+    # Procedure; it is still accepted on the way in.
+    SESSION_CONSENT = "session-consent"
     # Core extensions (FHIR extensions pack), named in TERMINOLOGY.md.
     STRUCTURE_LATERALITY = "http://hl7.org/fhir/StructureDefinition/observation-structureLaterality"
     SUPPORTING_INFO = "http://hl7.org/fhir/StructureDefinition/workflow-supportingInfo"

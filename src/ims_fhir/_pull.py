@@ -73,7 +73,7 @@ async def pull(
                 for r in resources
                 if r.get("resourceType") == "Procedure"
                 for ext in r.get("extension") or []
-                if ext.get("url") == Ext.SUPPORTING_INFO.url
+                if ext.get("url") in (Ext.SESSION_CONSENT.url, Ext.SUPPORTING_INFO.url)
             },
         }
         for resource_type, ids in wanted.items():

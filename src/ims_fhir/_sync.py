@@ -345,7 +345,7 @@ class Pusher:
                 item.previous[identifier] = _to_versioned_put(entry, current[identifier], overwrite)
         for identifier, known in live.items():
             if identifier not in wanted and identifier in current and not known.retired:
-                entry = _retirement(current[identifier], overwrite)
+                entry = _retirement(current[identifier], overwrite, self.server)
                 item.previous[identifier] = (current[identifier].get("meta") or {}).get("versionId")
                 item.retire.append(entry)
         return None
@@ -420,7 +420,7 @@ def _to_versioned_put(entry: JSON, current: JSON, overwrite: bool) -> str | None
     return version
 
 
-def _retirement(current: JSON, overwrite: bool) -> JSON:
+def _retirement(current: JSON, overwrite: bool, server: str) -> JSON:
     """An entry that marks a resource the record no longer holds as entered-in-error."""
     resource = copy.deepcopy(current)
     resource_type = resource["resourceType"]
@@ -436,7 +436,9 @@ def _retirement(current: JSON, overwrite: bool) -> JSON:
     request: JSON = {"method": "PUT", "url": f"{resource_type}/{resource['id']}"}
     if version and not overwrite:
         request["ifMatch"] = f'W/"{version}"'
-    return {"resource": resource, "request": request}
+    # A transaction entry needs a fullUrl: the resource's own URL on the server.
+    full = f"{server}/{resource_type}/{resource['id']}"
+    return {"fullUrl": full, "resource": resource, "request": request}
 
 
 def push(

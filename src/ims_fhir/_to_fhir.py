@@ -10,7 +10,7 @@ One encounter becomes (see ``docs/mapping.md`` for the element-by-element table)
 - one pain Observation per NRS score (LOINC 72514-3), the after-treatment ones ``partOf`` the
   session;
 - when a treatment was given, the session Procedure with one Procedure per needled site
-  (``partOf`` the session) and a Consent linked by the ``workflow-supportingInfo`` extension;
+  (``partOf`` the session) and a Consent linked by the ``session-consent`` extension;
 - one Provenance naming the practitioner and the clinic, recorded at the encounter's end.
 
 Every request but the Provenance's is conditional on the resource's business identifier, so
@@ -545,7 +545,7 @@ class _Builder:
         }
         if consent is not None:
             body["extension"] = [
-                {"url": Ext.SUPPORTING_INFO.url, "valueReference": {"reference": consent}}
+                {"url": Ext.SESSION_CONSENT.url, "valueReference": {"reference": consent}}
             ]
         if reasons:
             body["reasonReference"] = [{"reference": r} for r in reasons]

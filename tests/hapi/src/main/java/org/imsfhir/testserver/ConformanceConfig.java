@@ -15,6 +15,9 @@ import java.nio.file.Path;
 import java.util.List;
 import java.util.Set;
 import java.util.stream.Stream;
+import org.apache.commons.compress.archivers.tar.TarArchiveEntry;
+import org.apache.commons.compress.archivers.tar.TarArchiveInputStream;
+import org.apache.commons.compress.compressors.gzip.GzipCompressorInputStream;
 import org.hl7.fhir.instance.model.api.IBaseResource;
 import org.slf4j.Logger;
 import org.slf4j.LoggerFactory;
@@ -27,9 +30,9 @@ import org.springframework.context.annotation.Configuration;
  * The hook for ims-fhir's profiles.
  *
  * <ul>
- *   <li>{@code --ims.conformance-dir=DIR}: store every CodeSystem, ValueSet and
- *       StructureDefinition found (as JSON) in DIR at start-up, so that $validate and request
- *       validation know the project's profiles;
+ *   <li>{@code --ims.package=FILE.tgz}: install a FHIR NPM package (as built by
+ *       {@code ims-fhir package}): store its CodeSystems, ValueSets and StructureDefinitions;
+ *   <li>{@code --ims.conformance-dir=DIR}: the same for the JSON files of a directory;
  *   <li>{@code --ims.validate-requests=true}: validate incoming resources (against the profiles
  *       in their meta.profile) and reject those with errors.
  * </ul>
@@ -45,6 +48,7 @@ public class ConformanceConfig implements ApplicationListener<ApplicationReadyEv
 	private final RestfulServer server;
 	private final IValidatorModule validatorModule;
 	private final String directory;
+	private final String packageFile;
 	private final boolean validateRequests;
 
 	public ConformanceConfig(
@@ -53,12 +57,14 @@ public class ConformanceConfig implements ApplicationListener<ApplicationReadyEv
 			RestfulServer server,
 			IValidatorModule validatorModule,
 			@Value("${ims.conformance-dir:}") String directory,
+			@Value("${ims.package:}") String packageFile,
 			@Value("${ims.validate-requests:false}") boolean validateRequests) {
 		this.fhirContext = fhirContext;
 		this.daoRegistry = daoRegistry;
 		this.server = server;
 		this.validatorModule = validatorModule;
 		this.directory = directory;
+		this.packageFile = packageFile;
 		this.validateRequests = validateRequests;
 	}
 
@@ -66,6 +72,9 @@ public class ConformanceConfig implements ApplicationListener<ApplicationReadyEv
 	public void onApplicationEvent(ApplicationReadyEvent event) {
 		if (!directory.isBlank()) {
 			load(Path.of(directory));
+		}
+		if (!packageFile.isBlank()) {
+			loadPackage(Path.of(packageFile));
 		}
 		if (validateRequests) {
 			RequestValidatingInterceptor interceptor = new RequestValidatingInterceptor();
@@ -80,7 +89,6 @@ public class ConformanceConfig implements ApplicationListener<ApplicationReadyEv
 		System.out.flush();
 	}
 
-	@SuppressWarnings({"unchecked", "rawtypes"})
 	private void load(Path dir) {
 		List<Path> files;
 		try (Stream<Path> walk = Files.walk(dir)) {
@@ -90,20 +98,48 @@ public class ConformanceConfig implements ApplicationListener<ApplicationReadyEv
 		}
 		int stored = 0;
 		for (Path file : files) {
-			IBaseResource resource;
 			try {
-				resource = fhirContext.newJsonParser().parseResource(Files.readString(file, StandardCharsets.UTF_8));
-			} catch (Exception e) {
-				continue; // not a resource (package.json, .index.json, ...)
+				stored += store(Files.readString(file, StandardCharsets.UTF_8));
+			} catch (IOException e) {
+				throw new IllegalStateException("cannot read " + file, e);
 			}
-			String type = fhirContext.getResourceType(resource);
-			if (!TYPES.contains(type)) {
-				continue;
-			}
-			IFhirResourceDao dao = daoRegistry.getResourceDao(type);
-			dao.update(resource, new SystemRequestDetails());
-			stored++;
 		}
 		LOG.info("stored {} conformance resources from {}", stored, dir);
+	}
+
+	/** A FHIR NPM package: a gzipped tar whose package/ folder holds the resources. */
+	private void loadPackage(Path file) {
+		int stored = 0;
+		try (TarArchiveInputStream tar = new TarArchiveInputStream(
+				new GzipCompressorInputStream(Files.newInputStream(file)))) {
+			TarArchiveEntry entry;
+			while ((entry = tar.getNextEntry()) != null) {
+				String name = entry.getName();
+				if (entry.isFile() && name.startsWith("package/") && name.endsWith(".json")
+						&& !name.endsWith("package.json") && !name.endsWith(".index.json")) {
+					stored += store(new String(tar.readAllBytes(), StandardCharsets.UTF_8));
+				}
+			}
+		} catch (IOException e) {
+			throw new IllegalStateException("cannot read package " + file, e);
+		}
+		LOG.info("installed {} conformance resources from package {}", stored, file);
+	}
+
+	@SuppressWarnings({"unchecked", "rawtypes"})
+	private int store(String json) {
+		IBaseResource resource;
+		try {
+			resource = fhirContext.newJsonParser().parseResource(json);
+		} catch (Exception e) {
+			return 0; // not a resource
+		}
+		String type = fhirContext.getResourceType(resource);
+		if (!TYPES.contains(type)) {
+			return 0;
+		}
+		IFhirResourceDao dao = daoRegistry.getResourceDao(type);
+		dao.update(resource, new SystemRequestDetails());
+		return 1;
 	}
 }
