@@ -266,14 +266,34 @@ class Pusher:
             results += await self._write(ready)
         except FhirError as exc:
             if len(ready) == 1:
-                results.append(self._failure(ready[0], exc))
+                results.append(await self._recover(ready[0], exc))
             else:  # isolate the encounter that failed the transaction
                 for item in ready:
                     try:
                         results += await self._write([item])
                     except FhirError as single:
-                        results.append(self._failure(item, single))
+                        results.append(await self._recover(item, single))
         return results
+
+    async def _recover(self, item: _Item, exc: FhirError) -> PushResult:
+        """Handle a failed write; a version conflict may be our own write whose answer was lost.
+
+        The client retries a transaction whose response never came; if the first attempt had
+        landed, the retry's If-Match is stale. The resources then carry this write's content
+        hash, so checking again tells our write from someone else's.
+        """
+        if not isinstance(exc, ConflictError):
+            return self._failure(item, exc)
+        item.pending_hash = item.content_hash
+        item.retire = []
+        conflict = await self._check_versions(item)
+        if conflict is not None:
+            return PushResult(item.record.id, "conflict", message=conflict)
+        try:
+            (result,) = await self._write([item])
+        except FhirError as again:
+            return self._failure(item, again)
+        return result
 
     def _dry(self, item: _Item) -> PushResult:
         action: Action = "would-update" if item.previous_hash or item.known else "would-create"

@@ -42,7 +42,7 @@ from ._identity import (
     full_url,
     system,
 )
-from ._record import Encounter, Finding, NeedledSite, PainScore, Treatment
+from ._record import Encounter, Finding, HumanName, NeedledSite, PainScore, Treatment
 from ._terminology import Terminology, terminology
 
 __all__ = ["to_fhir", "to_fhir_json", "to_resources", "to_transaction"]
@@ -116,6 +116,13 @@ def _instant(value: dt.datetime) -> str:
 def _div(*lines: str) -> JSON:
     body = "".join(f"<p>{html.escape(line, quote=False)}</p>" for line in lines)
     return {"status": "generated", "div": f'<div xmlns="http://www.w3.org/1999/xhtml">{body}</div>'}
+
+
+def _human_name(name: HumanName) -> JSON:
+    out: JSON = {"family": name.family}
+    if name.given:
+        out["given"] = list(name.given)
+    return out
 
 
 def _query(identifier_system: str, value: str) -> str:
@@ -247,9 +254,6 @@ class _Builder:
             elif ident.kind == "licence":
                 item["type"] = self.convention("identifier-type-licence")
             extra.append(item)
-        name: JSON = {"family": p.name.family}
-        if p.name.given:
-            name["given"] = list(p.name.given)
         return self.add(
             "Patient",
             Kind.PATIENT,
@@ -257,7 +261,7 @@ class _Builder:
             Profile.PATIENT,
             {
                 "identifier": extra,
-                "name": [name],
+                "name": [_human_name(p.name)],
                 "gender": p.sex,
                 "birthDate": p.birth_date.isoformat(),
                 "managingOrganization": {"reference": self.org},
@@ -277,15 +281,12 @@ class _Builder:
                     "value": pr.licence.value,
                 }
             )
-        name: JSON = {"family": pr.name.family}
-        if pr.name.given:
-            name["given"] = list(pr.name.given)
         return self.add(
             "Practitioner",
             Kind.PRACTITIONER,
             pr.id,
             Profile.PRACTITIONER,
-            {"identifier": extra, "active": True, "name": [name]},
+            {"identifier": extra, "active": True, "name": [_human_name(pr.name)]},
             [f"Physiotherapist {' '.join(pr.name.given)} {pr.name.family}"],
             create_only=True,
         )

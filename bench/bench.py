@@ -1,0 +1,473 @@
+#!/usr/bin/env python3
+"""ims-fhir benchmarks: mapping, push, re-push, pull and memory, each beside its baseline.
+
+    bench/run            # full sizes; writes bench/RESULTS.md and bench/results.json
+    bench/run --quick    # tiny sizes (the test suite runs this as a smoke test)
+
+Every number comes with the baseline measured in the same run, and the ratio between the two.
+The encounters are deterministic (ims_fhir.synthetic_encounters, seeded). A local HAPI FHIR JPA
+server (tests/hapi) is started unless FHIR_BASE_URL names one.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import os
+import platform
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+import uuid
+from collections import Counter
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any
+
+import httpx
+from fhir.resources.R4B.bundle import Bundle
+
+from ims_fhir import (
+    AsyncFhirClient,
+    Encounter,
+    Pusher,
+    StateStore,
+    from_fhir,
+    pull,
+    synthetic_encounters,
+    to_fhir_json,
+    to_transaction,
+)
+
+ROOT = Path(__file__).resolve().parents[1]
+BATCH, CONCURRENCY = 10, 4
+PULL_LIMIT = 1000  # encounters pulled back for the pull measurement
+SIZES = {
+    "quick": {
+        "map": 20,
+        "map_runs": 3,
+        "push": [20],
+        "peer": [20],
+        "convert": (50, 500),
+        "dry": (100, 1000),
+    },
+    "full": {
+        "map": 300,
+        "map_runs": 5,
+        "push": [1000, 10000],
+        "peer": [1000],
+        "convert": (1000, 10000),
+        "dry": (10000, 100000),
+    },
+}
+
+
+def machine() -> dict[str, Any]:
+    cpu = next(
+        (
+            line.split(":", 1)[1].strip()
+            for line in Path("/proc/cpuinfo").read_text().splitlines()
+            if line.startswith("model name")
+        ),
+        platform.processor(),
+    )
+    mem = next(
+        (
+            line.split()[1]
+            for line in Path("/proc/meminfo").read_text().splitlines()
+            if line.startswith("MemTotal")
+        ),
+        "0",
+    )
+    return {
+        "cpu": cpu,
+        "cores": os.cpu_count(),
+        "memory_gib": round(int(mem) / 1024 / 1024, 1),
+        "python": platform.python_version(),
+        "system": platform.platform(),
+    }
+
+
+def with_namespace(records: list[Encounter], namespace: str) -> list[Encounter]:
+    return [
+        r.model_copy(update={"clinic": r.clinic.model_copy(update={"namespace": namespace})})
+        for r in records
+    ]
+
+
+def timed(func: Callable[[], Any]) -> float:
+    start = time.perf_counter()
+    func()
+    return time.perf_counter() - start
+
+
+# -- 1. mapping ------------------------------------------------------------------------------
+
+
+def bench_mapping(size: int, runs: int) -> dict[str, Any]:
+    records = list(synthetic_encounters(size, seed=1))
+    texts = [to_fhir_json(r) for r in records]
+    dicts = [json.loads(t) for t in texts]
+    forward, floor_forward, reverse, floor_reverse = [], [], [], []
+    for _ in range(runs):  # pair by pair in the same run
+        forward.append(timed(lambda: [to_fhir_json(r) for r in records]))
+        floor_forward.append(
+            timed(lambda: [Bundle.model_validate(d).model_dump_json() for d in dicts])
+        )
+        reverse.append(timed(lambda: [from_fhir(t) for t in texts]))
+        floor_reverse.append(timed(lambda: [Bundle.model_validate_json(t) for t in texts]))
+    med = statistics.median
+    return {
+        "encounters": size,
+        "runs": runs,
+        "forward_per_s": size / med(forward),
+        "floor_forward_per_s": size / med(floor_forward),
+        "forward_ratio": med(forward) / med(floor_forward),
+        "reverse_per_s": size / med(reverse),
+        "floor_reverse_per_s": size / med(floor_reverse),
+        "reverse_ratio": med(reverse) / med(floor_reverse),
+    }
+
+
+# -- 2-4. push, re-push, pull ------------------------------------------------------------------
+
+
+class Counting(httpx.AsyncHTTPTransport):
+    def __init__(self) -> None:
+        super().__init__()
+        self.methods: Counter[str] = Counter()
+
+    async def handle_async_request(self, request: httpx.Request) -> httpx.Response:
+        self.methods[request.method] += 1
+        return await super().handle_async_request(request)
+
+
+async def push_ours(
+    base: str, records: list[Encounter], state: StateStore
+) -> tuple[float, Counter[str], Counter[str]]:
+    transport = Counting()
+    async with AsyncFhirClient(base, transport=transport, timeout=300) as client:
+        start = time.perf_counter()
+        actions = Counter(
+            [
+                r.action
+                async for r in Pusher(
+                    client, state, batch_size=BATCH, concurrency=CONCURRENCY
+                ).push(records)
+            ]
+        )
+        return time.perf_counter() - start, actions, transport.methods
+
+
+async def push_limit(base: str, records: list[Encounter]) -> float:
+    """The limit: the same transactions, pre-built, posted by a bare httpx loop.
+
+    Like ims-fhir, it first creates the shared resources (clinics, patients, practitioners) in
+    one transaction: concurrent transactions that each conditionally create the same patient
+    race, and the server refuses all but one.
+    """
+    bundles = [
+        json.loads(to_transaction(records[i : i + BATCH]).model_dump_json())
+        for i in range(0, len(records), BATCH)
+    ]
+    shared = {
+        e["fullUrl"]: e for b in bundles for e in b["entry"] if e["request"]["method"] == "POST"
+    }
+    prelude = json.dumps(
+        {"resourceType": "Bundle", "type": "transaction", "entry": list(shared.values())}
+    ).encode()
+    bodies = [json.dumps(b).encode() for b in bundles]
+    queue: asyncio.Queue[bytes] = asyncio.Queue()
+    for body in bodies:
+        queue.put_nowait(body)
+    async with httpx.AsyncClient(timeout=300) as http:
+
+        async def worker() -> None:
+            while not queue.empty():
+                body = queue.get_nowait()
+                response = await http.post(
+                    base, content=body, headers={"Content-Type": "application/fhir+json"}
+                )
+                response.raise_for_status()
+
+        start = time.perf_counter()
+        first = await http.post(
+            base, content=prelude, headers={"Content-Type": "application/fhir+json"}
+        )
+        first.raise_for_status()
+        await asyncio.gather(*(worker() for _ in range(CONCURRENCY)))
+        return time.perf_counter() - start
+
+
+async def push_peer(base: str, records: list[Encounter]) -> float:
+    """The peer: an idiomatic fhirpy script, one conditional create or update per resource."""
+    from fhirpy import AsyncFHIRClient
+
+    client = AsyncFHIRClient(base)
+    semaphore = asyncio.Semaphore(CONCURRENCY)
+
+    async def one(record: Encounter) -> None:
+        async with semaphore:
+            ids: dict[str, str] = {}
+            entries = json.loads(to_fhir_json(record))["entry"]
+            # One request per resource: referenced resources must exist first.
+            entries.sort(
+                key=lambda e: _WRITE_ORDER.index(
+                    e["resource"]["meta"]["profile"][0].rsplit("/", 1)[-1]
+                )
+            )
+            for entry in entries:
+                resource = _resolve(entry["resource"], ids)
+                kind = resource["resourceType"]
+                if kind == "Provenance":
+                    saved = client.resource(kind, **resource)
+                    await saved.save()
+                else:
+                    ident = resource["identifier"][0]
+                    search = client.resources(kind).search(
+                        identifier=f"{ident['system']}|{ident['value']}"
+                    )
+                    if entry["request"]["method"] == "POST":
+                        saved, _ = await search.get_or_create(client.resource(kind, **resource))
+                    else:
+                        saved, _ = await search.update(client.resource(kind, **resource))
+                ids[entry["fullUrl"]] = f"{kind}/{saved.id}"
+
+    start = time.perf_counter()
+    await asyncio.gather(*(one(r) for r in records))
+    return time.perf_counter() - start
+
+
+_WRITE_ORDER = [
+    "ims-organization",
+    "ims-patient",
+    "ims-practitioner",
+    "ims-encounter",
+    "ims-consent",
+    "ims-finding",
+    "ims-assessment-panel",
+    "ims-diagnosis",
+    "ims-session",
+    "ims-needled-site",
+    "ims-pain-score",
+    "ims-provenance",
+]
+
+
+def _resolve(node: Any, ids: dict[str, str]) -> Any:
+    if isinstance(node, dict):
+        return {
+            k: (ids.get(v, v) if k == "reference" else _resolve(v, ids)) for k, v in node.items()
+        }
+    if isinstance(node, list):
+        return [_resolve(item, ids) for item in node]
+    return node
+
+
+async def pull_rate(base: str) -> tuple[int, float]:
+    async with AsyncFhirClient(base, timeout=300) as client:
+        start = time.perf_counter()
+        count = 0
+        async for report in pull(client, page_size=50):
+            count += len(report.records)
+            if count >= PULL_LIMIT:
+                break
+        return count, time.perf_counter() - start
+
+
+def bench_push(base: str, size: int, peer: bool, workdir: Path) -> dict[str, Any]:
+    records = list(synthetic_encounters(size, seed=size))
+    out: dict[str, Any] = {"encounters": size, "batch_size": BATCH, "concurrency": CONCURRENCY}
+    with StateStore(workdir / f"state-{size}.sqlite3") as state:
+        ours = with_namespace(records, f"https://bench-ours-{uuid.uuid4().hex[:8]}.example/sid")
+        elapsed, actions, methods = asyncio.run(push_ours(base, ours, state))
+        out |= {
+            "ours_s": elapsed,
+            "ours_per_s": size / elapsed,
+            "ours_actions": dict(actions),
+            "ours_requests": dict(methods),
+        }
+        again, actions, methods = asyncio.run(push_ours(base, ours, state))
+        out |= {
+            "repush_s": again,
+            "repush_fraction": again / elapsed,
+            "repush_requests": sum(methods.values()),
+            "repush_writes": sum(v for k, v in methods.items() if k != "GET"),
+            "repush_actions": dict(actions),
+        }
+    limit = asyncio.run(
+        push_limit(
+            base, with_namespace(records, f"https://bench-limit-{uuid.uuid4().hex[:8]}.example/sid")
+        )
+    )
+    out |= {
+        "limit_s": limit,
+        "limit_per_s": size / limit,
+        "ours_over_limit": (size / elapsed) / (size / limit),
+    }
+    if peer:
+        peer_s = asyncio.run(
+            push_peer(
+                base,
+                with_namespace(records, f"https://bench-peer-{uuid.uuid4().hex[:8]}.example/sid"),
+            )
+        )
+        out |= {"peer_s": peer_s, "peer_per_s": size / peer_s, "ours_over_peer": peer_s / elapsed}
+    return out
+
+
+# -- 5. memory ---------------------------------------------------------------------------------
+
+
+def peak_rss_kib(args: list[str]) -> int:
+    code = (
+        "import resource, runpy, sys\n"
+        f"sys.argv = ['ims-fhir', *{args!r}]\n"
+        "try:\n    runpy.run_module('ims_fhir', run_name='__main__')\nexcept SystemExit:\n    pass\n"
+        "print(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss, file=sys.stderr)\n"
+    )
+    result = subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, text=True, check=True
+    )
+    return int(result.stderr.strip().splitlines()[-1])
+
+
+def write_ndjson(path: Path, count: int) -> None:
+    with path.open("w", encoding="utf-8") as out:
+        for record in synthetic_encounters(count, seed=7):
+            out.write(record.model_dump_json() + "\n")
+
+
+def bench_memory(sizes: dict[str, tuple[int, int]], workdir: Path) -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    for name, (small, large) in sizes.items():
+        rss = {}
+        for count in (small, large):
+            source = workdir / f"enc-{count}.ndjson"
+            if not source.exists():
+                write_ndjson(source, count)
+            if name == "convert":
+                args = ["convert", str(source), "-o", os.devnull]
+            else:
+                args = [
+                    "push",
+                    str(source),
+                    "--server",
+                    "http://127.0.0.1:9/fhir",
+                    "--dry-run",
+                    "--state",
+                    str(workdir / f"dry-{count}.sqlite3"),
+                ]
+            start = time.perf_counter()
+            rss[count] = peak_rss_kib(args)
+            out[f"{name}_{count}_s"] = time.perf_counter() - start
+        out[name] = {str(k): v for k, v in rss.items()}
+        out[f"{name}_ratio"] = rss[large] / rss[small]
+    return out
+
+
+# -- running -----------------------------------------------------------------------------------
+
+
+@contextmanager
+def server() -> Iterator[str]:
+    if os.environ.get("FHIR_BASE_URL"):
+        yield os.environ["FHIR_BASE_URL"].rstrip("/")
+        return
+    log = Path(tempfile.mkdtemp()) / "server.log"
+    process = subprocess.Popen(
+        [str(ROOT / "tests" / "hapi" / "run"), "--log", str(log)], stdout=subprocess.PIPE, text=True
+    )
+    assert process.stdout is not None
+    base = process.stdout.readline().strip()
+    if not base:
+        raise SystemExit(f"the HAPI server did not start; see {log}")
+    try:
+        yield base
+    finally:
+        process.terminate()
+        process.wait(timeout=60)
+        process.stdout.close()
+
+
+def table(results: dict[str, Any]) -> str:
+    m, lines = results["mapping"], []
+    lines += [
+        f"Measured {results['date']} on {results['machine']['cpu']} ({results['machine']['cores']} cores, "
+        f"{results['machine']['memory_gib']} GiB), Python {results['machine']['python']}; mode `{results['mode']}`.",
+        "",
+        "| measure | ims-fhir | baseline | ratio | target |",
+        "|---|---|---|---|---|",
+        f"| mapping forward (record -> validated Bundle JSON), enc/s | {m['forward_per_s']:.0f} | {m['floor_forward_per_s']:.0f} (fhir.resources validate + dump) | {m['forward_ratio']:.2f}x the time | <= 1.5x |",
+        f"| mapping reverse (Bundle JSON -> record), enc/s | {m['reverse_per_s']:.0f} | {m['floor_reverse_per_s']:.0f} (fhir.resources parse) | {m['reverse_ratio']:.2f}x the time | <= 1.5x |",
+    ]
+    for p in results["push"]:
+        n = p["encounters"]
+        lines.append(
+            f"| push {n} encounters, enc/s | {p['ours_per_s']:.1f} | {p['limit_per_s']:.1f} (bare httpx, same transactions) | {p['ours_over_limit']:.2f} of the limit | >= 0.9 |"
+        )
+        if "peer_per_s" in p:
+            lines.append(
+                f"| push {n} encounters vs fhirpy, enc/s | {p['ours_per_s']:.1f} | {p['peer_per_s']:.1f} (fhirpy, a request per resource) | {p['ours_over_peer']:.1f}x faster | >= 5x |"
+            )
+        lines.append(
+            f"| re-push {n} unchanged | {p['repush_writes']} writes, {p['repush_s']:.2f} s | first push {p['ours_s']:.1f} s | {100 * p['repush_fraction']:.1f} % of the time | 0 writes, <= 5 % |"
+        )
+    pr = results["pull"]
+    lines.append(f"| pull, enc/s | {pr['per_s']:.1f} ({pr['encounters']} encounters) | | | |")
+    mem = results["memory"]
+    for name, label in (("convert", "convert"), ("dry", "push --dry-run")):
+        small, large = list(mem[name])
+        lines.append(
+            f"| peak RSS, {label}: {int(large):,} vs {int(small):,} encounters | {mem[name][large] / 1024:.0f} MiB | {mem[name][small] / 1024:.0f} MiB | {mem[f'{name}_ratio']:.2f}x | flat (~1x) |"
+        )
+    return "\n".join(lines) + "\n"
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--quick", action="store_true", help="tiny sizes: a smoke test")
+    parser.add_argument(
+        "--out", type=Path, default=ROOT / "bench", help="where to write the results"
+    )
+    args = parser.parse_args()
+    mode = "quick" if args.quick else "full"
+    sizes = SIZES[mode]
+    results: dict[str, Any] = {
+        "mode": mode,
+        "date": time.strftime("%Y-%m-%d"),
+        "machine": machine(),
+    }
+    with tempfile.TemporaryDirectory() as tmp:
+        workdir = Path(tmp)
+        results["mapping"] = bench_mapping(sizes["map"], sizes["map_runs"])
+        print("mapping", json.dumps(results["mapping"]), flush=True)
+        with server() as base:
+            results["push"] = [
+                bench_push(base, n, n in sizes["peer"], workdir) for n in sizes["push"]
+            ]
+            print("push", json.dumps(results["push"]), flush=True)
+            count, seconds = asyncio.run(pull_rate(base))
+            results["pull"] = {"encounters": count, "seconds": seconds, "per_s": count / seconds}
+        results["memory"] = bench_memory(
+            {"convert": sizes["convert"], "dry": sizes["dry"]}, workdir
+        )
+        print("memory", json.dumps(results["memory"]), flush=True)
+    args.out.mkdir(parents=True, exist_ok=True)
+    suffix = "" if mode == "full" else "-quick"
+    (args.out / f"results{suffix}.json").write_text(
+        json.dumps(results, indent=2) + "\n", encoding="utf-8"
+    )
+    (args.out / f"RESULTS{suffix}.md").write_text(
+        "# Benchmark results\n\n" + table(results), encoding="utf-8"
+    )
+    print(table(results))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,30 @@
+"""The benchmark runs end to end at tiny sizes (a smoke test: no timing is asserted)."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+
+def test_bench_quick_runs(root: Path, fhir_base_url: str, tmp_path: Path) -> None:
+    env = os.environ | {"FHIR_BASE_URL": fhir_base_url, "PYTHONPATH": str(root / "src")}
+    result = subprocess.run(
+        [sys.executable, str(root / "bench" / "bench.py"), "--quick", "--out", str(tmp_path)],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=900,
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    results = json.loads((tmp_path / "results-quick.json").read_text())
+    assert set(results) >= {"machine", "mapping", "push", "pull", "memory"}
+    push = results["push"][0]
+    assert push["repush_writes"] == 0  # re-pushing unchanged encounters writes nothing
+    assert (
+        push["ours_actions"] == {"created": push["encounters"]}
+        or "entered-in-error" in push["ours_actions"]
+    )
+    assert "| mapping forward" in (tmp_path / "RESULTS-quick.md").read_text()
