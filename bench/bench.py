@@ -324,11 +324,17 @@ def bench_push(base: str, size: int, peer: bool, workdir: Path) -> dict[str, Any
 
 
 def peak_rss_kib(args: list[str]) -> int:
+    """Peak resident memory (KiB) of the CLI run in a fresh process.
+
+    Read from the process's own VmHWM: ru_maxrss would carry over the parent's peak, which
+    Linux keeps across exec.
+    """
     code = (
-        "import resource, runpy, sys\n"
+        "import runpy, sys\n"
         f"sys.argv = ['ims-fhir', *{args!r}]\n"
         "try:\n    runpy.run_module('ims_fhir', run_name='__main__')\nexcept SystemExit:\n    pass\n"
-        "print(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss, file=sys.stderr)\n"
+        "hwm = [l for l in open('/proc/self/status') if l.startswith('VmHWM')][0].split()[1]\n"
+        "print(hwm, file=sys.stderr)\n"
     )
     result = subprocess.run(
         [sys.executable, "-c", code], capture_output=True, text=True, check=True
@@ -434,9 +440,14 @@ def main() -> int:
     parser.add_argument(
         "--out", type=Path, default=ROOT / "bench", help="where to write the results"
     )
+    parser.add_argument(
+        "--push", type=int, nargs="+", metavar="N", help="push sizes (default: 1000 10000)"
+    )
     args = parser.parse_args()
     mode = "quick" if args.quick else "full"
-    sizes = SIZES[mode]
+    sizes = dict(SIZES[mode])
+    if args.push:
+        sizes["push"] = args.push
     results: dict[str, Any] = {
         "mode": mode,
         "date": time.strftime("%Y-%m-%d"),
