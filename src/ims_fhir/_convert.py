@@ -9,7 +9,7 @@ from typing import Any, Literal
 
 from ._exceptions import FieldIssue, MappingError, RecordError, RecordLocation
 from ._from_fhir import MappingReport, from_fhir
-from ._reader import MAX_RECORD_BYTES
+from ._reader import MAX_RECORD_BYTES, _lines
 
 __all__ = ["detect_input", "read_fhir"]
 
@@ -65,10 +65,11 @@ def _values(file: Path) -> Iterator[tuple[RecordLocation, Any]]:
     name = str(file)
     if file.suffix in {".ndjson", ".jsonl"}:
         with file.open("rb") as handle:
-            for number, line in enumerate(handle, 1):
+            for number, line in _lines(handle):  # an over-long line is skipped, never loaded
                 location = RecordLocation(name, line=number)
-                if len(line) > MAX_RECORD_BYTES:
-                    yield location, RecordError(location, [FieldIssue("<line>", "too long")])
+                if line is None:
+                    reason = f"longer than {MAX_RECORD_BYTES} bytes"
+                    yield location, RecordError(location, [FieldIssue("<line>", reason)])
                 elif line.strip():
                     yield location, _decode(line, location)
     else:

@@ -90,7 +90,7 @@ def from_fhir(resources: Any) -> MappingReport:
             )
     for resource in index.resources:
         if id(resource) not in used:
-            report.skipped.append(SkippedResource(_name(resource), _skip_reason(resource, index)))
+            report.skipped.append(SkippedResource(_name(resource), _skip_reason(resource)))
     return report
 
 
@@ -133,7 +133,7 @@ def _our_identifier(resource: JSON, kind: Kind) -> tuple[str, str] | None:
     return None
 
 
-def _skip_reason(resource: JSON, index: _Index) -> str:
+def _skip_reason(resource: JSON) -> str:
     for kind in Kind:
         if _our_identifier(resource, kind) is not None:
             return "made by ims-fhir but not linked to an IMS encounter in this input"

@@ -66,6 +66,11 @@ class ResourceState:
     retired: bool = False
 
 
+_SELECT_RESOURCE = (
+    "SELECT identifier, resource_type, resource_id, version, record_key, retired FROM resource "
+)
+
+
 def _resource_state(row: tuple[str, str, str, str | None, str | None, int]) -> ResourceState:
     identifier, resource_type, resource_id, version, record_key, retired = row
     return ResourceState(identifier, resource_type, resource_id, version, record_key, bool(retired))
@@ -105,8 +110,7 @@ class StateStore:
     def resources(self, server: str, record_key: str) -> dict[str, ResourceState]:
         """Return the resources written for one encounter, by identifier."""
         rows = self._db.execute(
-            "SELECT identifier, resource_type, resource_id, version, record_key, retired "
-            "FROM resource WHERE server = ? AND record_key = ?",
+            _SELECT_RESOURCE + "WHERE server = ? AND record_key = ?",
             (server, record_key),
         ).fetchall()
         return {row[0]: _resource_state(row) for row in rows}
@@ -114,8 +118,7 @@ class StateStore:
     def resource(self, server: str, identifier: str) -> ResourceState | None:
         """Return one resource by identifier (shared resources such as a Patient too)."""
         row = self._db.execute(
-            "SELECT identifier, resource_type, resource_id, version, record_key, retired "
-            "FROM resource WHERE server = ? AND identifier = ?",
+            _SELECT_RESOURCE + "WHERE server = ? AND identifier = ?",
             (server, identifier),
         ).fetchone()
         return _resource_state(row) if row else None
@@ -123,8 +126,7 @@ class StateStore:
     def all_resources(self, server: str) -> list[ResourceState]:
         """Return every resource recorded for ``server``."""
         rows = self._db.execute(
-            "SELECT identifier, resource_type, resource_id, version, record_key, retired "
-            "FROM resource WHERE server = ? ORDER BY identifier",
+            _SELECT_RESOURCE + "WHERE server = ? ORDER BY identifier",
             (server,),
         ).fetchall()
         return [_resource_state(row) for row in rows]

@@ -138,7 +138,7 @@ class _Builder:
         self.ns = record.clinic.namespace or default_namespace(record.clinic.id)
         self.entries: list[_Entry] = []
         self.retracted = record.retracted
-        self.refs: dict[str, str] = {}
+        self.session_url = full_url(system(self.ns, Kind.PROCEDURE), f"{record.id}/session")
 
     # -- helpers -------------------------------------------------------------------------------
 
@@ -207,11 +207,8 @@ class _Builder:
         self.patient = self.patient_resource()
         self.practitioner = self.practitioner_resource()
         self.encounter = self.encounter_resource()
-        session_url = None
-        if r.treatment is not None:
-            session_url = full_url(
-                system(self.ns, Kind.PROCEDURE), f"{r.id}/session"
-            )  # referenced by after-treatment scores before the session is added
+        # After-treatment scores refer to the session, which is added after them.
+        session_url = self.session_url if r.treatment is not None else None
         panel_url = condition_url = None
         finding_urls: dict[str, str] = {}
         if r.assessment is not None:
@@ -583,7 +580,6 @@ class _Builder:
 
     def site(self, s: NeedledSite) -> str:
         t = self.t
-        session = full_url(system(self.ns, Kind.PROCEDURE), f"{self.r.id}/session")
         extensions: list[JSON] = [
             {"url": Ext.SITE_ROLE.url, "valueCodeableConcept": self.concept(s.role)},
             *(
@@ -623,7 +619,7 @@ class _Builder:
             )
         body: JSON = {
             "extension": extensions,
-            "partOf": [{"reference": session}],
+            "partOf": [{"reference": self.session_url}],
             "status": self.status("completed"),
             "code": self.concept("ims-needled-site"),
             **self._procedure_common(),
