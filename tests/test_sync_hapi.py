@@ -249,6 +249,56 @@ def test_a_rejected_record_is_reported_and_the_rest_are_written(
     assert {results[r.id].action for r in (records[0], records[2])} == {"created"}
 
 
+def test_concurrent_transactions_share_new_patients_without_racing(
+    fhir_base_url: str, sync_client: FhirClient, namespace: str, tmp_path: Path
+) -> None:
+    """Twelve encounters of two new patients, one per transaction, four in flight at once.
+
+    The first transaction to need a patient creates it; the others wait for it. The very first
+    one is refused by the server, so a waiting transaction must create the patient instead.
+    """
+    records = with_namespace(list(synthetic_encounters(12, seed=7, patients=2)), namespace)
+    records = [r.model_copy(update={"retracted": False}) for r in records]
+    with StateStore(tmp_path / "state.sqlite3") as state:
+        client = AsyncFhirClient(fhir_base_url)
+        pusher = Pusher(client, state, batch_size=1, concurrency=4)
+        original_prepare, original_claim = pusher._prepare, pusher._claim_shared
+        claims: list[tuple[str, list[str]]] = []
+
+        def broken(record: Encounter) -> Any:
+            item = original_prepare(record)
+            if item is not None and record.id == records[0].id:
+                item.entries[0]["resource"]["subject"] = {"reference": "Patient/does-not-exist"}
+            return item
+
+        async def recorded(batch: list[Any]) -> list[str]:
+            keys = await original_claim(batch)
+            claims.append((batch[0].record.id, keys))
+            return keys
+
+        pusher._prepare = broken  # type: ignore[method-assign]
+        pusher._claim_shared = recorded  # type: ignore[method-assign]
+
+        async def run() -> list[Any]:
+            async with client:
+                return [r async for r in pusher.push(records)]
+
+        import asyncio
+
+        results = {r.record_id: r.action for r in asyncio.run(run())}
+    assert results.pop(records[0].id) == "failed"
+    assert set(results.values()) == {"created"}
+    # Each shared resource was claimed by one transaction at a time; the refused first
+    # transaction's claim on its patient passed to another one.
+    patient = next(k for k in claims[0][1] if records[0].patient.id in k)
+    claimants = [record_id for record_id, keys in claims if patient in keys]
+    assert claimants[0] == records[0].id and len(claimants) == 2
+    assert not pusher._creating
+    counts = server_counts(sync_client, namespace)
+    assert (counts["Patient"], counts["Organization"]) == (2, 2)
+    assert identifiers_unique(sync_client, namespace)
+
+
 @pytest.mark.slow
 def test_kill_9_in_the_middle_of_a_push_then_rerun(
     fhir_base_url: str, sync_client: FhirClient, namespace: str, tmp_path: Path

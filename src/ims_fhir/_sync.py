@@ -16,8 +16,10 @@ For each encounter (see ``README.md``, "Guarantees"):
   succeeds; every resource carries the content hash as a ``meta.tag``. A re-run after a crash at
   any point recognises its own earlier write by that tag and finishes without duplicates.
 
-Shared resources (the clinic, patients, practitioners) are created once, before the encounters
-that need them are sent concurrently, so concurrent transactions never race to create them.
+Shared resources (the clinic, patients, practitioners) are created by conditional creates in the
+transaction of the first encounter that needs them. Concurrent transactions that conditionally
+create the same resource race (the server refuses all but one), so a transaction that would
+create one claims it first; a later one that needs it waits for that transaction to finish.
 """
 
 from __future__ import annotations
@@ -160,7 +162,8 @@ class Pusher:
         self.concurrency = max(1, concurrency)
         self.on_conflict = on_conflict
         self.dry_run = dry_run
-        self._shared_lock = asyncio.Lock()
+        # Shared resources being created, by key: done when the transaction creating them is.
+        self._creating: dict[str, asyncio.Future[None]] = {}
 
     # -- public --------------------------------------------------------------------------------
 
@@ -251,7 +254,16 @@ class Pusher:
     async def _push_batch(self, batch: list[_Item]) -> list[PushResult]:
         if self.dry_run:
             return [self._dry(item) for item in batch]
-        await self._ensure_shared(batch)
+        claim = await self._claim_shared(batch)
+        try:
+            return await self._push_claimed(batch)
+        finally:
+            for key in claim:
+                future = self._creating.pop(key)
+                if not future.done():
+                    future.set_result(None)
+
+    async def _push_claimed(self, batch: list[_Item]) -> list[PushResult]:
         results: list[PushResult] = []
         ready: list[_Item] = []
         for item in batch:
@@ -308,23 +320,25 @@ class Pusher:
             return PushResult(item.record.id, "conflict", message=str(exc))
         return PushResult(item.record.id, "failed", message=str(exc))
 
-    async def _ensure_shared(self, batch: list[_Item]) -> None:
-        """Create the shared resources these encounters need, once, before their transactions."""
-        async with self._shared_lock:
-            shared: dict[str, JSON] = {}
-            for item in batch:
-                for entry in item.shared:
-                    shared.setdefault(_entry_key(entry), entry)
-            if all(self.state.resource(self.server, key) for key in shared):
-                return
-            # All of them, known ones too: a new Patient refers to its clinic by urn:uuid, and
-            # a conditional create of an existing resource only resolves that reference.
-            entries = list(shared.values())
-            outcomes = await self.client.transaction(
-                {"resourceType": "Bundle", "type": "transaction", "entry": entries}
-            )
-            pairs = zip(entries, outcomes, strict=True)
-            self.state.commit_written(self.server, [], [_written(e, o, None) for e, o in pairs])
+    async def _claim_shared(self, batch: list[_Item]) -> list[str]:
+        """Claim the shared resources this batch's transaction will create; return their keys.
+
+        Waits first for the transactions already creating any of them, then claims what is still
+        unknown (no await between the check and the claim, so claims never overlap). Waiting
+        never holds a claim, so no two batches wait on each other. If the creating transaction
+        failed, the resource is still unknown and this batch claims it in turn.
+        """
+        keys = {_entry_key(entry) for item in batch for entry in item.shared}
+        while True:
+            missing = [key for key in keys if self.state.resource(self.server, key) is None]
+            busy = {self._creating[key] for key in missing if key in self._creating}
+            if not busy:
+                break
+            await asyncio.wait(busy)
+        if missing:
+            future = asyncio.get_running_loop().create_future()
+            self._creating |= dict.fromkeys(missing, future)
+        return missing
 
     async def _check_versions(self, item: _Item) -> str | None:
         """Compare the server's versions with the state's; plan retirements. None if clear."""
