@@ -273,7 +273,7 @@ def history_call(
 
 def bundle_call(bundle: Resource | Mapping[str, Any], kind: str) -> Call:
     """``POST [base]`` with a transaction or batch Bundle."""
-    data = json.loads(_body(bundle))
+    data = json.loads(bundle.model_dump_json()) if isinstance(bundle, Resource) else bundle
     if data.get("resourceType") != "Bundle" or data.get("type") != kind:
         raise ConfigurationError(f"expected a Bundle of type {kind!r}")
     return Call("POST", "", body=_body(data), retry_safe=_entries_repeatable(data))
