@@ -4,7 +4,8 @@ It sits between ims-fhir and the real FHIR server and, at configurable rates, an
 429 with ``Retry-After``, resets the connection before the request reaches the server, resets it
 after the server has processed the request (so the response is lost), stalls past the client's
 timeout, or truncates the response body. It can also call a hook on each request and response,
-which the crash tests use to ``kill -9`` a push at an exact point.
+which the crash tests use to ``kill -9`` a push at an exact point. With ``latency`` it delays
+every request, like a network between a clinic and a regional server (the benchmarks use that).
 
 HTTP/1.1 only, one request per connection (it answers ``Connection: close``); enough for httpx.
 """
@@ -31,6 +32,7 @@ class FaultPlan:
     seed: int = 0
     stall_seconds: float = 5.0
     retry_after: str = "1"
+    latency: float = 0.0  # seconds each request waits before it is forwarded: a network's RTT
     on_request: Callable[[str, str, int], None] | None = None  # (method, path, count)
     on_response: Callable[[str, str, int, int], None] | None = None  # (..., status)
 
@@ -148,6 +150,8 @@ class FaultProxy:
             await asyncio.sleep(self.plan.stall_seconds)
             writer.transport.abort()
             return
+        if self.plan.latency:
+            await asyncio.sleep(self.plan.latency)
         forwarded = {
             k: v for k, v in headers if k.lower() not in {"host", "connection", "content-length"}
         }

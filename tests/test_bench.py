@@ -20,11 +20,13 @@ def test_bench_quick_runs(root: Path, fhir_base_url: str, tmp_path: Path) -> Non
     )
     assert result.returncode == 0, result.stderr[-3000:]
     results = json.loads((tmp_path / "results-quick.json").read_text())
-    assert set(results) >= {"machine", "mapping", "push", "pull", "memory"}
+    assert set(results) >= {"machine", "mapping", "push", "latency", "pull", "memory"}
     push = results["push"][0]
     assert push["repush_writes"] == 0  # re-pushing unchanged encounters writes nothing
     assert (
         push["ours_actions"] == {"created": push["encounters"]}
         or "entered-in-error" in push["ours_actions"]
     )
+    assert push["ours_requests"] == {"POST": 2}  # two transactions of 10, nothing else
+    assert len(push["rounds"]) == 1 and push["ours_over_limit"] > 0
     assert "| mapping forward" in (tmp_path / "RESULTS-quick.md").read_text()
