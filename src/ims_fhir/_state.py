@@ -134,13 +134,12 @@ class StateStore:
     def mark_pending(self, server: str, record_keys: Iterable[tuple[str, str]]) -> None:
         """Record, before sending, that these (record_key, hash) writes are in flight."""
         with self._transaction():
-            for key, content_hash in record_keys:
-                self._db.execute(
-                    "INSERT INTO record (server, record_key, pending_hash) VALUES (?, ?, ?) "
-                    "ON CONFLICT (server, record_key) DO UPDATE SET "
-                    "pending_hash = excluded.pending_hash",
-                    (server, key, content_hash),
-                )
+            self._db.executemany(
+                "INSERT INTO record (server, record_key, pending_hash) VALUES (?, ?, ?) "
+                "ON CONFLICT (server, record_key) DO UPDATE SET "
+                "pending_hash = excluded.pending_hash",
+                ((server, key, content_hash) for key, content_hash in record_keys),
+            )
 
     def commit_written(
         self,
@@ -155,21 +154,20 @@ class StateStore:
         with the server.
         """
         with self._transaction():
-            for key, content_hash in records:
-                self._db.execute(
-                    "INSERT INTO record (server, record_key, content_hash) VALUES (?, ?, ?) "
-                    "ON CONFLICT (server, record_key) DO UPDATE SET "
-                    "content_hash = excluded.content_hash, pending_hash = NULL",
-                    (server, key, content_hash),
-                )
-            for item in resources:
-                self._db.execute(
-                    "INSERT INTO resource (server, identifier, record_key, resource_type, "
-                    "resource_id, version, retired) VALUES (?, ?, ?, ?, ?, ?, ?) "
-                    "ON CONFLICT (server, identifier) DO UPDATE SET "
-                    "record_key = excluded.record_key, resource_type = excluded.resource_type, "
-                    "resource_id = excluded.resource_id, version = excluded.version, "
-                    "retired = excluded.retired",
+            self._db.executemany(
+                "INSERT INTO record (server, record_key, content_hash) VALUES (?, ?, ?) "
+                "ON CONFLICT (server, record_key) DO UPDATE SET "
+                "content_hash = excluded.content_hash, pending_hash = NULL",
+                ((server, key, content_hash) for key, content_hash in records),
+            )
+            self._db.executemany(
+                "INSERT INTO resource (server, identifier, record_key, resource_type, "
+                "resource_id, version, retired) VALUES (?, ?, ?, ?, ?, ?, ?) "
+                "ON CONFLICT (server, identifier) DO UPDATE SET "
+                "record_key = excluded.record_key, resource_type = excluded.resource_type, "
+                "resource_id = excluded.resource_id, version = excluded.version, "
+                "retired = excluded.retired",
+                (
                     (
                         server,
                         item.identifier,
@@ -178,17 +176,18 @@ class StateStore:
                         item.resource_id,
                         item.version,
                         int(item.retired),
-                    ),
-                )
+                    )
+                    for item in resources
+                ),
+            )
 
     def clear_pending(self, server: str, record_keys: Iterable[str]) -> None:
         """Forget in-flight marks of writes that certainly did not happen (refused)."""
         with self._transaction():
-            for key in record_keys:
-                self._db.execute(
-                    "UPDATE record SET pending_hash = NULL WHERE server = ? AND record_key = ?",
-                    (server, key),
-                )
+            self._db.executemany(
+                "UPDATE record SET pending_hash = NULL WHERE server = ? AND record_key = ?",
+                ((server, key) for key in record_keys),
+            )
 
     def counts(self, server: str) -> dict[str, int]:
         """Return how many resources of each type the state holds for ``server``."""
