@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import json
 import os
 import signal
@@ -22,6 +23,7 @@ from ims_fhir import (
     Encounter,
     FhirClient,
     Pusher,
+    PushResult,
     StateStore,
     pull,
     push,
@@ -194,8 +196,6 @@ def test_push_repush_change_retire_pull_and_conflict(
 
 
 def _pull_all(base: str) -> list[Any]:
-    import asyncio
-
     async def run() -> list[Any]:
         async with AsyncFhirClient(base) as client:
             return [report async for report in pull(client, page_size=100)]
@@ -219,31 +219,35 @@ def test_retracting_a_pushed_record_marks_everything_entered_in_error(
     assert statuses == {"entered-in-error"}
 
 
+def break_record(pusher: Pusher, record_id: str) -> None:
+    """Make the pusher send ``record_id`` referring to a Patient the server lacks: refused."""
+    original = pusher._prepare
+
+    def broken(record: Encounter) -> Any:
+        item = original(record)
+        if item is not None and record.id == record_id:
+            item.entries[0]["resource"]["subject"] = {"reference": "Patient/does-not-exist"}
+        return item
+
+    pusher._prepare = broken  # type: ignore[method-assign]
+
+
+def push_all(pusher: Pusher, records: list[Encounter]) -> list[PushResult]:
+    async def run() -> list[PushResult]:
+        async with pusher.client:
+            return [r async for r in pusher.push(records)]
+
+    return asyncio.run(run())
+
+
 def test_a_rejected_record_is_reported_and_the_rest_are_written(
     fhir_base_url: str, namespace: str, tmp_path: Path
 ) -> None:
     records = with_namespace(fixtures()[:3], namespace)
-    # A Practitioner reference the server cannot resolve makes the server refuse that record.
     with StateStore(tmp_path / "state.sqlite3") as state:
-        client = AsyncFhirClient(fhir_base_url)
-        pusher = Pusher(client, state, batch_size=3)
-        original = pusher._prepare
-
-        def broken(record: Encounter) -> Any:
-            item = original(record)
-            if item is not None and record.id == records[1].id:
-                item.entries[0]["resource"]["subject"] = {"reference": "Patient/does-not-exist"}
-            return item
-
-        pusher._prepare = broken  # type: ignore[method-assign]
-
-        async def run() -> list[Any]:
-            async with client:
-                return [r async for r in pusher.push(records)]
-
-        import asyncio
-
-        results = {r.record_id: r for r in asyncio.run(run())}
+        pusher = Pusher(AsyncFhirClient(fhir_base_url), state, batch_size=3)
+        break_record(pusher, records[1].id)
+        results = {r.record_id: r for r in push_all(pusher, records)}
     assert results[records[1].id].action == "failed"
     assert "does-not-exist" in (results[records[1].id].message or "")
     assert {results[r.id].action for r in (records[0], records[2])} == {"created"}
@@ -260,32 +264,18 @@ def test_concurrent_transactions_share_new_patients_without_racing(
     records = with_namespace(list(synthetic_encounters(12, seed=7, patients=2)), namespace)
     records = [r.model_copy(update={"retracted": False}) for r in records]
     with StateStore(tmp_path / "state.sqlite3") as state:
-        client = AsyncFhirClient(fhir_base_url)
-        pusher = Pusher(client, state, batch_size=1, concurrency=4)
-        original_prepare, original_claim = pusher._prepare, pusher._claim_shared
+        pusher = Pusher(AsyncFhirClient(fhir_base_url), state, batch_size=1, concurrency=4)
+        break_record(pusher, records[0].id)
+        original_claim = pusher._claim_shared
         claims: list[tuple[str, list[str]]] = []
-
-        def broken(record: Encounter) -> Any:
-            item = original_prepare(record)
-            if item is not None and record.id == records[0].id:
-                item.entries[0]["resource"]["subject"] = {"reference": "Patient/does-not-exist"}
-            return item
 
         async def recorded(batch: list[Any]) -> list[str]:
             keys = await original_claim(batch)
             claims.append((batch[0].record.id, keys))
             return keys
 
-        pusher._prepare = broken  # type: ignore[method-assign]
         pusher._claim_shared = recorded  # type: ignore[method-assign]
-
-        async def run() -> list[Any]:
-            async with client:
-                return [r async for r in pusher.push(records)]
-
-        import asyncio
-
-        results = {r.record_id: r.action for r in asyncio.run(run())}
+        results = {r.record_id: r.action for r in push_all(pusher, records)}
     assert results.pop(records[0].id) == "failed"
     assert set(results.values()) == {"created"}
     # Each shared resource was claimed by one transaction at a time; the refused first
