@@ -34,6 +34,7 @@ from typing import Any
 
 import httpx
 from fhir.resources.R4B.bundle import Bundle
+from pyinstrument import Profiler
 
 from ims_fhir import (
     AsyncFhirClient,
@@ -97,7 +98,9 @@ def machine() -> dict[str, Any]:
     }
 
 
-def with_namespace(records: list[Encounter], namespace: str) -> list[Encounter]:
+def namespaced(records: list[Encounter], who: str) -> list[Encounter]:
+    """The records under a fresh namespace: every push writes new resources."""
+    namespace = f"https://bench-{who}-{uuid.uuid4().hex[:8]}.example/sid"
     return [
         r.model_copy(update={"clinic": r.clinic.model_copy(update={"namespace": namespace})})
         for r in records
@@ -152,15 +155,10 @@ class Counting(httpx.AsyncHTTPTransport):
 
 
 async def push_ours(
-    base: str, records: list[Encounter], state: StateStore, profile: Path | None = None
+    base: str, records: list[Encounter], state: StateStore, profiler: Profiler | None = None
 ) -> dict[str, Any]:
     """Push with ims-fhir; wall time, client CPU time, actions and requests by method."""
     transport = Counting()
-    profiler = None
-    if profile is not None:
-        from pyinstrument import Profiler
-
-        profiler = Profiler(async_mode="enabled")
     async with AsyncFhirClient(base, transport=transport, timeout=300) as client:
         pusher = Pusher(client, state, batch_size=BATCH, concurrency=CONCURRENCY)
         if profiler is not None:
@@ -170,8 +168,6 @@ async def push_ours(
         seconds, cpu = time.perf_counter() - start, time.process_time() - cpu
         if profiler is not None:
             profiler.stop()
-            assert profile is not None
-            profile.write_text(profiler.output_text(unicode=False, color=False), "utf-8")
     return {"s": seconds, "cpu_s": cpu, "actions": actions, "methods": transport.methods}
 
 
@@ -292,11 +288,6 @@ async def pull_rate(base: str) -> tuple[int, float]:
             if count >= PULL_LIMIT:
                 break
         return count, time.perf_counter() - start
-
-
-def namespaced(records: list[Encounter], who: str) -> list[Encounter]:
-    """The records under a fresh namespace: every push writes new resources."""
-    return with_namespace(records, f"https://bench-{who}-{uuid.uuid4().hex[:8]}.example/sid")
 
 
 def warm_up(base: str, size: int, workdir: Path) -> None:
@@ -594,16 +585,13 @@ def main() -> int:
             print("push", json.dumps(results["push"]), flush=True)
             if args.profile:  # an extra push, apart from the measured ones
                 records = list(synthetic_encounters(sizes.push[0], seed=sizes.push[0]))
-                args.out.mkdir(parents=True, exist_ok=True)
+                profiler = Profiler(async_mode="enabled")
                 with StateStore(workdir / "state-profile.sqlite3") as state:
-                    asyncio.run(
-                        push_ours(
-                            base,
-                            namespaced(records, "profile"),
-                            state,
-                            args.out / "profile-push.txt",
-                        )
-                    )
+                    asyncio.run(push_ours(base, namespaced(records, "profile"), state, profiler))
+                args.out.mkdir(parents=True, exist_ok=True)
+                (args.out / "profile-push.txt").write_text(
+                    profiler.output_text(unicode=False, color=False), "utf-8"
+                )
             results["latency"] = bench_latency(base, sizes.latency, LATENCY, workdir)
             print("latency", json.dumps(results["latency"]), flush=True)
             count, seconds = asyncio.run(pull_rate(base))
