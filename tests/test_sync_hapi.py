@@ -224,10 +224,10 @@ def break_record(pusher: Pusher, record_id: str) -> None:
     original = pusher._prepare
 
     def broken(record: Encounter) -> Any:
-        item = original(record)
+        key, item = original(record)
         if item is not None and record.id == record_id:
             item.entries[0]["resource"]["subject"] = {"reference": "Patient/does-not-exist"}
-        return item
+        return key, item
 
     pusher._prepare = broken  # type: ignore[method-assign]
 

@@ -22,10 +22,12 @@ from ._exceptions import (
     RecordError,
     RecordLocation,
     ServerError,
+    StateError,
     StatusError,
     TimeoutError,
     TransportError,
     UnprocessableEntityError,
+    UnsafeServerError,
     VersionConflictError,
 )
 from ._from_fhir import MappingReport, SkippedResource, from_fhir
@@ -105,6 +107,7 @@ __all__ = [
     "ServerError",
     "SkippedResource",
     "SmartBackendAuth",
+    "StateError",
     "StateStore",
     "StatusError",
     "Terminology",
@@ -112,6 +115,7 @@ __all__ = [
     "TransportError",
     "Treatment",
     "UnprocessableEntityError",
+    "UnsafeServerError",
     "VersionConflictError",
     "__version__",
     "check_capabilities",

@@ -23,14 +23,21 @@ from ._async_client import AsyncFhirClient
 from ._check import check_capabilities
 from ._config import auth_from, load_config
 from ._convert import detect_input, read_fhir
-from ._exceptions import ConfigurationError, FhirError, RecordError
+from ._exceptions import ConfigurationError, FhirError, RecordError, StateError
 from ._package import PACKAGE_NAME, build_package, package_resources
 from ._pull import DEFAULT_PAGE_SIZE, pull
-from ._reader import read_records
+from ._reader import ReadRecord, read_records
 from ._record import Encounter
 from ._schema import record_json_schema_text
 from ._state import StateStore, default_state_path
-from ._sync import DEFAULT_BATCH_SIZE, DEFAULT_CONCURRENCY, Pusher, PushResult, PushSummary
+from ._sync import (
+    DEFAULT_BATCH_SIZE,
+    DEFAULT_CONCURRENCY,
+    FATAL_ERRORS,
+    Pusher,
+    PushResult,
+    PushSummary,
+)
 from ._synthetic import synthetic_encounter
 from ._to_fhir import to_fhir_json, to_transaction
 from ._version import __version__
@@ -131,6 +138,8 @@ def _client(options: dict[str, Any]) -> AsyncFhirClient:
 def _run(coro: Any) -> Any:
     try:
         return asyncio.run(coro)
+    except StateError:
+        raise
     except ConfigurationError as exc:
         raise click.UsageError(str(exc)) from exc
 
@@ -322,6 +331,12 @@ def _with_namespace(record: Encounter, namespace: str | None) -> Encounter:
     )
 
 
+def _fatal(err: Console, exc: BaseException) -> None:
+    """Report an error that stops the whole run (setup, server, state): one line, exit 2."""
+    err.print(f"[red]error[/red] {escape(str(exc))}")
+    sys.exit(EXIT_USAGE)
+
+
 @cli.command()
 @click.argument("paths", nargs=-1, required=True, type=click.Path(path_type=Path))
 @server_options
@@ -360,6 +375,12 @@ def _with_namespace(record: Encounter, namespace: str | None) -> Encounter:
     help="Identifier namespace for clinics whose records name none.",
 )
 @click.option("--dry-run", is_flag=True, help="Show what would be written; send nothing.")
+@click.option(
+    "--verify",
+    is_flag=True,
+    help="Check every encounter against the server, unchanged ones too: re-create what was "
+    "deleted there, report what was changed there, and rebuild the state from the server.",
+)
 @click.option("--json", "as_json", is_flag=True, help="Print the results as JSON.")
 def push(paths: Sequence[Path], **options: Any) -> None:
     """Push IMS encounters in PATHS to a FHIR server: idempotent, incremental, resumable."""
@@ -368,13 +389,14 @@ def push(paths: Sequence[Path], **options: Any) -> None:
     results: list[PushResult] = []
     invalid: list[RecordError] = []
 
-    def records() -> Iterator[Encounter]:
+    def records() -> Iterator[ReadRecord]:
         for item in read_records(paths):
             if isinstance(item, RecordError):
                 invalid.append(item)
                 err.print(f"[red]invalid[/red] {escape(str(item))}")
             else:
-                yield _with_namespace(item.record, options["namespace"])
+                record = _with_namespace(item.record, options["namespace"])
+                yield ReadRecord(item.location, record)
 
     async def run() -> None:
         async with _client(options) as client:
@@ -386,6 +408,7 @@ def push(paths: Sequence[Path], **options: Any) -> None:
                     concurrency=options["concurrency"],
                     on_conflict=options["on_conflict"],
                     dry_run=options["dry_run"],
+                    verify=options["verify"],
                 )
                 with _progress(err, enabled=err.is_terminal and not options["as_json"]) as advance:
                     async for result in pusher.push(records()):
@@ -403,6 +426,8 @@ def push(paths: Sequence[Path], **options: Any) -> None:
 
     try:
         _run(run())
+    except FATAL_ERRORS as exc:
+        _fatal(err, exc)
     except FhirError as exc:
         err.print(f"[red]error[/red] {escape(str(exc))}")
         sys.exit(EXIT_SOME_FAILED)

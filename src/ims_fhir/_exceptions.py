@@ -6,12 +6,14 @@ The tree::
     ├── RecordError                a record that cannot be read or fails clinical validation
     ├── MappingError               FHIR resources that cannot be mapped back to a record
     ├── ConfigurationError         settings that cannot work (e.g. plain http to a remote host)
+    │   └── StateError             the state file cannot be used (unreadable, corrupt, locked)
     └── FhirError                  talking to a FHIR server went wrong
         ├── TransportError         no usable response (wraps the httpx exception as __cause__)
         │   ├── ConnectError
         │   ├── TimeoutError
         │   └── ProtocolError
         ├── InvalidResponseError   a response that is not the FHIR it should be
+        ├── UnsafeServerError      the server cannot do what a safe push needs: the push stops
         └── StatusError            the server answered with an error status
             ├── BadRequestError            400
             ├── AuthenticationError        401
@@ -58,10 +60,12 @@ __all__ = [
     "RecordError",
     "RecordLocation",
     "ServerError",
+    "StateError",
     "StatusError",
     "TimeoutError",
     "TransportError",
     "UnprocessableEntityError",
+    "UnsafeServerError",
     "VersionConflictError",
 ]
 
@@ -126,6 +130,10 @@ class ConfigurationError(ImsFhirError):
     """Settings that cannot work, found before anything is sent."""
 
 
+class StateError(ConfigurationError):
+    """The sync state file cannot be used: unreadable, not a state file, read-only or locked."""
+
+
 def describe_request(request: httpx.Request | None) -> str:
     """Return ``METHOD scheme://host/path`` without the query (it may hold identifiers)."""
     if request is None:
@@ -172,6 +180,14 @@ class InvalidResponseError(FhirError):
         """Create the error with the request and the offending response."""
         self.response = response
         super().__init__(message, request=request)
+
+
+class UnsafeServerError(FhirError):
+    """The server cannot do what a safe push needs; the push stops rather than write unsafely.
+
+    For example: it is not a FHIR R4 server, it does not support transactions, or it answered a
+    transaction with success while some of its entries failed (transactions not atomic).
+    """
 
 
 class StatusError(FhirError):

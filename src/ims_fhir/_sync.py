@@ -2,19 +2,29 @@
 
 For each encounter (see ``README.md``, "Guarantees"):
 
-- **Atomic.** Its resources are written in one transaction of conditional requests (several
-  encounters per transaction with ``batch_size``), so a server never holds half an encounter.
+- **Atomic.** Its resources are written in one transaction (several encounters per transaction
+  with ``batch_size``), so a server never holds half an encounter. A server that answers a
+  transaction with success while some entries failed is not atomic: the push stops.
 - **Incremental.** The state store (:class:`~ims_fhir.StateStore`) keeps each encounter's content
-  hash and the server id and version of each resource written. Unchanged encounters cost no
-  request at all; a changed one sends only its own transaction.
+  hash and, for each resource written, its server id, version and signature (``_signature.py``).
+  Unchanged encounters cost no request at all; a changed one sends only the resources that
+  changed, in its own transaction.
 - **Changes on the clinic side.** A finding, pain score or needled site gone from the record makes
   its resource ``entered-in-error``; a retracted record makes all of its resources so.
-- **Conflicts.** Resources written before are updated with ``If-Match`` on the version last
-  written; if someone else changed one since, the encounter is reported as a conflict and not
-  overwritten, unless ``on_conflict="overwrite"``.
-- **Resumable.** A write is marked pending in the state before it is sent and recorded after it
-  succeeds; every resource carries the content hash as a ``meta.tag``. A re-run after a crash at
-  any point recognises its own earlier write by that tag and finishes without duplicates.
+- **Never a blind write.** Before anything is written by server id, the server's copy is read and
+  checked: it must be the resource of that type carrying the identifier the state says, or the id
+  is forgotten and the resource is looked up by identifier. Its content must be ims-fhir's own
+  (its signature is one ims-fhir wrote or was writing), or the encounter is reported as a
+  conflict and left alone, unless ``on_conflict="overwrite"``. With no state for an encounter
+  (first push, lost or new state file, an interrupted push), what the server holds for the
+  encounter's identifiers is read first, so an edit made there is never overwritten.
+- **Checked answers.** Every transaction response is checked entry by entry: count, status,
+  resource type and id of each ``location``; versions come from ``etag``, else ``location``,
+  else the returned resource; an unknown version is never a conflict (signatures decide).
+- **Resumable.** Signatures of a write are marked pending in the state before it is sent and
+  committed after it succeeds. A re-run after a lost answer, a 5xx after commit or ``kill -9``
+  recognises its own earlier write by content and finishes without duplicates, for first pushes,
+  edits, removals and retractions alike.
 
 Shared resources (the clinic, patients, practitioners) are created by conditional creates in the
 transaction of the first encounter that needs them. Concurrent transactions that conditionally
@@ -34,10 +44,23 @@ from dataclasses import dataclass, field
 from typing import Any, Literal
 
 from ._async_client import AsyncFhirClient
-from ._exceptions import ConflictError, FhirError, InvalidResponseError, StatusError
-from ._http import Outcome
+from ._exceptions import (
+    AuthenticationError,
+    ConflictError,
+    ConnectError,
+    FhirError,
+    InvalidResponseError,
+    NotFoundError,
+    PermissionDeniedError,
+    StateError,
+    StatusError,
+    UnsafeServerError,
+)
+from ._http import _entries_repeatable
+from ._reader import ReadRecord
 from ._record import Encounter
-from ._state import ResourceState, StateStore
+from ._signature import References, identifier_key, identifier_keys, literal, signature
+from ._state import RecordState, ResourceState, StateStore
 from ._terminology import CANONICAL, terminology
 from ._to_fhir import _bundle
 
@@ -46,7 +69,7 @@ __all__ = ["SYNC_TAG_SYSTEM", "Action", "PushResult", "PushSummary", "Pusher", "
 logger = logging.getLogger("ims_fhir.sync")
 
 SYNC_TAG_SYSTEM = f"{CANONICAL}/CodeSystem/ims-sync-hash"
-"""``meta.tag`` system of the content hash each pushed resource carries."""
+"""Former ``meta.tag`` system of the content hash; no longer written (signatures replace it)."""
 
 DEFAULT_BATCH_SIZE = 1
 DEFAULT_CONCURRENCY = 4
@@ -65,6 +88,18 @@ JSON = dict[str, Any]
 
 # Where each resource type keeps the status that marks it entered in error.
 _STATUS_PATH = {"Observation": "status", "Procedure": "status", "Consent": "status"}
+
+# Errors after which no other encounter can fare better: the push stops at once.
+FATAL_ERRORS: tuple[type[Exception], ...] = (
+    AuthenticationError,
+    PermissionDeniedError,
+    ConnectError,
+    UnsafeServerError,
+    StateError,
+)
+
+# Identifiers per search request (the URL stays well under servers' line limits).
+_SEARCH_CHUNK = 20
 
 
 @dataclass(frozen=True, slots=True)
@@ -99,6 +134,16 @@ class PushSummary:
 
 
 @dataclass(slots=True)
+class _Current:
+    """The server's copy of one resource, checked to be the one its identifier names."""
+
+    resource_type: str
+    resource_id: str
+    version: str | None
+    content: JSON
+
+
+@dataclass(slots=True)
 class _Item:
     """One encounter prepared for a push."""
 
@@ -107,28 +152,51 @@ class _Item:
     content_hash: str
     entries: list[JSON]  # its own entries (not the shared Patient/Practitioner/Organization)
     shared: list[JSON]
+    references: References
+    desired: dict[str, str]  # identifier -> signature of what this push would write
+    record_state: RecordState | None
     known: dict[str, ResourceState] = field(default_factory=dict)
-    previous_hash: str | None = None
-    pending_hash: str | None = None
-    retire: list[JSON] = field(default_factory=list)
-    previous: dict[str, str | None] = field(default_factory=dict)  # identifier -> version
+    pending: dict[str, set[str]] = field(default_factory=dict)
+    # Filled by planning:
+    current: dict[str, _Current | None] = field(default_factory=dict)
+    send: list[JSON] = field(default_factory=list)  # entries of this encounter to send
+    keep: list[ResourceState] = field(default_factory=list)  # on the server as wanted already
+    retired_keep: list[ResourceState] = field(default_factory=list)
+    sent_signatures: dict[str, str] = field(default_factory=dict)  # identifier -> signature
+    retiring: set[str] = field(default_factory=set)
+
+    @property
+    def first_push(self) -> bool:
+        return (self.record_state is None or self.record_state.content_hash is None) and not (
+            self.known
+        )
+
+    @property
+    def unsure(self) -> bool:
+        """The state cannot vouch for what the server holds for this encounter."""
+        return self.record_state is None or self.record_state.pending_hash is not None
 
 
-def _identifier(resource: JSON) -> str:
-    first = resource["identifier"][0] if resource.get("identifier") else None
-    if first is None:  # Provenance: R4 gives it no identifier; its id is deterministic
-        return f"{resource['resourceType']}/{resource['id']}"
-    return f"{first['system']}|{first['value']}"
-
-
-def _entry_key(entry: JSON) -> str:
-    return _identifier(entry["resource"])
+class _Conflict(Exception):
+    """The server holds content ims-fhir did not write; nothing of the encounter is sent."""
 
 
 def content_hash(bundle: JSON) -> str:
     """The hash of an encounter's mapped Bundle (so a mapping change counts as a change)."""
     text = json.dumps(bundle, sort_keys=True, separators=(",", ":"), ensure_ascii=False)
     return hashlib.sha256(text.encode("utf-8")).hexdigest()[:32]
+
+
+def _search_escape(value: str) -> str:
+    """Escape a token search value (FHIR search escapes backslash, comma, dollar and bar)."""
+    for char in ("\\", ",", "$", "|"):
+        value = value.replace(char, "\\" + char)
+    return value
+
+
+def _token(key: str) -> str:
+    system, _, value = key.partition("|")
+    return f"{_search_escape(system)}|{_search_escape(value)}"
 
 
 class Pusher:
@@ -142,6 +210,11 @@ class Pusher:
         on_conflict: ``"report"`` (default) leaves a conflicting encounter alone and reports
             it; ``"overwrite"`` writes it anyway.
         dry_run: report what would be written, sending nothing.
+        verify: check every encounter against the server, even those the state says are
+            unchanged: resources deleted or changed there are found, re-created or reported,
+            and the state is rebuilt from what the server holds.
+        preflight: before the first write, check that the server is a FHIR R4 server that
+            takes transactions and accepts the credentials (:meth:`preflight`).
     """
 
     def __init__(
@@ -153,6 +226,8 @@ class Pusher:
         concurrency: int = DEFAULT_CONCURRENCY,
         on_conflict: Literal["report", "overwrite"] = "report",
         dry_run: bool = False,
+        verify: bool = False,
+        preflight: bool = True,
     ) -> None:
         """Create the pusher."""
         self.client = client
@@ -162,21 +237,101 @@ class Pusher:
         self.concurrency = max(1, concurrency)
         self.on_conflict = on_conflict
         self.dry_run = dry_run
+        self.verify = verify
+        self.run_preflight = preflight
+        self._preflight_done = False
+        self._preflight_lock = asyncio.Lock()
         # Shared resources being created, by key: done when the transaction creating them is.
         self._creating: dict[str, asyncio.Future[None]] = {}
 
     # -- public --------------------------------------------------------------------------------
 
-    async def push(self, records: Iterable[Encounter]) -> AsyncIterator[PushResult]:
-        """Push ``records`` (read lazily); yield one result per encounter as each completes."""
+    async def preflight(self) -> None:
+        """Check the server before writing: one clear error instead of one per encounter.
+
+        Raises:
+            UnsafeServerError: the base URL is not a FHIR R4 server, or it says it does not
+                take transactions.
+            AuthenticationError, PermissionDeniedError: the credentials are refused.
+            ConnectError, TimeoutError: the server cannot be reached.
+        """
+        where = self.server
+        try:
+            statement = await self.client.request_json("GET", "metadata")
+        except NotFoundError as exc:
+            raise UnsafeServerError(
+                f"{where}: no FHIR server at this base URL (GET metadata answered 404); "
+                "check the server URL's path (e.g. .../fhir or .../r4)"
+            ) from exc
+        except InvalidResponseError as exc:
+            raise UnsafeServerError(
+                f"{where}: not a FHIR server (its metadata is not a CapabilityStatement); "
+                "check the server URL"
+            ) from exc
+        if statement.get("resourceType") != "CapabilityStatement":
+            raise UnsafeServerError(
+                f"{where}: not a FHIR server (metadata answered a "
+                f"{statement.get('resourceType')}); check the server URL"
+            )
+        version = str(statement.get("fhirVersion") or "")
+        if not version.startswith("4.0"):
+            raise UnsafeServerError(
+                f"{where}: the server speaks FHIR {version or 'of an unknown version'}; "
+                "ims-fhir writes FHIR R4 (4.0.x): use the server's R4 endpoint"
+            )
+        for rest in statement.get("rest") or []:
+            if not isinstance(rest, dict) or rest.get("mode") != "server":
+                continue
+            interactions = {
+                i.get("code") for i in rest.get("interaction") or [] if isinstance(i, dict)
+            }
+            if interactions and "transaction" not in interactions:
+                raise UnsafeServerError(
+                    f"{where}: the server does not support transactions, which ims-fhir needs "
+                    "to write each encounter whole; use a server that does"
+                )
+        # metadata is often public: an authenticated search shows whether the credentials work.
+        try:
+            await self.client.request_json("GET", "Encounter", params={"_summary": "count"})
+        except (AuthenticationError, PermissionDeniedError):
+            raise
+        except StatusError:
+            pass  # a server without _summary=count: the credentials are tested by the push
+        self._preflight_done = True
+
+    async def push(self, records: Iterable[Encounter | ReadRecord]) -> AsyncIterator[PushResult]:
+        """Push ``records`` (read lazily); yield one result per encounter as each completes.
+
+        Raises:
+            UnsafeServerError, AuthenticationError, PermissionDeniedError, ConnectError,
+            StateError: the push cannot go on for any encounter; it stops at once. Writes in
+                flight stay pending in the state and are recognised by the next push.
+        """
         queue: asyncio.Queue[list[_Item] | None] = asyncio.Queue(maxsize=self.concurrency * 2)
         results: asyncio.Queue[PushResult | BaseException | None] = asyncio.Queue()
+        seen: dict[str, str] = {}
 
         async def produce() -> None:
             try:
                 batch: list[_Item] = []
-                for record in records:
-                    item = self._prepare(record)
+                for number, given in enumerate(records, start=1):
+                    if isinstance(given, ReadRecord):
+                        record, source = given.record, str(given.location)
+                    else:
+                        record, source = given, f"record #{number} ({given.id})"
+                    key, item = self._prepare(record)
+                    if key in seen:
+                        await results.put(
+                            PushResult(
+                                record.id,
+                                "failed",
+                                message=f"the encounter {key.partition('|')[2]!r} is in this "
+                                f"push twice: {seen[key]} and {source}; the second was not "
+                                "pushed (remove one of them)",
+                            )
+                        )
+                        continue
+                    seen[key] = source
                     if item is None:
                         await results.put(PushResult(record.id, "unchanged"))
                         continue
@@ -184,6 +339,7 @@ class Pusher:
                     if len(batch) >= self.batch_size:
                         await queue.put(batch)
                         batch = []
+                    await asyncio.sleep(0)  # let results flow while preparing
                 if batch:
                     await queue.put(batch)
             finally:
@@ -195,14 +351,21 @@ class Pusher:
                 try:
                     for result in await self._push_batch(batch):
                         await results.put(result)
+                except FATAL_ERRORS:
+                    raise
                 except Exception as exc:  # noqa: BLE001 - reported per encounter below
                     for item in batch:
                         await results.put(PushResult(item.record.id, "failed", message=str(exc)))
 
         async def run() -> None:
             try:
-                await asyncio.gather(produce(), *(work() for _ in range(self.concurrency)))
-            except BaseException as exc:  # the producer failed (e.g. reading input)
+                async with asyncio.TaskGroup() as group:
+                    group.create_task(produce())
+                    for _ in range(self.concurrency):
+                        group.create_task(work())
+            except BaseExceptionGroup as failed:  # a fatal error, or reading input failed
+                await results.put(failed.exceptions[0])
+            except BaseException as exc:  # noqa: BLE001 - handed to the consumer
                 await results.put(exc)
             await results.put(None)
 
@@ -219,34 +382,44 @@ class Pusher:
 
     # -- preparing -----------------------------------------------------------------------------
 
-    def _prepare(self, record: Encounter) -> _Item | None:
-        """Map one encounter and compare it with the state; None when nothing is to be done."""
+    def _prepare(self, record: Encounter) -> tuple[str, _Item | None]:
+        """Map one encounter and compare it with the state; no item when nothing is to be done."""
         bundle = _bundle(record)
         digest = content_hash(bundle)
         entries = bundle["entry"]
         encounter = next(e for e in entries if e["resource"]["resourceType"] == "Encounter")
-        key = _entry_key(encounter)
-        known_record = self.state.record(self.server, key)
+        key = identifier_key(encounter["resource"])
+        record_state = self.state.record(self.server, key)
         if (
-            known_record is not None
-            and known_record.content_hash == digest
-            and known_record.pending_hash is None
+            not self.verify
+            and record_state is not None
+            and record_state.content_hash == digest
+            and record_state.pending_hash is None
         ):
-            return None
+            return key, None
         own = [e for e in entries if e["request"]["method"] != "POST"]
         shared = [e for e in entries if e["request"]["method"] == "POST"]
-        for entry in own:
-            meta = entry["resource"].setdefault("meta", {})
-            meta["tag"] = [{"system": SYNC_TAG_SYSTEM, "code": digest}]
-        return _Item(
+        references = References()
+        references.add_entries(entries)
+        known = self.state.resources(self.server, key)
+        for resource in known.values():
+            references.add_id(resource.resource_type, resource.resource_id, resource.identifier)
+        for entry in shared:
+            found = self.state.resource(self.server, identifier_key(entry["resource"]))
+            if found is not None:
+                references.add_id(found.resource_type, found.resource_id, found.identifier)
+        desired = {identifier_key(e["resource"]): signature(e["resource"], references) for e in own}
+        return key, _Item(
             record=record,
             key=key,
             content_hash=digest,
             entries=own,
             shared=shared,
-            known=self.state.resources(self.server, key),
-            previous_hash=known_record.content_hash if known_record else None,
-            pending_hash=known_record.pending_hash if known_record else None,
+            references=references,
+            desired=desired,
+            record_state=record_state,
+            known=known,
+            pending=self.state.pending_signatures(self.server, key) if record_state else {},
         )
 
     # -- pushing -------------------------------------------------------------------------------
@@ -254,6 +427,10 @@ class Pusher:
     async def _push_batch(self, batch: list[_Item]) -> list[PushResult]:
         if self.dry_run:
             return [self._dry(item) for item in batch]
+        if self.run_preflight and not self._preflight_done:
+            async with self._preflight_lock:  # once, before the first request of a push
+                if not self._preflight_done:
+                    await self.preflight()
         claim = await self._claim_shared(batch)
         try:
             return await self._push_claimed(batch)
@@ -266,16 +443,25 @@ class Pusher:
     async def _push_claimed(self, batch: list[_Item]) -> list[PushResult]:
         results: list[PushResult] = []
         ready: list[_Item] = []
+        try:
+            await self._read_current(batch)
+        except FATAL_ERRORS:
+            raise
+        except FhirError as exc:
+            return [PushResult(i.record.id, "failed", message=str(exc)) for i in batch]
         for item in batch:
-            conflict = await self._check_versions(item)
-            if conflict is not None:
-                results.append(PushResult(item.record.id, "conflict", message=conflict))
-            else:
-                ready.append(item)
+            try:
+                self._plan(item)
+            except _Conflict as conflict:
+                results.append(PushResult(item.record.id, "conflict", message=str(conflict)))
+                continue
+            ready.append(item)
         if not ready:
             return results
         try:
             results += await self._write(ready)
+        except FATAL_ERRORS:
+            raise
         except FhirError as exc:
             if len(ready) == 1:
                 results.append(await self._recover(ready[0], exc))
@@ -283,42 +469,51 @@ class Pusher:
                 for item in ready:
                     try:
                         results += await self._write([item])
+                    except FATAL_ERRORS:
+                        raise
                     except FhirError as single:
                         results.append(await self._recover(item, single))
         return results
 
     async def _recover(self, item: _Item, exc: FhirError) -> PushResult:
-        """Handle a failed write; a version conflict may be our own write whose answer was lost.
+        """Handle a failed write whose outcome may be unknown: check the server, then finish.
 
-        The client retries a transaction whose response never came; if the first attempt had
-        landed, the retry's If-Match is stale. The resources then carry this write's content
-        hash, so checking again tells our write from someone else's.
+        A version conflict may be this push's own write whose answer was lost (the client
+        retried it, and the retry's If-Match was stale); a 5xx, a broken connection or an answer
+        that cannot be this request's may have come after the server committed. Reading the
+        server's copies again and comparing signatures tells ims-fhir's write from another's.
         """
-        if not isinstance(exc, ConflictError):
-            return self._failure(item, exc)
-        item.pending_hash = item.content_hash
-        item.retire = []
-        conflict = await self._check_versions(item)
-        if conflict is not None:
-            return PushResult(item.record.id, "conflict", message=conflict)
+        if isinstance(exc, StatusError) and exc.status_code < 500:
+            if not isinstance(exc, ConflictError):
+                # Refused outright: nothing was written; the next push starts afresh.
+                self.state.clear_pending(self.server, [item.key])
+                return PushResult(item.record.id, "failed", message=str(exc))
+        logger.info("checking the server after a failed write (%s)", type(exc).__name__)
+        return await self._recheck(item, str(exc))
+
+    async def _recheck(self, item: _Item, why: str) -> PushResult:
+        """Read the server's copies again, re-plan and write once more."""
+        item.pending = self.state.pending_signatures(self.server, item.key)
+        item.record_state = self.state.record(self.server, item.key)
+        item.known = self.state.resources(self.server, item.key)
         try:
-            (result,) = await self._write([item])
+            await self._read_current([item])
+            self._plan(item)
+            (result,) = await self._write([item], recheck=False)
+        except _Conflict as conflict:
+            return PushResult(item.record.id, "conflict", message=str(conflict))
+        except FATAL_ERRORS:
+            raise
         except FhirError as again:
-            return self._failure(item, again)
+            refused = isinstance(again, StatusError) and again.status_code < 500
+            if refused and not isinstance(again, ConflictError):
+                self.state.clear_pending(self.server, [item.key])
+            return PushResult(item.record.id, "failed", message=f"{again} (after: {why})")
         return result
 
     def _dry(self, item: _Item) -> PushResult:
-        action: Action = "would-update" if item.previous_hash or item.known else "would-create"
+        action: Action = "would-create" if item.first_push else "would-update"
         return PushResult(item.record.id, action, written=len(item.entries))
-
-    def _failure(self, item: _Item, exc: FhirError) -> PushResult:
-        if isinstance(exc, StatusError) and exc.status_code < 500:
-            # Refused outright: nothing was written. After a timeout or a 5xx the write may
-            # have happened, so it stays pending and the next run recognises it.
-            self.state.clear_pending(self.server, [item.key])
-        if isinstance(exc, ConflictError):
-            return PushResult(item.record.id, "conflict", message=str(exc))
-        return PushResult(item.record.id, "failed", message=str(exc))
 
     async def _claim_shared(self, batch: list[_Item]) -> list[str]:
         """Claim the shared resources this batch's transaction will create; return their keys.
@@ -328,7 +523,7 @@ class Pusher:
         never holds a claim, so no two batches wait on each other. If the creating transaction
         failed, the resource is still unknown and this batch claims it in turn.
         """
-        keys = {_entry_key(entry) for item in batch for entry in item.shared}
+        keys = {identifier_key(entry["resource"]) for item in batch for entry in item.shared}
         while True:
             missing = [key for key in keys if self.state.resource(self.server, key) is None]
             busy = {self._creating[key] for key in missing if key in self._creating}
@@ -340,122 +535,524 @@ class Pusher:
             self._creating |= dict.fromkeys(missing, future)
         return missing
 
-    async def _check_versions(self, item: _Item) -> str | None:
-        """Compare the server's versions with the state's; plan retirements. None if clear."""
-        wanted = {_entry_key(e) for e in item.entries}
-        live = {k: v for k, v in item.known.items() if not v.retired or k in wanted}
-        if not live:
-            return None
-        reads = [
-            {"request": {"method": "GET", "url": f"{r.resource_type}/{r.resource_id}"}}
-            for r in live.values()
-        ]
-        outcomes = await self.client.batch(
-            {"resourceType": "Bundle", "type": "batch", "entry": reads}
-        )
-        current: dict[str, JSON] = {}
-        for (identifier, known), outcome in zip(live.items(), outcomes, strict=True):
-            if outcome.resource is None:
-                if outcome.status in {404, 410}:
-                    continue  # deleted on the server: written again below
-                return f"{known.resource_type}/{known.resource_id}: read failed ({outcome.status})"
-            resource = json.loads(outcome.resource.model_dump_json())
-            version = (resource.get("meta") or {}).get("versionId")
-            tags = {t.get("code") for t in (resource.get("meta") or {}).get("tag") or []}
-            ours = version == known.version or (
-                item.pending_hash is not None and item.pending_hash in tags
-            )
-            if not ours and self.on_conflict != "overwrite":
-                return (
-                    f"{known.resource_type}/{known.resource_id} was changed on the server "
-                    f"(version {version}, last written {known.version}); not overwritten"
-                )
-            current[identifier] = resource
-        overwrite = self.on_conflict == "overwrite"
-        # Update in place what exists: PUT Type/id with If-Match on the server's version.
+    # -- reading what the server holds ----------------------------------------------------------
+
+    async def _read_current(self, batch: list[_Item]) -> None:
+        """Find each item's resources on the server; fill ``item.current``.
+
+        By the ids the state holds (each checked to carry the identifier the state says), and by
+        identifier where the state cannot vouch (no state, a push interrupted, ``verify``).
+        """
+        reads: set[tuple[str, str]] = set()
+        searches: dict[str, set[str]] = {}  # type -> identifier keys
+        for item in batch:
+            item.current = {}
+            for identifier, known in item.known.items():
+                if identifier in item.desired or not known.retired:
+                    reads.add((known.resource_type, known.resource_id))
+            if item.unsure or self.verify:
+                for entry in item.entries:
+                    identifier = identifier_key(entry["resource"])
+                    if identifier not in item.known:
+                        self._want(searches, entry["resource"]["resourceType"], identifier)
+                for entry in item.shared:  # to read references on the server's copies
+                    identifier = identifier_key(entry["resource"])
+                    if identifier not in item.references.ids.values():
+                        self._want(searches, entry["resource"]["resourceType"], identifier)
+        pool = await self._fetch(reads, searches)
+        again: dict[str, set[str]] = {}
+        for item in batch:
+            for identifier, known in item.known.items():
+                if identifier not in item.desired and known.retired:
+                    continue
+                copy_ = pool.by_id.get((known.resource_type, known.resource_id))
+                if copy_ is not None and identifier in identifier_keys(copy_):
+                    item.current[identifier] = _current(copy_)
+                else:
+                    # Gone, or the id holds another resource (a state that lies, or a server
+                    # that answered for another request): forget the id, look up by identifier.
+                    if copy_ is not None:
+                        logger.warning(
+                            "%s/%s does not carry the identifier the state recorded; "
+                            "looking it up by identifier",
+                            known.resource_type,
+                            known.resource_id,
+                        )
+                    self._want(again, known.resource_type, identifier)
+        if again:
+            more = await self._fetch(set(), again)
+            pool.merge(more)
+        for item in batch:
+            for identifier in list(item.desired) + list(item.known):
+                if identifier in item.current:
+                    continue
+                resource_type = self._type_of(item, identifier)
+                if resource_type is None:
+                    continue
+                matches = pool.matching(resource_type, identifier)
+                if len(matches) > 1:
+                    ids = ", ".join(f"{resource_type}/{m.get('id')}" for m in matches[:5])
+                    raise InvalidResponseError(
+                        f"{len(matches)} resources on the server carry the identifier of one "
+                        f"ims-fhir resource ({ids}); merge or delete the extra ones on the server"
+                    )
+                if matches:
+                    item.current[identifier] = _current(matches[0])
+                elif identifier in pool.searched or identifier in item.known:
+                    item.current[identifier] = None
+            for entry in item.shared:
+                identifier = identifier_key(entry["resource"])
+                for match in pool.matching(entry["resource"]["resourceType"], identifier)[:1]:
+                    item.references.add_id(match["resourceType"], match["id"], identifier)
+            for identifier, current in item.current.items():
+                if current is not None:
+                    item.references.add_id(current.resource_type, current.resource_id, identifier)
+
+    @staticmethod
+    def _want(searches: dict[str, set[str]], resource_type: str, identifier: str) -> None:
+        searches.setdefault(resource_type, set()).add(identifier)
+
+    @staticmethod
+    def _type_of(item: _Item, identifier: str) -> str | None:
+        known = item.known.get(identifier)
+        if known is not None:
+            return known.resource_type
         for entry in item.entries:
-            identifier = _entry_key(entry)
-            if identifier in current:
-                item.previous[identifier] = _to_versioned_put(entry, current[identifier], overwrite)
-        for identifier, known in live.items():
-            if identifier not in wanted and identifier in current and not known.retired:
-                entry = _retirement(current[identifier], overwrite, self.server)
-                item.previous[identifier] = (current[identifier].get("meta") or {}).get("versionId")
-                item.retire.append(entry)
+            if identifier_key(entry["resource"]) == identifier:
+                return str(entry["resource"]["resourceType"])
         return None
 
-    async def _write(self, items: list[_Item]) -> list[PushResult]:
+    async def _fetch(self, reads: set[tuple[str, str]], searches: dict[str, set[str]]) -> _Pool:
+        """One batch of reads by id and searches by identifier; results matched by content."""
+        pool = _Pool()
+        requests: list[JSON] = [
+            {"request": {"method": "GET", "url": f"{t}/{i}"}} for t, i in sorted(reads)
+        ]
+        for resource_type, keys in sorted(searches.items()):
+            ordered = sorted(keys)
+            for identifier in ordered:
+                pool.searched.add(identifier)
+            if resource_type == "Provenance":  # no identifier: its key is Type/id
+                requests += [{"request": {"method": "GET", "url": key}} for key in ordered]
+                continue
+            for start in range(0, len(ordered), _SEARCH_CHUNK):
+                chunk = ordered[start : start + _SEARCH_CHUNK]
+                tokens = ",".join(_token(key) for key in chunk)
+                # Ask for more than the chunk: duplicates must show, not hide behind paging.
+                url = f"{resource_type}?identifier={_quote(tokens)}&_count={2 * len(chunk) + 10}"
+                requests.append({"request": {"method": "GET", "url": url}})
+        if not requests:
+            return pool
+        answer = await self.client.request_json(
+            "POST",
+            "",
+            json_body={"resourceType": "Bundle", "type": "batch", "entry": requests},
+            retry_safe=True,
+            # Fresh results: HAPI otherwise answers a repeated search from its cache, which
+            # may predate the resources this very push created.
+            headers={"Cache-Control": "no-cache"},
+        )
+        if answer.get("resourceType") != "Bundle" or answer.get("type") != "batch-response":
+            raise InvalidResponseError(
+                f"{self.server}: the answer to a batch is not a batch-response"
+            )
+        entries = answer.get("entry")
+        if not isinstance(entries, list) or len(entries) != len(requests):
+            raise InvalidResponseError(
+                f"{self.server}: a batch of {len(requests)} reads was answered with "
+                f"{len(entries) if isinstance(entries, list) else 'no'} entries"
+            )
+        for entry in entries:
+            if not isinstance(entry, dict):
+                raise InvalidResponseError(
+                    f"{self.server}: a batch-response entry is not an object"
+                )
+            status = _status(entry)
+            resource = entry.get("resource")
+            if status in {404, 410} or (200 <= status < 300 and resource is None):
+                continue
+            if not 200 <= status < 300 or not isinstance(resource, dict):
+                raise InvalidResponseError(
+                    f"{self.server}: a read in a batch failed with status {status}"
+                )
+            if resource.get("resourceType") == "Bundle":
+                if any(
+                    isinstance(link, dict) and link.get("relation") == "next"
+                    for link in resource.get("link") or []
+                ):
+                    raise InvalidResponseError(
+                        f"{self.server}: a search by identifier found more resources than asked"
+                    )
+                for found in resource.get("entry") or []:
+                    if isinstance(found, dict) and isinstance(found.get("resource"), dict):
+                        pool.add(found["resource"])
+            else:
+                pool.add(resource)
+        return pool
+
+    # -- planning ------------------------------------------------------------------------------
+
+    def _plan(self, item: _Item) -> None:
+        """Decide, from the server's copies, what to send; raise _Conflict to send nothing."""
+        item.send, item.keep, item.retired_keep = [], [], []
+        item.sent_signatures, item.retiring = {}, set()
+        overwrite = self.on_conflict == "overwrite"
+        literal_refs: dict[str, str] = {}  # fullUrl -> Type/id of what is not sent
+        updates: list[tuple[JSON, _Current]] = []
+        creates: list[JSON] = []
+        conflicts: list[str] = []
+        for entry in item.entries:
+            identifier = identifier_key(entry["resource"])
+            current = item.current.get(identifier)
+            wanted = item.desired[identifier]
+            if current is None:
+                creates.append(entry)
+                continue
+            found = signature(current.content, item.references)
+            if found == wanted:
+                item.keep.append(self._state_of(item, identifier, current, found))
+                literal_refs[entry["fullUrl"]] = f"{current.resource_type}/{current.resource_id}"
+            elif self._ours(item, identifier, current, found) or overwrite:
+                updates.append((entry, current))
+            else:
+                conflicts.append(self._conflict_message(current))
+        retirements: list[tuple[str, JSON, _Current]] = []
+        for identifier, known in item.known.items():
+            if identifier in item.desired or known.retired:
+                continue
+            current = item.current.get(identifier)
+            if current is None:  # gone from the server: nothing to retire
+                continue
+            retired = _retirement(current.content)
+            found = signature(current.content, item.references)
+            if found == signature(retired, item.references):
+                item.retired_keep.append(
+                    self._state_of(item, identifier, current, found, retired=True)
+                )
+            elif self._ours(item, identifier, current, found) or overwrite:
+                retirements.append((identifier, retired, current))
+            else:
+                conflicts.append(self._conflict_message(current))
+        if conflicts:
+            raise _Conflict(
+                "; ".join(conflicts)
+                + " (resolve it on the server, or push again with --on-conflict overwrite to "
+                "replace what is there)"
+            )
+        for entry in creates:
+            item.send.append(self._create_entry(entry, literal_refs))
+        for entry, current in updates:
+            item.send.append(self._update_entry(entry, current, literal_refs))
+        for identifier, retired, current in retirements:
+            item.retiring.add(identifier)
+            item.send.append(self._retire_entry(retired, current))
+        for entry in item.send:
+            identifier = identifier_key(entry["resource"])
+            item.sent_signatures[identifier] = signature(entry["resource"], item.references)
+
+    def _ours(self, item: _Item, identifier: str, current: _Current, found: str) -> bool:
+        """Is the server's copy one that ims-fhir wrote (or was writing)?"""
+        known = item.known.get(identifier)
+        if known is not None:
+            if found == known.signature:
+                return True
+            if (
+                known.version is not None
+                and current.version == known.version
+                and current.resource_id == known.resource_id
+            ):
+                return True
+        return found in item.pending.get(identifier, ())
+
+    @staticmethod
+    def _conflict_message(current: _Current) -> str:
+        return (
+            f"{current.resource_type}/{current.resource_id} was changed on the server by "
+            f"someone else (version {current.version or 'unknown'}); not overwritten"
+        )
+
+    @staticmethod
+    def _state_of(
+        item: _Item, identifier: str, current: _Current, found: str, *, retired: bool = False
+    ) -> ResourceState:
+        return ResourceState(
+            identifier=identifier,
+            resource_type=current.resource_type,
+            resource_id=current.resource_id,
+            version=current.version,
+            record_key=item.key,
+            retired=retired,
+            signature=found,
+        )
+
+    @staticmethod
+    def _create_entry(entry: JSON, literal_refs: dict[str, str]) -> JSON:
+        resource = _rewrite(entry["resource"], literal_refs)
+        request = entry["request"]
+        if resource.get("identifier"):
+            # A conditional create: never replaces what appeared since it was read.
+            token = _token(identifier_key(resource))
+            request = {
+                "method": "POST",
+                "url": resource["resourceType"],
+                "ifNoneExist": f"identifier={_quote(token)}",
+            }
+        return {"fullUrl": entry["fullUrl"], "resource": resource, "request": request}
+
+    @staticmethod
+    def _update_entry(entry: JSON, current: _Current, literal_refs: dict[str, str]) -> JSON:
+        resource = _rewrite(entry["resource"], literal_refs)
+        resource["id"] = current.resource_id
+        request: JSON = {"method": "PUT", "url": f"{current.resource_type}/{current.resource_id}"}
+        if current.version:
+            request["ifMatch"] = f'W/"{current.version}"'
+        return {"fullUrl": entry["fullUrl"], "resource": resource, "request": request}
+
+    def _retire_entry(self, retired: JSON, current: _Current) -> JSON:
+        request: JSON = {"method": "PUT", "url": f"{current.resource_type}/{current.resource_id}"}
+        if current.version:
+            request["ifMatch"] = f'W/"{current.version}"'
+        full = f"{self.server}/{current.resource_type}/{current.resource_id}"
+        return {"fullUrl": full, "resource": retired, "request": request}
+
+    # -- writing -------------------------------------------------------------------------------
+
+    async def _write(self, items: list[_Item], *, recheck: bool = True) -> list[PushResult]:
         entries: list[JSON] = []
+        owners: list[_Item | None] = []
         seen: set[str] = set()
         for item in items:
-            for entry in item.shared + item.entries + item.retire:
-                full = entry.get("fullUrl") or _entry_key(entry)
+            if not item.send:
+                continue
+            for entry in item.shared:
+                full = entry["fullUrl"]
                 if full not in seen:
                     seen.add(full)
                     entries.append(entry)
-        self.state.mark_pending(self.server, [(i.key, i.content_hash) for i in items])
-        outcomes = await self.client.transaction(
-            {"resourceType": "Bundle", "type": "transaction", "entry": entries}
+                    owners.append(None)
+            for entry in item.send:
+                entries.append(entry)
+                owners.append(item)
+        self.state.mark_pending(
+            self.server,
+            [(i.key, i.content_hash) for i in items],
+            [(ident, i.key, sig) for i in items for ident, sig in i.sent_signatures.items()],
         )
-        by_entry = dict(zip((id(e) for e in entries), outcomes, strict=True))
+        answers: list[_Answer] = []
+        if entries:
+            bundle = {"resourceType": "Bundle", "type": "transaction", "entry": entries}
+            response = await self.client.request_json(
+                "POST", "", json_body=bundle, retry_safe=_entries_repeatable(bundle)
+            )
+            answers = self._check_answer(response, entries)
         written: list[ResourceState] = []
-        results = []
+        results: list[PushResult] = []
+        unsure: list[_Item] = []
+        for entry, owner, answer in zip(entries, owners, answers, strict=True):
+            identifier = identifier_key(entry["resource"])
+            if owner is None:
+                written.append(
+                    ResourceState(
+                        identifier, answer.resource_type, answer.resource_id, answer.version
+                    )
+                )
+                continue
+            if entry["request"]["method"] == "POST" and answer.status != 201:
+                # A conditional create found the resource already there: not written by us now.
+                unsure.append(owner)
+                continue
+            written.append(
+                ResourceState(
+                    identifier=identifier,
+                    resource_type=answer.resource_type,
+                    resource_id=answer.resource_id,
+                    version=answer.version,
+                    record_key=owner.key,
+                    retired=identifier in owner.retiring,
+                    signature=owner.sent_signatures[identifier],
+                )
+            )
+        done = [i for i in items if i not in unsure]
+        for item in done:
+            written += item.keep + item.retired_keep
+        self.state.commit_written(self.server, [(i.key, i.content_hash) for i in done], written)
         for item in items:
-            count = 0
-            for entry in item.shared:
-                if id(entry) in by_entry:
-                    written.append(_written(entry, by_entry[id(entry)], None))
-            for entry in item.entries:
-                outcome = by_entry.get(id(entry))
-                if outcome is not None:
-                    written.append(_written(entry, outcome, item.key))
-                    before = item.previous.get(_entry_key(entry))
-                    count += outcome.status == 201 or outcome.version != before
-            for entry in item.retire:
-                written.append(_written(entry, by_entry[id(entry)], item.key, retired=True))
-            if item.record.retracted:
-                action: Action = "entered-in-error"
-            elif item.previous_hash is None and not item.known:
+            if item in unsure:
+                why = "a create found the resource on the server already"
+                if not recheck:
+                    results.append(PushResult(item.record.id, "failed", message=why))
+                else:
+                    results.append(await self._recheck(item, why))
+                continue
+            sent = [e for e in item.send if identifier_key(e["resource"]) not in item.retiring]
+            same = (
+                item.record_state is not None
+                and item.record_state.content_hash == item.content_hash
+            )
+            if not item.send and (recheck or same):
+                action: Action = "unchanged"  # the server held all of it already
+            elif item.record.retracted:
+                action = "entered-in-error"
+            elif item.first_push:
                 action = "created"
             else:
                 action = "updated"
             results.append(
-                PushResult(item.record.id, action, written=count, retired=len(item.retire))
+                PushResult(item.record.id, action, written=len(sent), retired=len(item.retiring))
             )
-        self.state.commit_written(self.server, [(i.key, i.content_hash) for i in items], written)
         return results
 
+    def _check_answer(self, response: JSON, entries: list[JSON]) -> list[_Answer]:
+        """Check a transaction-response entry by entry; raise when it cannot be the answer."""
+        where = self.server
+        if (
+            response.get("resourceType") != "Bundle"
+            or response.get("type") != "transaction-response"
+        ):
+            raise InvalidResponseError(
+                f"{where}: the answer to a transaction is not a transaction-response"
+            )
+        got = response.get("entry")
+        if not isinstance(got, list) or len(got) != len(entries):
+            raise InvalidResponseError(
+                f"{where}: a transaction of {len(entries)} entries was answered with "
+                f"{len(got) if isinstance(got, list) else 'no'} entries; its outcome is unknown"
+            )
+        answers = []
+        failed = 0
+        for sent, entry in zip(entries, got, strict=True):
+            if not isinstance(entry, dict):
+                raise InvalidResponseError(
+                    f"{where}: a transaction-response entry is not an object"
+                )
+            status = _status(entry)
+            if not 200 <= status < 300:
+                failed += 1
+                continue
+            answers.append(_answer(where, sent, entry, status))
+        if failed:
+            raise UnsafeServerError(
+                f"{where}: the server answered a transaction with success while {failed} of its "
+                f"{len(entries)} entries failed: its transactions are not atomic, so ims-fhir "
+                "cannot write an encounter whole there; the push stopped (the next push checks "
+                "what landed)"
+            )
+        return answers
 
-def _written(
-    entry: JSON, outcome: Outcome, record_key: str | None, retired: bool = False
-) -> ResourceState:
-    resource_type = entry["resource"]["resourceType"]
-    resource_id = outcome.id or entry["resource"].get("id")
-    if resource_id is None:
-        raise InvalidResponseError(f"{resource_type}: the transaction response has no location")
-    return ResourceState(
-        identifier=_entry_key(entry),
-        resource_type=resource_type,
-        resource_id=resource_id,
-        version=outcome.version,
-        record_key=record_key,
-        retired=retired,
+
+@dataclass(frozen=True, slots=True)
+class _Answer:
+    status: int
+    resource_type: str
+    resource_id: str
+    version: str | None
+
+
+def _status(entry: JSON) -> int:
+    response = entry.get("response")
+    text = str(response.get("status", "")) if isinstance(response, dict) else ""
+    try:
+        return int(text.split()[0])
+    except (ValueError, IndexError):
+        return 0
+
+
+def _answer(where: str, sent: JSON, entry: JSON, status: int) -> _Answer:
+    """Read one entry's answer, checking it answers what was sent."""
+    response = entry["response"]
+    resource_type = str(sent["resource"]["resourceType"])
+    location = response.get("location")
+    parts = str(location or "").rstrip("/").split("/")
+    version = None
+    if "_history" in parts:
+        at = parts.index("_history")
+        version = parts[at + 1] if at + 1 < len(parts) else None
+        parts = parts[:at]
+    if len(parts) < 2 or parts[-2] != resource_type or not parts[-1]:
+        raise InvalidResponseError(
+            f"{where}: the answer to a {resource_type} entry has location "
+            f"{literal(str(location)) if location else 'none'}; its outcome is unknown"
+        )
+    resource_id = parts[-1]
+    url = str(sent["request"]["url"])
+    if "?" not in url and "/" in url and url.split("/", 1)[1] != resource_id:
+        raise InvalidResponseError(
+            f"{where}: the answer to {url} names {resource_type}/{resource_id}; "
+            "its outcome is unknown"
+        )
+    returned = entry.get("resource")
+    if isinstance(returned, dict):
+        if identifier_key(sent["resource"]) not in identifier_keys(returned | {"id": resource_id}):
+            raise InvalidResponseError(
+                f"{where}: the answer to a {resource_type} entry returned another resource"
+            )
+        version = version or (returned.get("meta") or {}).get("versionId")
+    etag = response.get("etag")
+    if isinstance(etag, str) and etag:
+        version = etag.removeprefix("W/").strip('"')
+    return _Answer(status, resource_type, resource_id, str(version) if version else None)
+
+
+class _Pool:
+    """Resources read from the server, indexed by ``(type, id)`` and by identifier."""
+
+    def __init__(self) -> None:
+        self.by_id: dict[tuple[str, str], JSON] = {}
+        self.by_key: dict[str, dict[tuple[str, str], JSON]] = {}
+        self.searched: set[str] = set()
+
+    def add(self, resource: JSON) -> None:
+        resource_type, resource_id = resource.get("resourceType"), resource.get("id")
+        if not isinstance(resource_type, str) or not isinstance(resource_id, str):
+            return
+        self.by_id[(resource_type, resource_id)] = resource
+        for key in identifier_keys(resource):
+            self.by_key.setdefault(key, {})[(resource_type, resource_id)] = resource
+
+    def merge(self, other: _Pool) -> None:
+        for resource in other.by_id.values():
+            self.add(resource)
+        self.searched |= other.searched
+
+    def matching(self, resource_type: str, key: str) -> list[JSON]:
+        return [r for (t, _), r in self.by_key.get(key, {}).items() if t == resource_type]
+
+
+def _current(resource: JSON) -> _Current:
+    meta = resource.get("meta")
+    version = meta.get("versionId") if isinstance(meta, dict) else None
+    return _Current(
+        resource_type=str(resource["resourceType"]),
+        resource_id=str(resource["id"]),
+        version=str(version) if version else None,
+        content=resource,
     )
 
 
-def _to_versioned_put(entry: JSON, current: JSON, overwrite: bool) -> str | None:
-    """Turn a conditional PUT into ``PUT Type/id`` with If-Match; return the server's version."""
-    resource = entry["resource"]
-    resource["id"] = current["id"]
-    entry["request"] = {"method": "PUT", "url": f"{resource['resourceType']}/{current['id']}"}
-    version: str | None = (current.get("meta") or {}).get("versionId")
-    if version and not overwrite:
-        entry["request"]["ifMatch"] = f'W/"{version}"'
-    return version
+def _quote(value: str) -> str:
+    from urllib.parse import quote
+
+    return quote(value, safe="=|,\\$:/")
 
 
-def _retirement(current: JSON, overwrite: bool, server: str) -> JSON:
-    """An entry that marks a resource the record no longer holds as entered-in-error."""
+def _rewrite(value: Any, literal_refs: dict[str, str]) -> Any:
+    """A copy of ``value`` with references to entries not sent made literal (``Type/id``)."""
+    if isinstance(value, dict):
+        return {
+            key: (
+                literal_refs.get(item, item)
+                if key == "reference" and isinstance(item, str)
+                else _rewrite(item, literal_refs)
+            )
+            for key, item in value.items()
+        }
+    if isinstance(value, list):
+        return [_rewrite(item, literal_refs) for item in value]
+    return value
+
+
+def _retirement(current: JSON) -> JSON:
+    """The server's copy marked entered-in-error (what a removed or retracted part becomes)."""
     resource = copy.deepcopy(current)
     resource_type = resource["resourceType"]
     if resource_type == "Condition":
@@ -464,19 +1061,15 @@ def _retirement(current: JSON, overwrite: bool, server: str) -> JSON:
         resource["verificationStatus"] = {"coding": [coding.as_fhir()]}
     else:
         resource[_STATUS_PATH.get(resource_type, "status")] = "entered-in-error"
-    resource.get("meta", {}).pop("versionId", None)
-    resource.get("meta", {}).pop("lastUpdated", None)
-    version = (current.get("meta") or {}).get("versionId")
-    request: JSON = {"method": "PUT", "url": f"{resource_type}/{resource['id']}"}
-    if version and not overwrite:
-        request["ifMatch"] = f'W/"{version}"'
-    # A transaction entry needs a fullUrl: the resource's own URL on the server.
-    full = f"{server}/{resource_type}/{resource['id']}"
-    return {"fullUrl": full, "resource": resource, "request": request}
+    meta = resource.get("meta")
+    if isinstance(meta, dict):
+        meta.pop("versionId", None)
+        meta.pop("lastUpdated", None)
+    return resource
 
 
 def push(
-    records: Iterable[Encounter],
+    records: Iterable[Encounter | ReadRecord],
     base_url: str,
     state: StateStore,
     *,

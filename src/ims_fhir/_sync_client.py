@@ -213,13 +213,15 @@ class FhirClient:
         params: Mapping[str, Any] | None = None,
         json_body: JSON | None = None,
         retry_safe: bool | None = None,
+        headers: Mapping[str, str] | None = None,
     ) -> JSON:
         """Send any request (relative to the base URL) and return the FHIR JSON answer."""
         body = json.dumps(json_body).encode() if json_body is not None else None
         safe = (
             method.upper() in {"GET", "HEAD", "PUT", "DELETE"} if retry_safe is None else retry_safe
         )
-        response = self._send(Call(method.upper(), url, params, {}, body, safe))
+        call = Call(method.upper(), url, params, dict(headers or {}), body, safe)
+        response = self._send(call)
         return read_json(response)
 
     def capabilities(self) -> CapabilityStatement:

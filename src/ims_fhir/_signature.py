@@ -1,0 +1,112 @@
+"""Signatures: how ims-fhir recognises its own writes on a server, whatever the server does.
+
+A resource's *signature* is a hash of its content with everything a server may assign or rewrite
+left out: ``id``, ``meta`` (versions, timestamps, tags, profiles, ``source``) and the narrative,
+and with every reference replaced by the business identifier of what it points at. So the copy a
+server holds has the same signature as what ims-fhir sent, whether the server turned
+``urn:uuid:...`` into ``Patient/123``, made references absolute, kept old tags, dropped them or
+added its own.
+
+The sync engine keeps the signature of each resource it wrote, and of each resource it is about
+to write, in the state store: a server copy whose signature is one of those is ims-fhir's own
+write; any other content was put there by someone else. Tags are not used to decide anything:
+FHIR R4 lets servers keep (HAPI), drop or replace them across versions.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from collections.abc import Iterable, Mapping
+from typing import Any
+
+__all__ = ["References", "identifier_key", "identifier_keys", "signature"]
+
+JSON = dict[str, Any]
+
+_SERVER_OWNED = ("id", "meta", "text")
+
+
+def identifier_key(resource: Mapping[str, Any]) -> str:
+    """The key ims-fhir tracks a resource by: its first identifier, or ``Type/id`` without one."""
+    identifiers = resource.get("identifier")
+    if isinstance(identifiers, list) and identifiers and isinstance(identifiers[0], dict):
+        first = identifiers[0]
+        return f"{first.get('system')}|{first.get('value')}"
+    return f"{resource.get('resourceType')}/{resource.get('id')}"
+
+
+def identifier_keys(resource: Mapping[str, Any]) -> set[str]:
+    """Every key a server copy answers to: each ``system|value``, and ``Type/id``."""
+    keys = {f"{resource.get('resourceType')}/{resource.get('id')}"}
+    identifiers = resource.get("identifier")
+    if isinstance(identifiers, dict):  # 0..1 in some resource types
+        identifiers = [identifiers]
+    for item in identifiers if isinstance(identifiers, list) else []:
+        if isinstance(item, dict):
+            keys.add(f"{item.get('system')}|{item.get('value')}")
+    return keys
+
+
+def literal(reference: str) -> str:
+    """``Type/id`` of a literal reference, relative or absolute, with any ``_history`` dropped."""
+    parts = reference.split("?")[0].rstrip("/").split("/")
+    if "_history" in parts:
+        parts = parts[: parts.index("_history")]
+    return "/".join(parts[-2:]) if len(parts) >= 2 else reference
+
+
+class References:
+    """Maps the references of a resource to the identifiers of their targets.
+
+    ``full_urls`` maps the ``fullUrl`` of each entry ims-fhir sends (``urn:uuid:...``) to its
+    key; ``ids`` maps ``Type/id`` on the server to the key of what is there.
+    """
+
+    def __init__(self) -> None:
+        self.full_urls: dict[str, str] = {}
+        self.ids: dict[str, str] = {}
+
+    def add_entries(self, entries: Iterable[JSON]) -> None:
+        """Learn the keys of the entries of a Bundle ims-fhir built."""
+        for entry in entries:
+            self.full_urls[entry["fullUrl"]] = identifier_key(entry["resource"])
+
+    def add_id(self, resource_type: str, resource_id: str, key: str) -> None:
+        """Learn that ``Type/id`` on the server is the resource with ``key``."""
+        self.ids[f"{resource_type}/{resource_id}"] = key
+
+    def resolve(self, reference: str) -> str:
+        """The key of what ``reference`` points at, or the reference as ``Type/id``."""
+        known = self.full_urls.get(reference)
+        if known is not None:
+            return known
+        target = literal(reference)
+        return self.ids.get(target, target)
+
+
+def _normalised(value: Any, references: References) -> Any:
+    if isinstance(value, dict):
+        return {
+            key: (
+                references.resolve(item)
+                if key == "reference" and isinstance(item, str)
+                else _normalised(item, references)
+            )
+            for key, item in value.items()
+        }
+    if isinstance(value, list):
+        return [_normalised(item, references) for item in value]
+    return value
+
+
+def signature(resource: Mapping[str, Any], references: References) -> str:
+    """The signature of ``resource``: its content without server-owned parts, references as keys."""
+    content = {k: v for k, v in resource.items() if k not in _SERVER_OWNED}
+    text = json.dumps(
+        _normalised(content, references),
+        sort_keys=True,
+        separators=(",", ":"),
+        ensure_ascii=False,
+    )
+    return hashlib.sha256(text.encode("utf-8")).hexdigest()[:32]
