@@ -40,7 +40,7 @@ import hashlib
 import json
 import logging
 from collections.abc import AsyncIterator, Iterable
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any, Literal
 
 from ._async_client import AsyncFhirClient
@@ -69,7 +69,7 @@ __all__ = ["SYNC_TAG_SYSTEM", "Action", "PushResult", "PushSummary", "Pusher", "
 logger = logging.getLogger("ims_fhir.sync")
 
 SYNC_TAG_SYSTEM = f"{CANONICAL}/CodeSystem/ims-sync-hash"
-"""Former ``meta.tag`` system of the content hash; no longer written (signatures replace it)."""
+"""``meta.tag`` system of the signature each resource is written with (see ``_signature.py``)."""
 
 DEFAULT_BATCH_SIZE = 1
 DEFAULT_CONCURRENCY = 4
@@ -164,6 +164,8 @@ class _Item:
     retired_keep: list[ResourceState] = field(default_factory=list)
     sent_signatures: dict[str, str] = field(default_factory=dict)  # identifier -> signature
     retiring: set[str] = field(default_factory=set)
+    shared_known: dict[str, ResourceState] = field(default_factory=dict)
+    error: str | None = None
 
     @property
     def first_push(self) -> bool:
@@ -308,13 +310,18 @@ class Pusher:
                 flight stay pending in the state and are recognised by the next push.
         """
         queue: asyncio.Queue[list[_Item] | None] = asyncio.Queue(maxsize=self.concurrency * 2)
-        results: asyncio.Queue[PushResult | BaseException | None] = asyncio.Queue()
+        # Bounded: the producer waits for the consumer, so memory stays flat and results flow.
+        results: asyncio.Queue[PushResult | BaseException | None] = asyncio.Queue(maxsize=256)
         seen: dict[str, str] = {}
+
+        fatal: list[BaseException] = []
 
         async def produce() -> None:
             try:
                 batch: list[_Item] = []
                 for number, given in enumerate(records, start=1):
+                    if fatal:
+                        return
                     if isinstance(given, ReadRecord):
                         record, source = given.record, str(given.location)
                     else:
@@ -339,7 +346,6 @@ class Pusher:
                     if len(batch) >= self.batch_size:
                         await queue.put(batch)
                         batch = []
-                    await asyncio.sleep(0)  # let results flow while preparing
                 if batch:
                     await queue.put(batch)
             finally:
@@ -348,11 +354,14 @@ class Pusher:
 
         async def work() -> None:
             while (batch := await queue.get()) is not None:
+                if fatal:
+                    continue  # the push is stopping: start nothing new
                 try:
                     for result in await self._push_batch(batch):
                         await results.put(result)
-                except FATAL_ERRORS:
-                    raise
+                except FATAL_ERRORS as exc:
+                    # Stop, but let the transactions in flight finish and be recorded.
+                    fatal.append(exc)
                 except Exception as exc:  # noqa: BLE001 - reported per encounter below
                     for item in batch:
                         await results.put(PushResult(item.record.id, "failed", message=str(exc)))
@@ -363,10 +372,12 @@ class Pusher:
                     group.create_task(produce())
                     for _ in range(self.concurrency):
                         group.create_task(work())
-            except BaseExceptionGroup as failed:  # a fatal error, or reading input failed
+            except BaseExceptionGroup as failed:  # reading the input failed
                 await results.put(failed.exceptions[0])
             except BaseException as exc:  # noqa: BLE001 - handed to the consumer
                 await results.put(exc)
+            if fatal:
+                await results.put(fatal[0])
             await results.put(None)
 
         runner = asyncio.create_task(run())
@@ -404,10 +415,12 @@ class Pusher:
         known = self.state.resources(self.server, key)
         for resource in known.values():
             references.add_id(resource.resource_type, resource.resource_id, resource.identifier)
+        shared_known = {}
         for entry in shared:
             found = self.state.resource(self.server, identifier_key(entry["resource"]))
             if found is not None:
                 references.add_id(found.resource_type, found.resource_id, found.identifier)
+                shared_known[found.identifier] = found
         desired = {identifier_key(e["resource"]): signature(e["resource"], references) for e in own}
         return key, _Item(
             record=record,
@@ -420,6 +433,7 @@ class Pusher:
             record_state=record_state,
             known=known,
             pending=self.state.pending_signatures(self.server, key) if record_state else {},
+            shared_known=shared_known,
         )
 
     # -- pushing -------------------------------------------------------------------------------
@@ -450,6 +464,9 @@ class Pusher:
         except FhirError as exc:
             return [PushResult(i.record.id, "failed", message=str(exc)) for i in batch]
         for item in batch:
+            if item.error is not None:
+                results.append(PushResult(item.record.id, "failed", message=item.error))
+                continue
             try:
                 self._plan(item)
             except _Conflict as conflict:
@@ -498,6 +515,8 @@ class Pusher:
         item.known = self.state.resources(self.server, item.key)
         try:
             await self._read_current([item])
+            if item.error is not None:
+                return PushResult(item.record.id, "failed", message=item.error)
             self._plan(item)
             (result,) = await self._write([item], recheck=False)
         except _Conflict as conflict:
@@ -541,72 +560,78 @@ class Pusher:
         """Find each item's resources on the server; fill ``item.current``.
 
         By the ids the state holds (each checked to carry the identifier the state says), and by
-        identifier where the state cannot vouch (no state, a push interrupted, ``verify``).
+        identifier where the state cannot vouch (no state, a push interrupted, ``verify``) or an
+        id proved wrong. Only what was checked here is used to read references afterwards.
         """
         reads: set[tuple[str, str]] = set()
         searches: dict[str, set[str]] = {}  # type -> identifier keys
         for item in batch:
-            item.current = {}
-            for identifier, known in item.known.items():
-                if identifier in item.desired or not known.retired:
-                    reads.add((known.resource_type, known.resource_id))
+            item.current, item.error = {}, None
+            for known in self._to_check(item):
+                reads.add((known.resource_type, known.resource_id))
             if item.unsure or self.verify:
                 for entry in item.entries:
                     identifier = identifier_key(entry["resource"])
                     if identifier not in item.known:
                         self._want(searches, entry["resource"]["resourceType"], identifier)
-                for entry in item.shared:  # to read references on the server's copies
-                    identifier = identifier_key(entry["resource"])
-                    if identifier not in item.references.ids.values():
-                        self._want(searches, entry["resource"]["resourceType"], identifier)
+            for entry in item.shared:  # their ids are how the server's copies refer to them
+                identifier = identifier_key(entry["resource"])
+                if identifier not in item.shared_known:
+                    self._want(searches, entry["resource"]["resourceType"], identifier)
         pool = await self._fetch(reads, searches)
         again: dict[str, set[str]] = {}
         for item in batch:
-            for identifier, known in item.known.items():
-                if identifier not in item.desired and known.retired:
-                    continue
-                copy_ = pool.by_id.get((known.resource_type, known.resource_id))
-                if copy_ is not None and identifier in identifier_keys(copy_):
-                    item.current[identifier] = _current(copy_)
-                else:
+            for known in self._to_check(item):
+                found = pool.by_id.get((known.resource_type, known.resource_id))
+                if found is None or known.identifier not in identifier_keys(found):
                     # Gone, or the id holds another resource (a state that lies, or a server
                     # that answered for another request): forget the id, look up by identifier.
-                    if copy_ is not None:
+                    if found is not None:
                         logger.warning(
                             "%s/%s does not carry the identifier the state recorded; "
                             "looking it up by identifier",
                             known.resource_type,
                             known.resource_id,
                         )
-                    self._want(again, known.resource_type, identifier)
+                    self._want(again, known.resource_type, known.identifier)
         if again:
-            more = await self._fetch(set(), again)
-            pool.merge(more)
+            pool.merge(await self._fetch(set(), again))
         for item in batch:
-            for identifier in list(item.desired) + list(item.known):
-                if identifier in item.current:
-                    continue
-                resource_type = self._type_of(item, identifier)
-                if resource_type is None:
-                    continue
-                matches = pool.matching(resource_type, identifier)
+            item.references.ids = {}
+            wanted = [
+                (identifier_key(e["resource"]), e["resource"]["resourceType"]) for e in item.entries
+            ]
+            wanted += [(k.identifier, k.resource_type) for k in item.known.values()]
+            shared = [
+                (identifier_key(e["resource"]), e["resource"]["resourceType"]) for e in item.shared
+            ]
+            for identifier, resource_type in wanted + shared:
+                held = item.known.get(identifier) or item.shared_known.get(identifier)
+                found = pool.by_id.get((held.resource_type, held.resource_id)) if held else None
+                if found is not None and identifier in identifier_keys(found):
+                    matches = [found]
+                else:
+                    matches = pool.matching(resource_type, identifier)
                 if len(matches) > 1:
                     ids = ", ".join(f"{resource_type}/{m.get('id')}" for m in matches[:5])
-                    raise InvalidResponseError(
-                        f"{len(matches)} resources on the server carry the identifier of one "
-                        f"ims-fhir resource ({ids}); merge or delete the extra ones on the server"
+                    item.error = (
+                        f"{len(matches)} resources on the server carry the identifier "
+                        f"{identifier.partition('|')[2]!r} of one ims-fhir resource ({ids}); "
+                        "merge or delete the extra ones on the server"
                     )
                 if matches:
-                    item.current[identifier] = _current(matches[0])
-                elif identifier in pool.searched or identifier in item.known:
-                    item.current[identifier] = None
-            for entry in item.shared:
-                identifier = identifier_key(entry["resource"])
-                for match in pool.matching(entry["resource"]["resourceType"], identifier)[:1]:
-                    item.references.add_id(match["resourceType"], match["id"], identifier)
-            for identifier, current in item.current.items():
-                if current is not None:
+                    current = _current(matches[0])
                     item.references.add_id(current.resource_type, current.resource_id, identifier)
+                    if (identifier, resource_type) not in shared:
+                        item.current[identifier] = current
+                elif identifier in pool.searched or identifier in item.known:
+                    item.current.setdefault(identifier, None)
+
+    @staticmethod
+    def _to_check(item: _Item) -> list[ResourceState]:
+        """The resources the state holds ids for that this push must check on the server."""
+        own = [k for k in item.known.values() if k.identifier in item.desired or not k.retired]
+        return own + list(item.shared_known.values())
 
     @staticmethod
     def _want(searches: dict[str, set[str]], resource_type: str, identifier: str) -> None:
@@ -721,7 +746,8 @@ class Pusher:
             if identifier in item.desired or known.retired:
                 continue
             current = item.current.get(identifier)
-            if current is None:  # gone from the server: nothing to retire
+            if current is None:  # gone from the server: nothing to retire, nothing to check
+                item.retired_keep.append(replace(known, retired=True))
                 continue
             retired = _retirement(current.content)
             found = signature(current.content, item.references)
@@ -747,8 +773,11 @@ class Pusher:
             item.retiring.add(identifier)
             item.send.append(self._retire_entry(retired, current))
         for entry in item.send:
-            identifier = identifier_key(entry["resource"])
-            item.sent_signatures[identifier] = signature(entry["resource"], item.references)
+            resource = entry["resource"]
+            identifier = identifier_key(resource)
+            sig = signature(resource, item.references)
+            item.sent_signatures[identifier] = sig
+            _sign(resource, sig)
 
     def _ours(self, item: _Item, identifier: str, current: _Current, found: str) -> bool:
         """Is the server's copy one that ims-fhir wrote (or was writing)?"""
@@ -762,7 +791,12 @@ class Pusher:
                 and current.resource_id == known.resource_id
             ):
                 return True
-        return found in item.pending.get(identifier, ())
+        if found in item.pending.get(identifier, ()):
+            return True
+        # Content the server holds exactly as ims-fhir last wrote it carries that signature as
+        # its tag (a server that keeps tags); an edit by anyone else changes the content, not
+        # the tag. Recognises ims-fhir's writes when the state is lost.
+        return found in _signed(current.content)
 
     @staticmethod
     def _conflict_message(current: _Current) -> str:
@@ -1016,6 +1050,30 @@ class _Pool:
 
     def matching(self, resource_type: str, key: str) -> list[JSON]:
         return [r for (t, _), r in self.by_key.get(key, {}).items() if t == resource_type]
+
+
+def _sign(resource: JSON, sig: str) -> None:
+    """Tag ``resource`` with its signature, replacing any earlier sync tag."""
+    meta = resource.get("meta")
+    if not isinstance(meta, dict):
+        meta = resource["meta"] = {}
+    tags = [
+        t
+        for t in meta.get("tag") or []
+        if not (isinstance(t, dict) and t.get("system") == SYNC_TAG_SYSTEM)
+    ]
+    meta["tag"] = [*tags, {"system": SYNC_TAG_SYSTEM, "code": sig}]
+
+
+def _signed(resource: JSON) -> set[str]:
+    """The signatures a server copy is tagged with (one, or several where tags accumulate)."""
+    meta = resource.get("meta")
+    tags = meta.get("tag") if isinstance(meta, dict) else None
+    return {
+        str(t.get("code"))
+        for t in (tags if isinstance(tags, list) else [])
+        if isinstance(t, dict) and t.get("system") == SYNC_TAG_SYSTEM
+    }
 
 
 def _current(resource: JSON) -> _Current:
