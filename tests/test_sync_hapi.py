@@ -81,7 +81,10 @@ def server_counts(client: FhirClient, namespace: str) -> dict[str, int]:
     counts = {}
     for resource_type in TYPES:
         found = client.request_json(
-            "GET", resource_type, params={"_source": namespace, "_summary": "count"}
+            "GET",
+            resource_type,
+            params={"_source": namespace, "_summary": "count"},
+            headers={"Cache-Control": "no-cache"},  # HAPI caches repeated searches
         )
         if found.get("total"):
             counts[resource_type] = found["total"]
