@@ -166,6 +166,7 @@ class _Item:
     retiring: set[str] = field(default_factory=set)
     shared_known: dict[str, ResourceState] = field(default_factory=dict)
     error: str | None = None
+    intent: Action = "updated"  # what a successful write of this encounter is reported as
 
     @property
     def first_push(self) -> bool:
@@ -422,7 +423,7 @@ class Pusher:
                 references.add_id(found.resource_type, found.resource_id, found.identifier)
                 shared_known[found.identifier] = found
         desired = {identifier_key(e["resource"]): signature(e["resource"], references) for e in own}
-        return key, _Item(
+        item = _Item(
             record=record,
             key=key,
             content_hash=digest,
@@ -435,6 +436,11 @@ class Pusher:
             pending=self.state.pending_signatures(self.server, key) if record_state else {},
             shared_known=shared_known,
         )
+        if record.retracted:
+            item.intent = "entered-in-error"
+        elif item.first_push:
+            item.intent = "created"
+        return key, item
 
     # -- pushing -------------------------------------------------------------------------------
 
@@ -919,18 +925,9 @@ class Pusher:
                     results.append(await self._recheck(item, why))
                 continue
             sent = [e for e in item.send if identifier_key(e["resource"]) not in item.retiring]
-            same = (
-                item.record_state is not None
-                and item.record_state.content_hash == item.content_hash
-            )
-            if not item.send and (recheck or same):
-                action: Action = "unchanged"  # the server held all of it already
-            elif item.record.retracted:
-                action = "entered-in-error"
-            elif item.first_push:
-                action = "created"
-            else:
-                action = "updated"
+            # Nothing to send on a first look: the server held all of it already. On a second
+            # look (after a lost answer) the first attempt is what wrote it.
+            action = "unchanged" if not item.send and recheck else item.intent
             results.append(
                 PushResult(item.record.id, action, written=len(sent), retired=len(item.retiring))
             )
