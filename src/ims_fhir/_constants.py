@@ -29,7 +29,7 @@ MAX_PAGES = 10_000
 """Pages a search follows before it stops with an error (a guard against endless paging)."""
 
 MAX_RESPONSE_BYTES = 256 * 1024 * 1024
-"""The largest response body read into memory."""
+"""The largest response body read into memory, counted as sent and again after each decoding."""
 
 TOKEN_REFRESH_MARGIN = 60.0
 """Seconds before an access token's expiry at which it is renewed."""

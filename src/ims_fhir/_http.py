@@ -12,6 +12,7 @@ import ipaddress
 import json
 import logging
 import random
+import zlib
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
@@ -58,6 +59,9 @@ JSON = dict[str, Any]
 ResourceType = str | type[Resource]
 
 _SAFE_METHODS = frozenset({"GET", "HEAD", "PUT", "DELETE"})
+
+ACCEPT_ENCODING = "gzip, deflate"
+"""The codings asked for: exactly those :func:`decode_body` undoes (httpx would add br, zstd)."""
 
 
 class RedactQueryFilter(logging.Filter):
@@ -141,12 +145,109 @@ class Call:
 
     def build(self, client: httpx.Client | httpx.AsyncClient) -> httpx.Request:
         """Build the httpx request on ``client`` (which holds the base URL and auth)."""
-        headers = {"Accept": FHIR_JSON, **self.headers}
+        headers = {"Accept": FHIR_JSON, "Accept-Encoding": ACCEPT_ENCODING, **self.headers}
         if self.body is not None:
             headers["Content-Type"] = f"{FHIR_JSON}; charset=utf-8"
         return client.build_request(
             self.method, self.url, params=self.params, headers=headers, content=self.body
         )
+
+
+# -- reading within limits ---------------------------------------------------------------------
+
+
+class BodyCounter:
+    """Counts a response body's bytes, as sent, against a size cap.
+
+    The clients read the body in chunks and call :meth:`add` for each, so a huge body is not
+    read to its end.
+    """
+
+    def __init__(self, response: httpx.Response, max_bytes: int) -> None:
+        """Start counting; a declared ``Content-Length`` over ``max_bytes`` fails at once."""
+        self.request = response.request
+        self.max_bytes = max_bytes
+        self.size = 0
+        declared = response.headers.get("Content-Length", "")
+        if declared.isdigit() and int(declared) > max_bytes:
+            raise InvalidResponseError(
+                f"{describe_request(self.request)}: response of {declared} bytes is too large "
+                f"(the limit is {max_bytes})",
+                request=self.request,
+            )
+
+    def add(self, chunk: bytes) -> None:
+        """Count ``chunk``; raise past the cap."""
+        self.size += len(chunk)
+        if self.size > self.max_bytes:
+            raise InvalidResponseError(
+                f"{describe_request(self.request)}: response larger than {self.max_bytes} bytes",
+                request=self.request,
+            )
+
+
+# -- content codings ----------------------------------------------------------------------------
+
+_WBITS = {
+    "gzip": (16 + zlib.MAX_WBITS,),
+    "x-gzip": (16 + zlib.MAX_WBITS,),  # an alias recipients must accept (RFC 9110 8.4.1.3)
+    "deflate": (zlib.MAX_WBITS, -zlib.MAX_WBITS),  # zlib-wrapped as specified, or raw as sent
+}
+
+
+def decode_body(
+    raw: bytes, headers: httpx.Headers, *, max_bytes: int, request: httpx.Request
+) -> bytes:
+    """Undo a body's ``Content-Encoding``, holding at most ``max_bytes`` of any layer.
+
+    httpx inflates a whole network chunk in one call, so a few kilobytes of ``gzip, gzip`` grow
+    to gigabytes before any size check; here each layer stops one byte past the cap. Codings are
+    listed in the order they were applied, so they are undone last first.
+    """
+    body = raw
+    for coding in reversed(headers.get_list("Content-Encoding", split_commas=True)):
+        coding = coding.strip().lower()
+        if coding in {"", "identity"}:
+            continue
+        if coding not in _WBITS:
+            raise InvalidResponseError(
+                f"{describe_request(request)}: response encoded as {coding!r}, which ims-fhir "
+                f"does not decode (it asks for {ACCEPT_ENCODING})",
+                request=request,
+            )
+        body = _inflate(body, coding, max_bytes, request)
+    return body
+
+
+def _inflate(data: bytes, coding: str, max_bytes: int, request: httpx.Request) -> bytes:
+    where = describe_request(request)
+    parts: list[bytes] = []
+    size = 0
+    while data:  # gzip members may follow one another
+        error: zlib.error | None = None
+        for wbits in _WBITS[coding]:
+            inflater = zlib.decompressobj(wbits)
+            try:
+                # Stop one byte past the cap (max_length is never 0, which would mean no limit).
+                part = inflater.decompress(data, max_bytes - size + 1)
+                break
+            except zlib.error as exc:
+                error = exc
+        else:
+            raise InvalidResponseError(
+                f"{where}: corrupt {coding} body ({error})", request=request
+            ) from error
+        size += len(part)
+        if size > max_bytes:
+            raise InvalidResponseError(
+                f"{where}: response larger than {max_bytes} bytes once decoded ({coding})",
+                request=request,
+            )
+        if not inflater.eof:
+            raise InvalidResponseError(f"{where}: truncated {coding} body", request=request)
+        parts.append(part)
+        data = inflater.unused_data
+    return b"".join(parts)
 
 
 def type_name(resource_type: ResourceType) -> str:

@@ -24,6 +24,7 @@ from ._constants import DEFAULT_TIMEOUT, MAX_PAGES, MAX_RESPONSE_BYTES
 from ._exceptions import InvalidResponseError, describe_request
 from ._http import (
     JSON,
+    BodyCounter,
     Call,
     Outcome,
     ResourceType,
@@ -34,6 +35,7 @@ from ._http import (
     check_base_url,
     conditional_update_call,
     create_call,
+    decode_body,
     delete_call,
     expect_resource,
     history_call,
@@ -75,6 +77,7 @@ class FhirClient:
         verify: TLS verification (on by default): True, False or an ``ssl.SSLContext``.
         allow_insecure_http: allow plain ``http://`` to a host other than this machine.
         max_connections: the connection pool's size.
+        max_response_bytes: the largest response body read, as sent and once decoded.
         transport: an httpx transport (tests, proxies); None for the default.
     """
 
@@ -88,13 +91,17 @@ class FhirClient:
         verify: Any = True,
         allow_insecure_http: bool = False,
         max_connections: int = 20,
+        max_response_bytes: int = MAX_RESPONSE_BYTES,
         transport: httpx.BaseTransport | None = None,
         headers: Mapping[str, str] | None = None,
     ) -> None:
         """Create the client; nothing is sent until the first call."""
+        if max_response_bytes < 1:
+            raise ValueError(f"max_response_bytes must be positive: {max_response_bytes}")
         self.base_url = check_base_url(base_url, allow_insecure_http=allow_insecure_http)
         if isinstance(auth, SmartBackendAuth) and auth.fhir_base_url is None:
             auth.fhir_base_url = str(self.base_url)
+        self.max_response_bytes = max_response_bytes
         self.retry = retry or RetryPolicy()
         install_log_redaction()
         self._http = httpx.Client(
@@ -135,7 +142,7 @@ class FhirClient:
             try:
                 response = self._http.send(request, stream=True)
                 try:
-                    body = self._read_capped(response)
+                    body = self._read_body(response)
                 finally:
                     response.close()
             except httpx.TransportError as exc:
@@ -183,25 +190,23 @@ class FhirClient:
             )
             time.sleep(wait)
 
-    def _read_capped(self, response: httpx.Response) -> bytes:
-        declared = response.headers.get("Content-Length")
-        if declared and declared.isdigit() and int(declared) > MAX_RESPONSE_BYTES:
-            raise InvalidResponseError(
-                f"{describe_request(response.request)}: response of {declared} bytes is too large",
-                request=response.request,
-            )
+    def _read_body(self, response: httpx.Response) -> bytes:
+        """Read the body as sent within the size cap, then decode it."""
+        counter = BodyCounter(response, self.max_response_bytes)
+        if response.is_stream_consumed:
+            # An auth that reads responses (requires_response_body) had httpx read and decode it.
+            counter.add(response.content)
+            return response.content
         chunks = []
-        size = 0
-        for chunk in response.iter_bytes():
-            size += len(chunk)
-            if size > MAX_RESPONSE_BYTES:
-                raise InvalidResponseError(
-                    f"{describe_request(response.request)}: response larger than "
-                    f"{MAX_RESPONSE_BYTES} bytes",
-                    request=response.request,
-                )
+        for chunk in response.iter_raw():
+            counter.add(chunk)
             chunks.append(chunk)
-        return b"".join(chunks)
+        return decode_body(
+            b"".join(chunks),
+            response.headers,
+            max_bytes=self.max_response_bytes,
+            request=response.request,
+        )
 
     # -- operations ------------------------------------------------------------------------
 
