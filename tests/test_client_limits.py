@@ -1,8 +1,8 @@
-"""Limits of one request: bodies read and decoded within a cap.
+"""Limits of one request: a deadline over the whole attempt, and bodies decoded within a cap.
 
-The servers here are real sockets on 127.0.0.1 misbehaving the ways servers were seen to: a
-chunked body that never ends, ``gzip, gzip`` that inflates a few kilobytes to gigabytes. Every
-test runs both clients.
+The servers here are real sockets on 127.0.0.1 misbehaving the ways servers were seen to: a body
+trickled a byte at a time, a chunked body that never ends, ``gzip, gzip`` that inflates a few
+kilobytes to gigabytes. Every test runs both clients.
 """
 
 from __future__ import annotations
@@ -12,7 +12,9 @@ import contextlib
 import functools
 import gzip
 import json
+import re
 import threading
+import time
 import tracemalloc
 import zlib
 from collections.abc import Awaitable, Callable
@@ -26,7 +28,12 @@ import pytest
 import ims_fhir
 from ims_fhir import AsyncFhirClient, FhirClient, RetryPolicy
 from ims_fhir import _constants as constants
-from ims_fhir._http import decode_body
+from ims_fhir._http import (
+    DEADLINE,
+    Deadline,
+    decode_body,
+    translate_transport_error,
+)
 
 NO_RETRY = RetryPolicy(max_retries=0)
 PATIENT = {"resourceType": "Patient", "id": "1"}
@@ -126,6 +133,15 @@ async def answer(writer: asyncio.StreamWriter, body: bytes, **headers: str) -> N
     await writer.drain()
 
 
+async def trickle(request: Request, writer: asyncio.StreamWriter) -> None:
+    """Headers, then one byte of body every 0.2 s (for at most 20 s)."""
+    writer.write(head({"Content-Type": "application/fhir+json", "Content-Length": "1000"}))
+    for _ in range(100):
+        writer.write(b" ")
+        await writer.drain()
+        await asyncio.sleep(0.2)
+
+
 def endless_chunked(size: int, pause: float, chunks: int) -> Handler:
     """A chunked body of JSON whitespace, ``size`` bytes every ``pause`` s, ``chunks`` times."""
 
@@ -170,13 +186,55 @@ def kind(request: pytest.FixtureRequest) -> str:
     return str(request.param)
 
 
-# -- decoding within the cap -------------------------------------------------------------------
+# -- the deadline ------------------------------------------------------------------------------
+
+
+def test_a_trickled_body_stops_at_the_deadline_not_never(kind: str) -> None:
+    with LocalServer(trickle) as server:
+        started = time.monotonic()
+        with pytest.raises(ims_fhir.TimeoutError, match=r"within the 1\.5 s deadline") as caught:
+            read_patient(kind, server.url, timeout=5.0, deadline=1.5, retry=NO_RETRY)
+        elapsed = time.monotonic() - started
+    assert 1.5 <= elapsed < 4.0
+    assert len(server.requests) == 1
+    assert "GET http://127.0.0.1" in str(caught.value)
+
+
+def test_each_retry_gets_a_deadline_of_its_own(kind: str) -> None:
+    retry = RetryPolicy(max_retries=1, initial_delay=0.0, jitter=0.0)
+    with LocalServer(trickle) as server:
+        started = time.monotonic()
+        with pytest.raises(ims_fhir.TimeoutError):
+            read_patient(kind, server.url, timeout=5.0, deadline=0.5, retry=retry)
+        elapsed = time.monotonic() - started
+    assert len(server.requests) == 2
+    assert 1.0 <= elapsed < 3.5
+
+
+def test_an_endless_chunked_body_stops_at_the_deadline(kind: str) -> None:
+    with LocalServer(endless_chunked(1024, pause=0.05, chunks=400)) as server:
+        started = time.monotonic()
+        with pytest.raises(ims_fhir.TimeoutError, match="deadline"):
+            read_patient(kind, server.url, timeout=5.0, deadline=1.0, retry=NO_RETRY)
+        assert time.monotonic() - started < 3.5
 
 
 def test_an_endless_chunked_body_stops_at_the_size_cap(kind: str) -> None:
     with LocalServer(endless_chunked(64 * 1024, pause=0.0, chunks=1000)) as server:
         with pytest.raises(ims_fhir.InvalidResponseError, match=f"larger than {MiB} bytes"):
             read_patient(kind, server.url, max_response_bytes=MiB, retry=NO_RETRY)
+
+
+def test_no_deadline_waits_for_a_slow_but_complete_answer(kind: str) -> None:
+    async def slow(request: Request, writer: asyncio.StreamWriter) -> None:
+        await asyncio.sleep(0.3)
+        await answer(writer, json.dumps(PATIENT).encode())
+
+    with LocalServer(slow) as server:
+        assert read_patient(kind, server.url, deadline=None).id == "1"
+
+
+# -- decoding within the cap -------------------------------------------------------------------
 
 
 def test_a_gzip_gzip_bomb_is_refused_in_little_memory(kind: str) -> None:
@@ -275,6 +333,62 @@ def test_decode_body_refuses(coding: str, raw: bytes, message: str) -> None:
     assert "GET https://fhir.example.org/r4/Patient/1" in str(caught.value)
 
 
+TIMEOUT = {"connect": 10.0, "read": 60.0, "write": 60.0, "pool": None}
+
+
+@pytest.mark.parametrize(
+    ("left", "expected"),
+    [
+        pytest.param(
+            300.0, {"connect": 10.0, "read": 60.0, "write": 60.0, "pool": 300.0}, id="ample"
+        ),
+        pytest.param(1.5, {"connect": 1.5, "read": 1.5, "write": 1.5, "pool": 1.5}, id="short"),
+        pytest.param(
+            -2.0, {"connect": 0.001, "read": 0.001, "write": 0.001, "pool": 0.001}, id="passed"
+        ),
+    ],
+)
+def test_a_deadline_cuts_every_wait_to_the_time_left(
+    left: float, expected: dict[str, float]
+) -> None:
+    deadline = Deadline(300.0, expires=100.0 + left)
+    assert deadline.extensions(TIMEOUT, now=100.0) == {"timeout": expected, DEADLINE: deadline}
+
+
+def test_a_deadline_is_checked_against_the_clock() -> None:
+    deadline = Deadline.start(1.5, now=100.0)
+    assert deadline is not None and Deadline.start(None, now=100.0) is None
+    deadline.check(REQUEST, now=101.4)
+    with pytest.raises(httpx.ReadTimeout, match=r"1\.5 s deadline"):
+        deadline.check(REQUEST, now=101.5)
+
+
+@pytest.mark.parametrize(
+    ("now", "message"),
+    [
+        pytest.param(101.0, r"timed out \(ReadTimeout\)", id="before-the-deadline"),
+        pytest.param(
+            102.5, r"timed out \(no complete answer within the 2 s deadline\)", id="after"
+        ),
+    ],
+)
+def test_a_timeout_names_the_deadline_once_it_has_passed(now: float, message: str) -> None:
+    request = httpx.Request("GET", "https://fhir.example.org/r4/Patient/1")
+    request.extensions = Deadline(2.0, expires=102.0).extensions(TIMEOUT, now=100.0)
+    error = translate_transport_error(httpx.ReadTimeout("t", request=request), request, now)
+    assert isinstance(error, ims_fhir.TimeoutError)
+    assert str(error).startswith("GET https://fhir.example.org/r4/Patient/1: ")
+    assert error.request is request
+    assert re.search(message, str(error))
+
+
+@pytest.mark.parametrize("deadline", [0.0, -1.0, float("nan")])
+def test_a_deadline_must_be_positive(deadline: float) -> None:
+    with pytest.raises(ValueError, match="deadline"):
+        FhirClient("https://fhir.example.org/r4", deadline=deadline)
+
+
 def test_the_defaults_are_named_constants() -> None:
     with FhirClient("https://fhir.example.org/r4") as client:
+        assert client.deadline == constants.DEFAULT_DEADLINE == 300.0
         assert client.max_response_bytes == constants.MAX_RESPONSE_BYTES

@@ -5,7 +5,17 @@ from __future__ import annotations
 import httpx
 
 DEFAULT_TIMEOUT = httpx.Timeout(60.0, connect=10.0)
-"""Seconds: 60 to read a response (large transactions take a while), 10 to connect."""
+"""Seconds: 60 to read a response (large transactions take a while), 10 to connect.
+
+Each bounds one wait (one read, one write), not the whole exchange: see DEFAULT_DEADLINE.
+"""
+
+DEFAULT_DEADLINE = 300.0
+"""Seconds one attempt may take in all: connect, send, headers and the whole body.
+
+Without it a server sending a byte every few seconds holds a request for ever, since no single
+read times out. A retry starts a new attempt with a deadline of its own.
+"""
 
 DEFAULT_MAX_RETRIES = 4
 """Retries after the first attempt, for requests that are safe to repeat."""

@@ -143,24 +143,85 @@ class Call:
     body: bytes | None = None
     retry_safe: bool = True
 
-    def build(self, client: httpx.Client | httpx.AsyncClient) -> httpx.Request:
-        """Build the httpx request on ``client`` (which holds the base URL and auth)."""
+    def build(
+        self,
+        client: httpx.Client | httpx.AsyncClient,
+        deadline: Deadline | None = None,
+        now: float = 0.0,
+    ) -> httpx.Request:
+        """Build the httpx request on ``client`` (which holds the base URL and auth).
+
+        With a ``deadline`` (started at ``now``), each of the client's timeouts is cut to it.
+        """
         headers = {"Accept": FHIR_JSON, "Accept-Encoding": ACCEPT_ENCODING, **self.headers}
         if self.body is not None:
             headers["Content-Type"] = f"{FHIR_JSON}; charset=utf-8"
         return client.build_request(
-            self.method, self.url, params=self.params, headers=headers, content=self.body
+            self.method,
+            self.url,
+            params=self.params,
+            headers=headers,
+            content=self.body,
+            extensions=deadline.extensions(client.timeout.as_dict(), now) if deadline else None,
         )
 
 
-# -- reading within limits ---------------------------------------------------------------------
+# -- limits of one attempt ----------------------------------------------------------------------
+
+DEADLINE = "ims_fhir.deadline"
+"""The request extension holding the attempt's :class:`Deadline` (httpx passes it along)."""
+
+# A zero socket timeout means "do not block" (an OSError), not "time is up": never go below this.
+_SHORTEST_WAIT = 0.001
+
+
+@dataclass(frozen=True, slots=True)
+class Deadline:
+    """The time one attempt may take in all: connect, send, headers and the whole body.
+
+    httpx's timeouts bound each wait (one read), so a server trickling bytes never trips them.
+    A deadline cuts every timeout to the time left, and is checked between body chunks; so an
+    attempt ends at most one (shortened) wait after its deadline. Headers are the exception:
+    httpcore reads them with no check in between, so trickled headers are noticed only once
+    complete (httpcore allows 100 KiB of them).
+    """
+
+    seconds: float
+    expires: float
+    """The ``time.monotonic()`` reading at which it passes."""
+
+    @classmethod
+    def start(cls, seconds: float | None, now: float) -> Deadline | None:
+        """Start a deadline of ``seconds`` at ``now`` (None: no deadline)."""
+        return None if seconds is None else cls(seconds, now + seconds)
+
+    def extensions(self, timeout: Mapping[str, float | None], now: float) -> dict[str, Any]:
+        """Request extensions: ``timeout`` with each wait cut to the time left, and this."""
+        left = max(self.expires - now, _SHORTEST_WAIT)
+        waits = {
+            phase: left if wait is None else min(wait, left) for phase, wait in timeout.items()
+        }
+        return {"timeout": waits, DEADLINE: self}
+
+    def check(self, request: httpx.Request, now: float) -> None:
+        """Raise ``httpx.ReadTimeout`` once passed (handled, and retried, as any timeout)."""
+        if now >= self.expires:
+            raise httpx.ReadTimeout(
+                f"no complete answer within the {self.seconds:g} s deadline", request=request
+            )
+
+
+def deadline_of(request: httpx.Request) -> Deadline | None:
+    """Return the deadline a request is sent under, if any."""
+    deadline = request.extensions.get(DEADLINE)
+    return deadline if isinstance(deadline, Deadline) else None
 
 
 class BodyCounter:
-    """Counts a response body's bytes, as sent, against a size cap.
+    """Counts a response body's bytes, as sent, against a size cap and the request's deadline.
 
-    The clients read the body in chunks and call :meth:`add` for each, so a huge body is not
-    read to its end.
+    The clients read the body in chunks and call :meth:`add` for each, so neither a huge body
+    nor a trickling one is read to its end.
     """
 
     def __init__(self, response: httpx.Response, max_bytes: int) -> None:
@@ -168,6 +229,7 @@ class BodyCounter:
         self.request = response.request
         self.max_bytes = max_bytes
         self.size = 0
+        self.deadline = deadline_of(self.request)
         declared = response.headers.get("Content-Length", "")
         if declared.isdigit() and int(declared) > max_bytes:
             raise InvalidResponseError(
@@ -176,14 +238,16 @@ class BodyCounter:
                 request=self.request,
             )
 
-    def add(self, chunk: bytes) -> None:
-        """Count ``chunk``; raise past the cap."""
+    def add(self, chunk: bytes, now: float) -> None:
+        """Count ``chunk``, received at ``now``; raise past the cap or the deadline."""
         self.size += len(chunk)
         if self.size > self.max_bytes:
             raise InvalidResponseError(
                 f"{describe_request(self.request)}: response larger than {self.max_bytes} bytes",
                 request=self.request,
             )
+        if self.deadline is not None:
+            self.deadline.check(self.request, now)
 
 
 # -- content codings ----------------------------------------------------------------------------
@@ -591,11 +655,22 @@ def make_status_error(response: httpx.Response) -> StatusError:
     return cls(message, request=request, response=response, outcome=outcome)
 
 
-def translate_transport_error(exc: httpx.TransportError, request: httpx.Request) -> TransportError:
-    """Wrap an httpx transport error in the ims-fhir tree (the caller raises it from exc)."""
+def translate_transport_error(
+    exc: httpx.TransportError, request: httpx.Request, now: float | None = None
+) -> TransportError:
+    """Wrap an httpx transport error in the ims-fhir tree (the caller raises it from exc).
+
+    ``now`` is when the failure was seen (``time.monotonic()``): a timeout once the request's
+    deadline has passed is reported as the deadline, whichever wait ran out.
+    """
     where = describe_request(request)
     if isinstance(exc, httpx.TimeoutException):
-        return TimeoutError(f"{where}: timed out ({type(exc).__name__})", request=request)
+        deadline = deadline_of(request)
+        if deadline is not None and now is not None and now >= deadline.expires:
+            why = f"no complete answer within the {deadline.seconds:g} s deadline"
+        else:
+            why = type(exc).__name__
+        return TimeoutError(f"{where}: timed out ({why})", request=request)
     if isinstance(exc, httpx.ConnectError):
         return ConnectError(f"{where}: cannot connect ({exc})", request=request)
     return ProtocolError(f"{where}: {type(exc).__name__}: {exc}", request=request)
