@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import base64
+import gzip
 import os
 import warnings
 from pathlib import Path
@@ -210,3 +211,54 @@ def test_nothing_secret_is_logged(rsa_key: RSAKey, caplog: pytest.LogCaptureFixt
     assert "Patient" in text  # something was logged
     for secret in ("SECRET-TOKEN", "Bearer", "9000000101", "client_assertion"):
         assert secret not in text
+
+
+# -- what a SMART server may answer ------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("answer", "message"),
+    [
+        pytest.param(
+            httpx.Response(200, content=b'{"access_token": "' + b"x" * 2_000_000 + b'"}'),
+            "too large",
+            id="oversized",
+        ),
+        pytest.param(
+            httpx.Response(200, content=iter([b'{"access_token": "', b"x" * 2_000_000, b'"}'])),
+            "larger than 1048576 bytes",
+            id="oversized-chunked",
+        ),
+        pytest.param(
+            httpx.Response(
+                200,
+                headers={"Content-Encoding": "gzip"},
+                content=gzip.compress(b'{"access_token": "t"}'),
+            ),
+            "'gzip'",
+            id="compressed",
+        ),
+    ],
+)
+def test_an_oversized_or_compressed_token_response_is_an_invalid_response(
+    rsa_key: RSAKey, answer: httpx.Response, message: str
+) -> None:
+    auth = SmartBackendAuth("c", rsa_key, kid="k", token_url=TOKEN_URL)
+    with respx.mock(assert_all_called=False) as router:
+        router.post(TOKEN_URL).mock(return_value=answer)
+        api = router.get(f"{BASE}/Patient/1").respond(json=PATIENT)
+        with FhirClient(BASE, auth=auth, retry=RetryPolicy(max_retries=0)) as client:
+            with pytest.raises(ims_fhir.InvalidResponseError, match=message) as caught:
+                client.read("Patient", "1")
+        assert not api.called
+    assert "POST https://auth.example.org/token" in str(caught.value)
+
+
+def test_an_oversized_discovery_document_is_refused(rsa_key: RSAKey) -> None:
+    auth = SmartBackendAuth("c", rsa_key, kid="k")
+    big = {"token_endpoint": TOKEN_URL, "padding": "x" * 2_000_000}
+    with respx.mock() as router:
+        router.get(f"{BASE}/.well-known/smart-configuration").respond(json=big)
+        with FhirClient(BASE, auth=auth) as client:
+            with pytest.raises(ims_fhir.InvalidResponseError, match="too large"):
+                client.read("Patient", "1")

@@ -24,14 +24,16 @@ from typing import Any
 
 import httpx
 import pytest
+from joserfc.jwk import RSAKey
 
 import ims_fhir
-from ims_fhir import AsyncFhirClient, FhirClient, RetryPolicy
+from ims_fhir import AsyncFhirClient, FhirClient, RetryPolicy, SmartBackendAuth
 from ims_fhir import _constants as constants
 from ims_fhir._http import (
     DEADLINE,
     Deadline,
     decode_body,
+    limits_for,
     translate_transport_error,
 )
 
@@ -264,6 +266,60 @@ def test_a_gzip_response_still_parses_and_only_gzip_and_deflate_are_asked_for(ki
     assert server.requests[0].headers["accept-encoding"] == "gzip, deflate"
 
 
+# -- SMART requests share the attempt's bounds -------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def rsa_key() -> RSAKey:
+    return RSAKey.generate_key(2048)
+
+
+def test_a_trickling_token_endpoint_stops_at_the_deadline(kind: str, rsa_key: RSAKey) -> None:
+    with LocalServer(trickle) as server:
+        auth = SmartBackendAuth("c", rsa_key, kid="k", token_url=f"{server.url}/token")
+        started = time.monotonic()
+        with pytest.raises(ims_fhir.TimeoutError, match=r"POST .*/token.*1\.5 s deadline"):
+            read_patient(kind, server.url, auth=auth, timeout=5.0, deadline=1.5, retry=NO_RETRY)
+        assert time.monotonic() - started < 4.0
+    assert [r.path for r in server.requests] == ["/fhir/token"]
+
+
+def test_a_silent_token_endpoint_times_out_like_any_request(kind: str, rsa_key: RSAKey) -> None:
+    async def silent(request: Request, writer: asyncio.StreamWriter) -> None:
+        await asyncio.sleep(20)
+
+    with LocalServer(silent) as server:
+        auth = SmartBackendAuth("c", rsa_key, kid="k", token_url=f"{server.url}/token")
+        started = time.monotonic()
+        with pytest.raises(ims_fhir.TimeoutError, match="ReadTimeout"):
+            read_patient(kind, server.url, auth=auth, timeout=0.5, deadline=None, retry=NO_RETRY)
+        assert time.monotonic() - started < 3.0
+
+
+def test_with_smart_the_fhir_answer_is_still_decoded_within_the_cap(
+    kind: str, rsa_key: RSAKey
+) -> None:
+    bomb = gzip_gzip_bomb()
+
+    async def handler(request: Request, writer: asyncio.StreamWriter) -> None:
+        if request.path.endswith("/token"):
+            await answer(writer, b'{"access_token": "t", "expires_in": 300}')
+        else:
+            await answer(writer, bomb, Content_Encoding="gzip, gzip")
+
+    with LocalServer(handler) as server:
+        auth = SmartBackendAuth("c", rsa_key, kid="k", token_url=f"{server.url}/token")
+        tracemalloc.start()
+        try:
+            with pytest.raises(ims_fhir.InvalidResponseError, match="once decoded"):
+                read_patient(kind, server.url, auth=auth, max_response_bytes=16 * MiB)
+            _, peak = tracemalloc.get_traced_memory()
+        finally:
+            tracemalloc.stop()
+    assert peak < 64 * MiB
+    assert server.requests[1].headers["authorization"] == "Bearer t"
+
+
 # -- the I/O-free parts, as tables -------------------------------------------------------------
 
 REQUEST = httpx.Request("GET", "https://fhir.example.org/r4/Patient/1")
@@ -361,6 +417,17 @@ def test_a_deadline_is_checked_against_the_clock() -> None:
     deadline.check(REQUEST, now=101.4)
     with pytest.raises(httpx.ReadTimeout, match=r"1\.5 s deadline"):
         deadline.check(REQUEST, now=101.5)
+
+
+def test_requests_sent_for_another_get_its_limits() -> None:
+    deadline = Deadline(2.0, expires=102.0)
+    fhir = httpx.Request("GET", "https://fhir.example.org/r4/Patient/1")
+    fhir.extensions = deadline.extensions(TIMEOUT, now=100.0)
+    assert limits_for(fhir, now=101.0)["timeout"]["read"] == 1.0
+    assert limits_for(fhir, now=101.0)[DEADLINE] is deadline
+    plain = httpx.Request("GET", "https://fhir.example.org/r4", extensions={"timeout": TIMEOUT})
+    assert limits_for(plain, now=101.0) == {"timeout": TIMEOUT}
+    assert limits_for(httpx.Request("GET", "https://x.example"), now=0.0) == {}
 
 
 @pytest.mark.parametrize(

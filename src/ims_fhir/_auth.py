@@ -5,7 +5,9 @@
 - :class:`SmartBackendAuth`: SMART Backend Services (client credentials with a
   ``private_key_jwt`` client assertion signed RS384 or ES384 by joserfc). The token endpoint is
   read from the server's ``.well-known/smart-configuration`` unless given; the access token is
-  cached until shortly before it expires, and renewed once when the server answers 401.
+  cached until shortly before it expires, and renewed once when the server answers 401. Its
+  discovery and token requests are sent within the FHIR request's timeouts and deadline, and
+  their answers are read up to a small size.
 
 Tokens are never logged and never put in an exception message.
 """
@@ -17,16 +19,16 @@ import stat
 import time
 import uuid
 import warnings
-from collections.abc import Callable, Generator
+from collections.abc import AsyncGenerator, AsyncIterator, Callable, Generator, Iterator
 from pathlib import Path
 
 import httpx
 from joserfc import jwt
 from joserfc.jwk import ECKey, RSAKey
 
-from ._constants import CLIENT_ASSERTION_LIFETIME, TOKEN_REFRESH_MARGIN
+from ._constants import CLIENT_ASSERTION_LIFETIME, MAX_AUTH_RESPONSE_BYTES, TOKEN_REFRESH_MARGIN
 from ._exceptions import ConfigurationError, InvalidResponseError, describe_request
-from ._http import make_status_error
+from ._http import BodyCounter, limits_for, make_status_error
 
 __all__ = ["BearerAuth", "SmartBackendAuth"]
 
@@ -50,7 +52,9 @@ class BearerAuth(httpx.Auth):
 class SmartBackendAuth(httpx.Auth):
     """SMART Backend Services authorization (client credentials, ``private_key_jwt``)."""
 
-    requires_response_body = True
+    # httpx would read every response whole, the FHIR one too; the flows below read only the
+    # discovery and token answers, within limits, and leave the FHIR one to the client.
+    requires_response_body = False
 
     def __init__(
         self,
@@ -138,9 +142,7 @@ class SmartBackendAuth(httpx.Auth):
             if self.fhir_base_url is None:
                 raise ConfigurationError("SmartBackendAuth needs token_url or fhir_base_url")
             well_known = self.fhir_base_url.rstrip("/") + "/.well-known/smart-configuration"
-            response = yield httpx.Request(
-                "GET", well_known, headers={"Accept": "application/json"}
-            )
+            response = yield httpx.Request("GET", well_known, headers=_JSON_ONLY)
             if response.status_code != 200:
                 raise make_status_error(response)
             try:
@@ -157,9 +159,7 @@ class SmartBackendAuth(httpx.Auth):
             "client_assertion_type": _ASSERTION_TYPE,
             "client_assertion": self.client_assertion(self.token_url),
         }
-        response = yield httpx.Request(
-            "POST", self.token_url, data=form, headers={"Accept": "application/json"}
-        )
+        response = yield httpx.Request("POST", self.token_url, data=form, headers=_JSON_ONLY)
         if response.status_code != 200:
             raise make_status_error(response)
         try:
@@ -186,3 +186,86 @@ class SmartBackendAuth(httpx.Auth):
             yield from self._fetch_token()
             request.headers["Authorization"] = f"Bearer {self._token}"
             yield request
+
+    def sync_auth_flow(
+        self, request: httpx.Request
+    ) -> Generator[httpx.Request, httpx.Response, None]:
+        """Run :meth:`auth_flow`, reading each discovery and token answer within limits."""
+        flow = self.auth_flow(request)
+        sent = next(flow)
+        while True:
+            sent.extensions.update(limits_for(request, time.monotonic()))
+            response = yield sent
+            if sent is not request:
+                _limit_body(response)
+                response.read()
+            try:
+                sent = flow.send(response)
+            except StopIteration:
+                return
+
+    async def async_auth_flow(
+        self, request: httpx.Request
+    ) -> AsyncGenerator[httpx.Request, httpx.Response]:
+        """Run :meth:`auth_flow`, reading each discovery and token answer within limits."""
+        flow = self.auth_flow(request)
+        sent = next(flow)
+        while True:
+            sent.extensions.update(limits_for(request, time.monotonic()))
+            response = yield sent
+            if sent is not request:
+                _limit_body(response)
+                await response.aread()
+            try:
+                sent = flow.send(response)
+            except StopIteration:
+                return
+
+
+# Discovery and token answers are small: not compressed, so no decoding can blow them up.
+_JSON_ONLY = {"Accept": "application/json", "Accept-Encoding": "identity"}
+
+
+def _limit_body(response: httpx.Response) -> None:
+    """Make reading ``response`` stop past MAX_AUTH_RESPONSE_BYTES or the request's deadline."""
+    coding = response.headers.get("Content-Encoding", "identity").strip().lower()
+    if coding != "identity":
+        raise InvalidResponseError(
+            f"{describe_request(response.request)}: answer encoded as {coding!r} "
+            "though identity was asked for",
+            request=response.request,
+            response=response,
+        )
+    response.stream = _CountedStream(
+        response.stream, BodyCounter(response, MAX_AUTH_RESPONSE_BYTES)
+    )
+
+
+class _CountedStream(httpx.SyncByteStream, httpx.AsyncByteStream):
+    """A response stream passing each chunk through a :class:`BodyCounter` as httpx reads it."""
+
+    def __init__(
+        self, stream: httpx.SyncByteStream | httpx.AsyncByteStream, counter: BodyCounter
+    ) -> None:
+        self._stream = stream
+        self._counter = counter
+
+    def __iter__(self) -> Iterator[bytes]:
+        assert isinstance(self._stream, httpx.SyncByteStream)
+        for chunk in self._stream:
+            self._counter.add(chunk, time.monotonic())
+            yield chunk
+
+    async def __aiter__(self) -> AsyncIterator[bytes]:
+        assert isinstance(self._stream, httpx.AsyncByteStream)
+        async for chunk in self._stream:
+            self._counter.add(chunk, time.monotonic())
+            yield chunk
+
+    def close(self) -> None:
+        assert isinstance(self._stream, httpx.SyncByteStream)
+        self._stream.close()
+
+    async def aclose(self) -> None:
+        assert isinstance(self._stream, httpx.AsyncByteStream)
+        await self._stream.aclose()

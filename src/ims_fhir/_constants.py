@@ -41,6 +41,9 @@ MAX_PAGES = 10_000
 MAX_RESPONSE_BYTES = 256 * 1024 * 1024
 """The largest response body read into memory, counted as sent and again after each decoding."""
 
+MAX_AUTH_RESPONSE_BYTES = 1024 * 1024
+"""The largest SMART discovery or token response read: each is a small JSON object."""
+
 TOKEN_REFRESH_MARGIN = 60.0
 """Seconds before an access token's expiry at which it is renewed."""
 

@@ -217,6 +217,20 @@ def deadline_of(request: httpx.Request) -> Deadline | None:
     return deadline if isinstance(deadline, Deadline) else None
 
 
+def limits_for(request: httpx.Request, now: float) -> dict[str, Any]:
+    """Return the timeout and deadline extensions for a request sent on behalf of ``request``.
+
+    httpx sends the requests of an auth flow (SMART discovery and token) with no timeout at all
+    unless they carry one; given ``request``'s, cut to what is left of its deadline, they stay
+    within the attempt's bounds.
+    """
+    timeout = request.extensions.get("timeout")
+    deadline = deadline_of(request)
+    if deadline is not None:
+        return deadline.extensions(timeout or {}, now)
+    return {} if timeout is None else {"timeout": timeout}
+
+
 class BodyCounter:
     """Counts a response body's bytes, as sent, against a size cap and the request's deadline.
 
@@ -664,6 +678,12 @@ def translate_transport_error(
     deadline has passed is reported as the deadline, whichever wait ran out.
     """
     where = describe_request(request)
+    try:
+        failed: httpx.Request | None = exc.request  # an auth flow's own (SMART token), maybe
+    except RuntimeError:  # raised by httpx when the exception carries no request
+        failed = None
+    if failed is not None and failed is not request:
+        where += f" (while sending {describe_request(failed)})"
     if isinstance(exc, httpx.TimeoutException):
         deadline = deadline_of(request)
         if deadline is not None and now is not None and now >= deadline.expires:

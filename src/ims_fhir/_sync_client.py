@@ -75,8 +75,8 @@ class FhirClient:
             :class:`~ims_fhir.SmartBackendAuth`), or None.
         timeout: an ``httpx.Timeout`` or seconds, for each wait (one read, one write); on by
             default.
-        deadline: seconds each attempt may take in all (connect, send, headers, whole body),
-            or None for no limit; a retry gets its own.
+        deadline: seconds each attempt may take in all (connect, send, headers, whole body,
+            SMART token requests included), or None for no limit; a retry gets its own.
         retry: the retry policy (``RetryPolicy(max_retries=0)`` turns retries off).
         verify: TLS verification (on by default): True, False or an ``ssl.SSLContext``.
         allow_insecure_http: allow plain ``http://`` to a host other than this machine.
