@@ -81,7 +81,8 @@ class AsyncFhirClient:
             SMART token requests included), or None for no limit; a retry gets its own.
         retry: the retry policy (``RetryPolicy(max_retries=0)`` turns retries off).
         verify: TLS verification (on by default): True, False or an ``ssl.SSLContext``.
-        allow_insecure_http: allow plain ``http://`` to a host other than this machine.
+        allow_insecure_http: allow plain ``http://`` to a host other than this machine (also
+            for a SMART token endpoint).
         max_connections: the connection pool's size.
         max_response_bytes: the largest response body read, as sent and once decoded.
         transport: an httpx transport (tests, proxies); None for the default.
@@ -108,8 +109,11 @@ class AsyncFhirClient:
         if max_response_bytes < 1:
             raise ValueError(f"max_response_bytes must be positive: {max_response_bytes}")
         self.base_url = check_base_url(base_url, allow_insecure_http=allow_insecure_http)
-        if isinstance(auth, SmartBackendAuth) and auth.fhir_base_url is None:
-            auth.fhir_base_url = str(self.base_url)
+        if isinstance(auth, SmartBackendAuth):
+            if auth.fhir_base_url is None:
+                auth.fhir_base_url = str(self.base_url)
+            if auth.allow_insecure_http is None:
+                auth.allow_insecure_http = allow_insecure_http
         self.deadline = deadline
         self.max_response_bytes = max_response_bytes
         self.retry = retry or RetryPolicy()

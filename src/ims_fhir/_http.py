@@ -490,17 +490,31 @@ def is_loopback(host: str) -> bool:
         return False
 
 
-def check_base_url(base_url: str, *, allow_insecure_http: bool) -> httpx.URL:
-    """Validate the server's base URL; plain http is allowed only to loopback or when asked."""
-    url = httpx.URL(base_url.rstrip("/") + "/")
-    if url.scheme not in {"http", "https"} or not url.host:
-        raise ConfigurationError(f"not an http(s) URL: {base_url!r}")
-    if url.scheme == "http" and not is_loopback(url.host) and not allow_insecure_http:
+def check_url(url: str, *, allow_insecure_http: bool, what: str = "") -> httpx.URL:
+    """Validate a URL to send to; plain http is allowed only to loopback or when asked.
+
+    Args:
+        url: the URL.
+        allow_insecure_http: allow plain http to a host other than this machine.
+        what: what the URL is for (``"the SMART token endpoint"``), named in the error.
+    """
+    checked = httpx.URL(url)
+    if checked.scheme not in {"http", "https"} or not checked.host:
+        raise ConfigurationError(f"not an http(s) URL: {what + ' ' if what else ''}{url!r}")
+    if checked.scheme == "http" and not is_loopback(checked.host) and not allow_insecure_http:
         raise ConfigurationError(
-            f"refusing plain http to {url.host}: health data must travel over https "
+            f"refusing plain http to {checked.host}"
+            + (f" for {what} {url}" if what else "")
+            + ": health data and the credentials to it must travel over https "
             "(pass allow_insecure_http=True only for a test server on a trusted network)"
         )
-    return url
+    return checked
+
+
+def check_base_url(base_url: str, *, allow_insecure_http: bool) -> httpx.URL:
+    """Validate the server's base URL; plain http is allowed only to loopback or when asked."""
+    check_url(base_url, allow_insecure_http=allow_insecure_http)
+    return httpx.URL(base_url.rstrip("/") + "/")
 
 
 def same_origin(a: httpx.URL, b: httpx.URL) -> bool:
