@@ -35,6 +35,7 @@ REPLACEMENTS = [
     (r"__aexit__", "__exit__"),
     (r"\baclose\b", "close"),
     (r"\baiter_bytes\b", "iter_bytes"),
+    (r"\baiter_raw\b", "iter_raw"),
     (r"asyncio\.sleep", "time.sleep"),
     (r"import asyncio\n", ""),
 ]

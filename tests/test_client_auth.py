@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import base64
+import gzip
 import os
 import warnings
 from pathlib import Path
@@ -16,6 +17,7 @@ from joserfc.jwk import ECKey, RSAKey
 
 import ims_fhir
 from ims_fhir import BearerAuth, FhirClient, RetryPolicy, SmartBackendAuth
+from ims_fhir._constants import TOKEN_REFRESH_MARGIN
 
 BASE = "https://fhir.example.org/r4"
 TOKEN_URL = "https://auth.example.org/token"
@@ -210,3 +212,177 @@ def test_nothing_secret_is_logged(rsa_key: RSAKey, caplog: pytest.LogCaptureFixt
     assert "Patient" in text  # something was logged
     for secret in ("SECRET-TOKEN", "Bearer", "9000000101", "client_assertion"):
         assert secret not in text
+
+
+# -- what a SMART server may answer ------------------------------------------------------------
+
+
+def test_a_plain_http_token_endpoint_from_discovery_is_refused_before_any_request(
+    rsa_key: RSAKey,
+) -> None:
+    auth = SmartBackendAuth("c", rsa_key, kid="k")
+    with respx.mock(assert_all_called=False) as router:
+        router.get(f"{BASE}/.well-known/smart-configuration").respond(
+            json={"token_endpoint": "http://evil.example/token"}
+        )
+        stolen = router.post("http://evil.example/token").respond(json={"access_token": "t"})
+        api = router.get(f"{BASE}/Patient/1").respond(json=PATIENT)
+        with FhirClient(BASE, auth=auth) as client:
+            with pytest.raises(
+                ims_fhir.ConfigurationError, match="http://evil.example/token.*allow_insecure_http"
+            ):
+                client.read("Patient", "1")
+        assert not stolen.called and not api.called
+    assert auth.token_url is None
+
+
+@pytest.mark.parametrize(
+    ("token_url", "allow_insecure_http", "allowed"),
+    [
+        pytest.param("https://auth.example.org/token", False, True, id="https"),
+        pytest.param("http://auth.example.org/token", False, False, id="http-refused"),
+        pytest.param("http://auth.example.org/token", True, True, id="http-when-allowed"),
+        pytest.param("http://127.0.0.1:9/token", False, True, id="http-to-loopback"),
+        pytest.param("ftp://auth.example.org/token", True, False, id="not-http"),
+    ],
+)
+def test_a_configured_token_url_follows_the_clients_https_rule(
+    rsa_key: RSAKey, token_url: str, allow_insecure_http: bool, allowed: bool
+) -> None:
+    auth = SmartBackendAuth("c", rsa_key, kid="k", token_url=token_url)
+    with respx.mock(assert_all_called=False) as router:
+        token = router.post(token_url).respond(json={"access_token": "t", "expires_in": 300})
+        router.get(f"{BASE}/Patient/1").respond(json=PATIENT)
+        with FhirClient(BASE, auth=auth, allow_insecure_http=allow_insecure_http) as client:
+            if allowed:
+                client.read("Patient", "1")
+            else:
+                with pytest.raises(ims_fhir.ConfigurationError, match=token_url):
+                    client.read("Patient", "1")
+        assert token.called is allowed
+
+
+def token_response(body: object) -> httpx.Response:
+    return httpx.Response(200, json=body)
+
+
+@pytest.mark.parametrize(
+    ("answer", "message"),
+    [
+        pytest.param(token_response(["not", "an", "object"]), "not a JSON object", id="list"),
+        pytest.param(httpx.Response(200, text="<html>"), "not JSON", id="html"),
+        pytest.param(token_response({"expires_in": 300}), "without access_token", id="none"),
+        pytest.param(token_response({"access_token": 7}), "without access_token", id="number"),
+        pytest.param(token_response({"access_token": ""}), "without access_token", id="empty"),
+        pytest.param(
+            token_response({"access_token": "t", "expires_in": "soon"}), "expires_in", id="word"
+        ),
+        pytest.param(
+            token_response({"access_token": "t", "expires_in": -5}), "expires_in", id="negative"
+        ),
+        pytest.param(
+            token_response({"access_token": "t", "expires_in": True}), "expires_in", id="bool"
+        ),
+        pytest.param(
+            token_response({"access_token": "t", "expires_in": None}), "expires_in", id="null"
+        ),
+        pytest.param(
+            httpx.Response(200, content=b'{"access_token": "t", "expires_in": NaN}'),
+            "expires_in",
+            id="nan",
+        ),
+        pytest.param(
+            httpx.Response(200, content=b'{"access_token": "t", "expires_in": 1e400}'),
+            "expires_in",
+            id="infinite",
+        ),
+        pytest.param(
+            httpx.Response(200, content=b'{"access_token": "' + b"x" * 2_000_000 + b'"}'),
+            "too large",
+            id="oversized",
+        ),
+        pytest.param(
+            httpx.Response(200, content=iter([b'{"access_token": "', b"x" * 2_000_000, b'"}'])),
+            "larger than 1048576 bytes",
+            id="oversized-chunked",
+        ),
+        pytest.param(
+            httpx.Response(
+                200,
+                headers={"Content-Encoding": "gzip"},
+                content=gzip.compress(b'{"access_token": "t"}'),
+            ),
+            "'gzip'",
+            id="compressed",
+        ),
+    ],
+)
+def test_an_ill_formed_token_response_is_an_invalid_response(
+    rsa_key: RSAKey, answer: httpx.Response, message: str
+) -> None:
+    auth = SmartBackendAuth("c", rsa_key, kid="k", token_url=TOKEN_URL)
+    with respx.mock(assert_all_called=False) as router:
+        router.post(TOKEN_URL).mock(return_value=answer)
+        api = router.get(f"{BASE}/Patient/1").respond(json=PATIENT)
+        with FhirClient(BASE, auth=auth, retry=RetryPolicy(max_retries=0)) as client:
+            with pytest.raises(ims_fhir.InvalidResponseError, match=message) as caught:
+                client.read("Patient", "1")
+        assert not api.called
+    assert "POST https://auth.example.org/token" in str(caught.value)
+
+
+@pytest.mark.parametrize(
+    ("expires_in", "lifetime"),
+    [
+        pytest.param(3600, 3600.0, id="integer"),
+        pytest.param(299.5, 299.5, id="float"),
+        pytest.param("3600", 3600.0, id="quoted"),
+        pytest.param(0, 0.0, id="zero"),
+    ],
+)
+def test_expires_in_sets_the_tokens_lifetime(
+    rsa_key: RSAKey, expires_in: object, lifetime: float
+) -> None:
+    clock = Clock()
+    auth = SmartBackendAuth("c", rsa_key, kid="k", token_url=TOKEN_URL, clock=clock)
+    with respx.mock() as router:
+        token = router.post(TOKEN_URL).respond(json={"access_token": "t", "expires_in": expires_in})
+        router.get(f"{BASE}/Patient/1").respond(json=PATIENT)
+        with FhirClient(BASE, auth=auth) as client:
+            client.read("Patient", "1")
+            clock.now += lifetime - TOKEN_REFRESH_MARGIN - 1
+            client.read("Patient", "1")
+            assert token.call_count == 1, "still valid"
+            clock.now += 2
+            client.read("Patient", "1")
+            assert token.call_count == 2, "renewed"
+    assert token.calls.last.request.headers["Accept-Encoding"] == "identity"
+
+
+@pytest.mark.parametrize(
+    "document",
+    [
+        pytest.param({"grant_types_supported": ["client_credentials"]}, id="missing"),
+        pytest.param({"token_endpoint": ["https://auth.example.org/token"]}, id="a-list"),
+        pytest.param({"token_endpoint": ""}, id="empty"),
+    ],
+)
+def test_discovery_without_a_token_endpoint_string_is_an_invalid_response(
+    rsa_key: RSAKey, document: dict[str, object]
+) -> None:
+    auth = SmartBackendAuth("c", rsa_key, kid="k")
+    with respx.mock() as router:
+        router.get(f"{BASE}/.well-known/smart-configuration").respond(json=document)
+        with FhirClient(BASE, auth=auth) as client:
+            with pytest.raises(ims_fhir.InvalidResponseError, match="no token_endpoint"):
+                client.read("Patient", "1")
+
+
+def test_an_oversized_discovery_document_is_refused(rsa_key: RSAKey) -> None:
+    auth = SmartBackendAuth("c", rsa_key, kid="k")
+    big = {"token_endpoint": TOKEN_URL, "padding": "x" * 2_000_000}
+    with respx.mock() as router:
+        router.get(f"{BASE}/.well-known/smart-configuration").respond(json=big)
+        with FhirClient(BASE, auth=auth) as client:
+            with pytest.raises(ims_fhir.InvalidResponseError, match="too large"):
+                client.read("Patient", "1")

@@ -256,8 +256,7 @@ def test_invalid_fixtures_are_never_written(path: Path, tmp_path: Path) -> None:
 # -- broken servers ----------------------------------------------------------------------------
 
 
-def test_a_huge_response_is_refused_not_loaded(monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setattr("ims_fhir._sync_client.MAX_RESPONSE_BYTES", 10_000)
+def test_a_huge_response_is_refused_not_loaded() -> None:
     base = "https://fhir.example.org/r4"
     with respx.mock() as router:
         router.get(f"{base}/Patient/1").respond(
@@ -265,7 +264,7 @@ def test_a_huge_response_is_refused_not_loaded(monkeypatch: pytest.MonkeyPatch) 
             content=b'{"resourceType": "Patient", "text": "' + b"x" * 50_000 + b'"}',
             headers={"Content-Type": "application/fhir+json"},
         )
-        with FhirClient(base) as client:
+        with FhirClient(base, max_response_bytes=10_000) as client:
             with pytest.raises(ims_fhir.InvalidResponseError, match="larger than|too large"):
                 client.read("Patient", "1")
 

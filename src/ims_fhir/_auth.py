@@ -4,29 +4,34 @@
 - ``httpx.BasicAuth``: HTTP Basic, as httpx provides it.
 - :class:`SmartBackendAuth`: SMART Backend Services (client credentials with a
   ``private_key_jwt`` client assertion signed RS384 or ES384 by joserfc). The token endpoint is
-  read from the server's ``.well-known/smart-configuration`` unless given; the access token is
-  cached until shortly before it expires, and renewed once when the server answers 401.
+  read from the server's ``.well-known/smart-configuration`` unless given, and must be https
+  (or loopback); the access token is cached until shortly before it expires, and renewed once
+  when the server answers 401. Its discovery and token requests are sent within the FHIR
+  request's timeouts and deadline, and their answers are small JSON objects, checked.
 
 Tokens are never logged and never put in an exception message.
 """
 
 from __future__ import annotations
 
+import json
+import math
 import os
 import stat
 import time
 import uuid
 import warnings
-from collections.abc import Callable, Generator
+from collections.abc import AsyncGenerator, AsyncIterator, Callable, Generator, Iterator
 from pathlib import Path
+from typing import Any
 
 import httpx
 from joserfc import jwt
 from joserfc.jwk import ECKey, RSAKey
 
-from ._constants import CLIENT_ASSERTION_LIFETIME, TOKEN_REFRESH_MARGIN
+from ._constants import CLIENT_ASSERTION_LIFETIME, MAX_AUTH_RESPONSE_BYTES, TOKEN_REFRESH_MARGIN
 from ._exceptions import ConfigurationError, InvalidResponseError, describe_request
-from ._http import make_status_error
+from ._http import BodyCounter, check_url, limits_for, make_status_error
 
 __all__ = ["BearerAuth", "SmartBackendAuth"]
 
@@ -50,7 +55,9 @@ class BearerAuth(httpx.Auth):
 class SmartBackendAuth(httpx.Auth):
     """SMART Backend Services authorization (client credentials, ``private_key_jwt``)."""
 
-    requires_response_body = True
+    # httpx would read every response whole, the FHIR one too; the flows below read only the
+    # discovery and token answers, within limits, and leave the FHIR one to the client.
+    requires_response_body = False
 
     def __init__(
         self,
@@ -62,6 +69,7 @@ class SmartBackendAuth(httpx.Auth):
         scope: str = "system/*.read system/*.write",
         token_url: str | None = None,
         fhir_base_url: str | None = None,
+        allow_insecure_http: bool | None = None,
         clock: Callable[[], float] = time.time,
     ) -> None:
         """Authorize as ``client_id`` with a private key registered under ``kid``.
@@ -73,7 +81,10 @@ class SmartBackendAuth(httpx.Auth):
             algorithm: ``RS384`` or ``ES384``.
             scope: the scopes to request.
             token_url: the token endpoint; read from ``.well-known/smart-configuration`` if None.
+                Either must be https unless its host is this machine.
             fhir_base_url: the FHIR base URL (set by the client when None).
+            allow_insecure_http: allow a plain http token endpoint on another host (set from
+                the client's setting when None).
             clock: seconds since the epoch (for tests).
         """
         if algorithm not in {"RS384", "ES384"}:
@@ -88,6 +99,7 @@ class SmartBackendAuth(httpx.Auth):
         self.scope = scope
         self.token_url = token_url
         self.fhir_base_url = fhir_base_url
+        self.allow_insecure_http = allow_insecure_http
         self._key = private_key
         self._clock = clock
         self._token: str | None = None
@@ -134,46 +146,48 @@ class SmartBackendAuth(httpx.Auth):
         return self._token is not None and self._clock() < self._expires_at - TOKEN_REFRESH_MARGIN
 
     def _fetch_token(self) -> Generator[httpx.Request, httpx.Response, None]:
-        if self.token_url is None:
+        token_url = self.token_url
+        if token_url is None:
             if self.fhir_base_url is None:
                 raise ConfigurationError("SmartBackendAuth needs token_url or fhir_base_url")
             well_known = self.fhir_base_url.rstrip("/") + "/.well-known/smart-configuration"
-            response = yield httpx.Request(
-                "GET", well_known, headers={"Accept": "application/json"}
-            )
+            response = yield httpx.Request("GET", well_known, headers=_JSON_ONLY)
             if response.status_code != 200:
                 raise make_status_error(response)
-            try:
-                self.token_url = str(response.json()["token_endpoint"])
-            except (ValueError, KeyError, TypeError) as exc:
+            endpoint = _json_object(response, "SMART configuration").get("token_endpoint")
+            if not isinstance(endpoint, str) or not endpoint:
                 raise InvalidResponseError(
                     f"{describe_request(response.request)}: no token_endpoint",
                     request=response.request,
                     response=response,
-                ) from exc
+                )
+            token_url = endpoint
+        # The client assertion and the token cross here: a token sent in clear is a stolen one.
+        check_url(
+            token_url,
+            allow_insecure_http=bool(self.allow_insecure_http),
+            what="the SMART token endpoint",
+        )
+        self.token_url = token_url
         form = {
             "grant_type": "client_credentials",
             "scope": self.scope,
             "client_assertion_type": _ASSERTION_TYPE,
-            "client_assertion": self.client_assertion(self.token_url),
+            "client_assertion": self.client_assertion(token_url),
         }
-        response = yield httpx.Request(
-            "POST", self.token_url, data=form, headers={"Accept": "application/json"}
-        )
+        response = yield httpx.Request("POST", token_url, data=form, headers=_JSON_ONLY)
         if response.status_code != 200:
             raise make_status_error(response)
-        try:
-            body = response.json()
-            token = str(body["access_token"])
-            lifetime = float(body.get("expires_in", 300))
-        except (ValueError, KeyError, TypeError) as exc:
+        body = _json_object(response, "token response")
+        token = body.get("access_token")
+        if not isinstance(token, str) or not token:
             raise InvalidResponseError(
                 f"{describe_request(response.request)}: token response without access_token",
                 request=response.request,
                 response=response,
-            ) from exc
+            )
         self._token = token
-        self._expires_at = self._clock() + lifetime
+        self._expires_at = self._clock() + _lifetime(body.get("expires_in", 300), response)
 
     def auth_flow(self, request: httpx.Request) -> Generator[httpx.Request, httpx.Response, None]:
         """Get a token when needed, send the request, renew once on 401."""
@@ -186,3 +200,123 @@ class SmartBackendAuth(httpx.Auth):
             yield from self._fetch_token()
             request.headers["Authorization"] = f"Bearer {self._token}"
             yield request
+
+    def sync_auth_flow(
+        self, request: httpx.Request
+    ) -> Generator[httpx.Request, httpx.Response, None]:
+        """Run :meth:`auth_flow`, reading each discovery and token answer within limits."""
+        flow = self.auth_flow(request)
+        sent = next(flow)
+        while True:
+            sent.extensions.update(limits_for(request, time.monotonic()))
+            response = yield sent
+            if sent is not request:
+                _limit_body(response)
+                response.read()
+            try:
+                sent = flow.send(response)
+            except StopIteration:
+                return
+
+    async def async_auth_flow(
+        self, request: httpx.Request
+    ) -> AsyncGenerator[httpx.Request, httpx.Response]:
+        """Run :meth:`auth_flow`, reading each discovery and token answer within limits."""
+        flow = self.auth_flow(request)
+        sent = next(flow)
+        while True:
+            sent.extensions.update(limits_for(request, time.monotonic()))
+            response = yield sent
+            if sent is not request:
+                _limit_body(response)
+                await response.aread()
+            try:
+                sent = flow.send(response)
+            except StopIteration:
+                return
+
+
+# Discovery and token answers are small: not compressed, so no decoding can blow them up.
+_JSON_ONLY = {"Accept": "application/json", "Accept-Encoding": "identity"}
+
+
+def _limit_body(response: httpx.Response) -> None:
+    """Make reading ``response`` stop past MAX_AUTH_RESPONSE_BYTES or the request's deadline."""
+    coding = response.headers.get("Content-Encoding", "identity").strip().lower()
+    if coding != "identity":
+        raise InvalidResponseError(
+            f"{describe_request(response.request)}: answer encoded as {coding!r} "
+            "though identity was asked for",
+            request=response.request,
+            response=response,
+        )
+    response.stream = _CountedStream(
+        response.stream, BodyCounter(response, MAX_AUTH_RESPONSE_BYTES)
+    )
+
+
+class _CountedStream(httpx.SyncByteStream, httpx.AsyncByteStream):
+    """A response stream passing each chunk through a :class:`BodyCounter` as httpx reads it."""
+
+    def __init__(
+        self, stream: httpx.SyncByteStream | httpx.AsyncByteStream, counter: BodyCounter
+    ) -> None:
+        self._stream = stream
+        self._counter = counter
+
+    def __iter__(self) -> Iterator[bytes]:
+        assert isinstance(self._stream, httpx.SyncByteStream)
+        for chunk in self._stream:
+            self._counter.add(chunk, time.monotonic())
+            yield chunk
+
+    async def __aiter__(self) -> AsyncIterator[bytes]:
+        assert isinstance(self._stream, httpx.AsyncByteStream)
+        async for chunk in self._stream:
+            self._counter.add(chunk, time.monotonic())
+            yield chunk
+
+    def close(self) -> None:
+        assert isinstance(self._stream, httpx.SyncByteStream)
+        self._stream.close()
+
+    async def aclose(self) -> None:
+        assert isinstance(self._stream, httpx.AsyncByteStream)
+        await self._stream.aclose()
+
+
+def _json_object(response: httpx.Response, what: str) -> dict[str, Any]:
+    try:
+        data = json.loads(response.content)
+    except (ValueError, RecursionError) as exc:
+        raise InvalidResponseError(
+            f"{describe_request(response.request)}: {what} is not JSON",
+            request=response.request,
+            response=response,
+        ) from exc
+    if not isinstance(data, dict):
+        raise InvalidResponseError(
+            f"{describe_request(response.request)}: {what} is not a JSON object",
+            request=response.request,
+            response=response,
+        )
+    return data
+
+
+def _lifetime(value: object, response: httpx.Response) -> float:
+    """Return ``expires_in`` in seconds: a finite number of at least 0."""
+    if isinstance(value, str) and value.isascii() and value.isdigit():
+        value = int(value)  # some authorization servers quote the number
+    if isinstance(value, int | float) and not isinstance(value, bool):
+        try:
+            lifetime = float(value)
+        except OverflowError:  # an integer too large for a float
+            lifetime = math.inf
+        if 0 <= lifetime < math.inf:
+            return lifetime
+    raise InvalidResponseError(
+        f"{describe_request(response.request)}: token response with expires_in "
+        "that is not a number of seconds",
+        request=response.request,
+        response=response,
+    )

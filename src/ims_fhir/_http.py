@@ -12,6 +12,7 @@ import ipaddress
 import json
 import logging
 import random
+import zlib
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
@@ -58,6 +59,9 @@ JSON = dict[str, Any]
 ResourceType = str | type[Resource]
 
 _SAFE_METHODS = frozenset({"GET", "HEAD", "PUT", "DELETE"})
+
+ACCEPT_ENCODING = "gzip, deflate"
+"""The codings asked for: exactly those :func:`decode_body` undoes (httpx would add br, zstd)."""
 
 
 class RedactQueryFilter(logging.Filter):
@@ -139,14 +143,189 @@ class Call:
     body: bytes | None = None
     retry_safe: bool = True
 
-    def build(self, client: httpx.Client | httpx.AsyncClient) -> httpx.Request:
-        """Build the httpx request on ``client`` (which holds the base URL and auth)."""
-        headers = {"Accept": FHIR_JSON, **self.headers}
+    def build(
+        self,
+        client: httpx.Client | httpx.AsyncClient,
+        deadline: Deadline | None = None,
+        now: float = 0.0,
+    ) -> httpx.Request:
+        """Build the httpx request on ``client`` (which holds the base URL and auth).
+
+        With a ``deadline`` (started at ``now``), each of the client's timeouts is cut to it.
+        """
+        headers = {"Accept": FHIR_JSON, "Accept-Encoding": ACCEPT_ENCODING, **self.headers}
         if self.body is not None:
             headers["Content-Type"] = f"{FHIR_JSON}; charset=utf-8"
         return client.build_request(
-            self.method, self.url, params=self.params, headers=headers, content=self.body
+            self.method,
+            self.url,
+            params=self.params,
+            headers=headers,
+            content=self.body,
+            extensions=deadline.extensions(client.timeout.as_dict(), now) if deadline else None,
         )
+
+
+# -- limits of one attempt ----------------------------------------------------------------------
+
+DEADLINE = "ims_fhir.deadline"
+"""The request extension holding the attempt's :class:`Deadline` (httpx passes it along)."""
+
+# A zero socket timeout means "do not block" (an OSError), not "time is up": never go below this.
+_SHORTEST_WAIT = 0.001
+
+
+@dataclass(frozen=True, slots=True)
+class Deadline:
+    """The time one attempt may take in all: connect, send, headers and the whole body.
+
+    httpx's timeouts bound each wait (one read), so a server trickling bytes never trips them.
+    A deadline cuts every timeout to the time left, and is checked between body chunks; so an
+    attempt ends at most one (shortened) wait after its deadline. Headers are the exception:
+    httpcore reads them with no check in between, so trickled headers are noticed only once
+    complete (httpcore allows 100 KiB of them).
+    """
+
+    seconds: float
+    expires: float
+    """The ``time.monotonic()`` reading at which it passes."""
+
+    @classmethod
+    def start(cls, seconds: float | None, now: float) -> Deadline | None:
+        """Start a deadline of ``seconds`` at ``now`` (None: no deadline)."""
+        return None if seconds is None else cls(seconds, now + seconds)
+
+    def extensions(self, timeout: Mapping[str, float | None], now: float) -> dict[str, Any]:
+        """Request extensions: ``timeout`` with each wait cut to the time left, and this."""
+        left = max(self.expires - now, _SHORTEST_WAIT)
+        waits = {
+            phase: left if wait is None else min(wait, left) for phase, wait in timeout.items()
+        }
+        return {"timeout": waits, DEADLINE: self}
+
+    def check(self, request: httpx.Request, now: float) -> None:
+        """Raise ``httpx.ReadTimeout`` once passed (handled, and retried, as any timeout)."""
+        if now >= self.expires:
+            raise httpx.ReadTimeout(
+                f"no complete answer within the {self.seconds:g} s deadline", request=request
+            )
+
+
+def deadline_of(request: httpx.Request) -> Deadline | None:
+    """Return the deadline a request is sent under, if any."""
+    deadline = request.extensions.get(DEADLINE)
+    return deadline if isinstance(deadline, Deadline) else None
+
+
+def limits_for(request: httpx.Request, now: float) -> dict[str, Any]:
+    """Return the timeout and deadline extensions for a request sent on behalf of ``request``.
+
+    httpx sends the requests of an auth flow (SMART discovery and token) with no timeout at all
+    unless they carry one; given ``request``'s, cut to what is left of its deadline, they stay
+    within the attempt's bounds.
+    """
+    timeout = request.extensions.get("timeout")
+    deadline = deadline_of(request)
+    if deadline is not None:
+        return deadline.extensions(timeout or {}, now)
+    return {} if timeout is None else {"timeout": timeout}
+
+
+class BodyCounter:
+    """Counts a response body's bytes, as sent, against a size cap and the request's deadline.
+
+    The clients read the body in chunks and call :meth:`add` for each, so neither a huge body
+    nor a trickling one is read to its end.
+    """
+
+    def __init__(self, response: httpx.Response, max_bytes: int) -> None:
+        """Start counting; a declared ``Content-Length`` over ``max_bytes`` fails at once."""
+        self.request = response.request
+        self.max_bytes = max_bytes
+        self.size = 0
+        self.deadline = deadline_of(self.request)
+        declared = response.headers.get("Content-Length", "")
+        if declared.isdigit() and int(declared) > max_bytes:
+            raise InvalidResponseError(
+                f"{describe_request(self.request)}: response of {declared} bytes is too large "
+                f"(the limit is {max_bytes})",
+                request=self.request,
+            )
+
+    def add(self, chunk: bytes, now: float) -> None:
+        """Count ``chunk``, received at ``now``; raise past the cap or the deadline."""
+        self.size += len(chunk)
+        if self.size > self.max_bytes:
+            raise InvalidResponseError(
+                f"{describe_request(self.request)}: response larger than {self.max_bytes} bytes",
+                request=self.request,
+            )
+        if self.deadline is not None:
+            self.deadline.check(self.request, now)
+
+
+# -- content codings ----------------------------------------------------------------------------
+
+_WBITS = {
+    "gzip": (16 + zlib.MAX_WBITS,),
+    "x-gzip": (16 + zlib.MAX_WBITS,),  # an alias recipients must accept (RFC 9110 8.4.1.3)
+    "deflate": (zlib.MAX_WBITS, -zlib.MAX_WBITS),  # zlib-wrapped as specified, or raw as sent
+}
+
+
+def decode_body(
+    raw: bytes, headers: httpx.Headers, *, max_bytes: int, request: httpx.Request
+) -> bytes:
+    """Undo a body's ``Content-Encoding``, holding at most ``max_bytes`` of any layer.
+
+    httpx inflates a whole network chunk in one call, so a few kilobytes of ``gzip, gzip`` grow
+    to gigabytes before any size check; here each layer stops one byte past the cap. Codings are
+    listed in the order they were applied, so they are undone last first.
+    """
+    body = raw
+    for coding in reversed(headers.get_list("Content-Encoding", split_commas=True)):
+        coding = coding.strip().lower()
+        if coding in {"", "identity"}:
+            continue
+        if coding not in _WBITS:
+            raise InvalidResponseError(
+                f"{describe_request(request)}: response encoded as {coding!r}, which ims-fhir "
+                f"does not decode (it asks for {ACCEPT_ENCODING})",
+                request=request,
+            )
+        body = _inflate(body, coding, max_bytes, request)
+    return body
+
+
+def _inflate(data: bytes, coding: str, max_bytes: int, request: httpx.Request) -> bytes:
+    where = describe_request(request)
+    parts: list[bytes] = []
+    size = 0
+    while data:  # gzip members may follow one another
+        error: zlib.error | None = None
+        for wbits in _WBITS[coding]:
+            inflater = zlib.decompressobj(wbits)
+            try:
+                # Stop one byte past the cap (max_length is never 0, which would mean no limit).
+                part = inflater.decompress(data, max_bytes - size + 1)
+                break
+            except zlib.error as exc:
+                error = exc
+        else:
+            raise InvalidResponseError(
+                f"{where}: corrupt {coding} body ({error})", request=request
+            ) from error
+        size += len(part)
+        if size > max_bytes:
+            raise InvalidResponseError(
+                f"{where}: response larger than {max_bytes} bytes once decoded ({coding})",
+                request=request,
+            )
+        if not inflater.eof:
+            raise InvalidResponseError(f"{where}: truncated {coding} body", request=request)
+        parts.append(part)
+        data = inflater.unused_data
+    return b"".join(parts)
 
 
 def type_name(resource_type: ResourceType) -> str:
@@ -311,17 +490,31 @@ def is_loopback(host: str) -> bool:
         return False
 
 
-def check_base_url(base_url: str, *, allow_insecure_http: bool) -> httpx.URL:
-    """Validate the server's base URL; plain http is allowed only to loopback or when asked."""
-    url = httpx.URL(base_url.rstrip("/") + "/")
-    if url.scheme not in {"http", "https"} or not url.host:
-        raise ConfigurationError(f"not an http(s) URL: {base_url!r}")
-    if url.scheme == "http" and not is_loopback(url.host) and not allow_insecure_http:
+def check_url(url: str, *, allow_insecure_http: bool, what: str = "") -> httpx.URL:
+    """Validate a URL to send to; plain http is allowed only to loopback or when asked.
+
+    Args:
+        url: the URL.
+        allow_insecure_http: allow plain http to a host other than this machine.
+        what: what the URL is for (``"the SMART token endpoint"``), named in the error.
+    """
+    checked = httpx.URL(url)
+    if checked.scheme not in {"http", "https"} or not checked.host:
+        raise ConfigurationError(f"not an http(s) URL: {what + ' ' if what else ''}{url!r}")
+    if checked.scheme == "http" and not is_loopback(checked.host) and not allow_insecure_http:
         raise ConfigurationError(
-            f"refusing plain http to {url.host}: health data must travel over https "
+            f"refusing plain http to {checked.host}"
+            + (f" for {what} {url}" if what else "")
+            + ": health data and the credentials to it must travel over https "
             "(pass allow_insecure_http=True only for a test server on a trusted network)"
         )
-    return url
+    return checked
+
+
+def check_base_url(base_url: str, *, allow_insecure_http: bool) -> httpx.URL:
+    """Validate the server's base URL; plain http is allowed only to loopback or when asked."""
+    check_url(base_url, allow_insecure_http=allow_insecure_http)
+    return httpx.URL(base_url.rstrip("/") + "/")
 
 
 def same_origin(a: httpx.URL, b: httpx.URL) -> bool:
@@ -490,11 +683,28 @@ def make_status_error(response: httpx.Response) -> StatusError:
     return cls(message, request=request, response=response, outcome=outcome)
 
 
-def translate_transport_error(exc: httpx.TransportError, request: httpx.Request) -> TransportError:
-    """Wrap an httpx transport error in the ims-fhir tree (the caller raises it from exc)."""
+def translate_transport_error(
+    exc: httpx.TransportError, request: httpx.Request, now: float | None = None
+) -> TransportError:
+    """Wrap an httpx transport error in the ims-fhir tree (the caller raises it from exc).
+
+    ``now`` is when the failure was seen (``time.monotonic()``): a timeout once the request's
+    deadline has passed is reported as the deadline, whichever wait ran out.
+    """
     where = describe_request(request)
+    try:
+        failed: httpx.Request | None = exc.request  # an auth flow's own (SMART token), maybe
+    except RuntimeError:  # raised by httpx when the exception carries no request
+        failed = None
+    if failed is not None and failed is not request:
+        where += f" (while sending {describe_request(failed)})"
     if isinstance(exc, httpx.TimeoutException):
-        return TimeoutError(f"{where}: timed out ({type(exc).__name__})", request=request)
+        deadline = deadline_of(request)
+        if deadline is not None and now is not None and now >= deadline.expires:
+            why = f"no complete answer within the {deadline.seconds:g} s deadline"
+        else:
+            why = type(exc).__name__
+        return TimeoutError(f"{where}: timed out ({why})", request=request)
     if isinstance(exc, httpx.ConnectError):
         return ConnectError(f"{where}: cannot connect ({exc})", request=request)
     return ProtocolError(f"{where}: {type(exc).__name__}: {exc}", request=request)

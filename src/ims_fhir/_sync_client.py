@@ -20,11 +20,13 @@ from fhir.resources.R4B.capabilitystatement import CapabilityStatement
 from fhir.resources.R4B.resource import Resource
 
 from ._auth import SmartBackendAuth
-from ._constants import DEFAULT_TIMEOUT, MAX_PAGES, MAX_RESPONSE_BYTES
+from ._constants import DEFAULT_DEADLINE, DEFAULT_TIMEOUT, MAX_PAGES, MAX_RESPONSE_BYTES
 from ._exceptions import InvalidResponseError, describe_request
 from ._http import (
     JSON,
+    BodyCounter,
     Call,
+    Deadline,
     Outcome,
     ResourceType,
     RetryPolicy,
@@ -34,6 +36,7 @@ from ._http import (
     check_base_url,
     conditional_update_call,
     create_call,
+    decode_body,
     delete_call,
     expect_resource,
     history_call,
@@ -70,11 +73,16 @@ class FhirClient:
         base_url: the server's FHIR base URL, e.g. ``https://fhir.example.org/r4``.
         auth: an ``httpx.Auth`` (:class:`~ims_fhir.BearerAuth`, ``httpx.BasicAuth``,
             :class:`~ims_fhir.SmartBackendAuth`), or None.
-        timeout: an ``httpx.Timeout`` or seconds; on by default.
+        timeout: an ``httpx.Timeout`` or seconds, for each wait (one read, one write); on by
+            default.
+        deadline: seconds each attempt may take in all (connect, send, headers, whole body,
+            SMART token requests included), or None for no limit; a retry gets its own.
         retry: the retry policy (``RetryPolicy(max_retries=0)`` turns retries off).
         verify: TLS verification (on by default): True, False or an ``ssl.SSLContext``.
-        allow_insecure_http: allow plain ``http://`` to a host other than this machine.
+        allow_insecure_http: allow plain ``http://`` to a host other than this machine (also
+            for a SMART token endpoint).
         max_connections: the connection pool's size.
+        max_response_bytes: the largest response body read, as sent and once decoded.
         transport: an httpx transport (tests, proxies); None for the default.
     """
 
@@ -84,17 +92,28 @@ class FhirClient:
         *,
         auth: httpx.Auth | None = None,
         timeout: httpx.Timeout | float = DEFAULT_TIMEOUT,
+        deadline: float | None = DEFAULT_DEADLINE,
         retry: RetryPolicy | None = None,
         verify: Any = True,
         allow_insecure_http: bool = False,
         max_connections: int = 20,
+        max_response_bytes: int = MAX_RESPONSE_BYTES,
         transport: httpx.BaseTransport | None = None,
         headers: Mapping[str, str] | None = None,
     ) -> None:
         """Create the client; nothing is sent until the first call."""
+        if deadline is not None and not deadline > 0:
+            raise ValueError(f"deadline must be a positive number of seconds or None: {deadline}")
+        if max_response_bytes < 1:
+            raise ValueError(f"max_response_bytes must be positive: {max_response_bytes}")
         self.base_url = check_base_url(base_url, allow_insecure_http=allow_insecure_http)
-        if isinstance(auth, SmartBackendAuth) and auth.fhir_base_url is None:
-            auth.fhir_base_url = str(self.base_url)
+        if isinstance(auth, SmartBackendAuth):
+            if auth.fhir_base_url is None:
+                auth.fhir_base_url = str(self.base_url)
+            if auth.allow_insecure_http is None:
+                auth.allow_insecure_http = allow_insecure_http
+        self.deadline = deadline
+        self.max_response_bytes = max_response_bytes
         self.retry = retry or RetryPolicy()
         install_log_redaction()
         self._http = httpx.Client(
@@ -130,12 +149,12 @@ class FhirClient:
         attempt = 0
         while True:
             attempt += 1
-            request = call.build(self._http)
             started = time.monotonic()
+            request = call.build(self._http, Deadline.start(self.deadline, started), started)
             try:
                 response = self._http.send(request, stream=True)
                 try:
-                    body = self._read_capped(response)
+                    body = self._read_body(response)
                 finally:
                     response.close()
             except httpx.TransportError as exc:
@@ -148,7 +167,7 @@ class FhirClient:
                     f", retrying in {wait:.2f} s" if wait is not None else "",
                 )
                 if wait is None:
-                    raise translate_transport_error(exc, request) from exc
+                    raise translate_transport_error(exc, request, time.monotonic()) from exc
                 time.sleep(wait)
                 continue
             # The body is decoded already: the rebuilt response must not decode it again.
@@ -183,25 +202,23 @@ class FhirClient:
             )
             time.sleep(wait)
 
-    def _read_capped(self, response: httpx.Response) -> bytes:
-        declared = response.headers.get("Content-Length")
-        if declared and declared.isdigit() and int(declared) > MAX_RESPONSE_BYTES:
-            raise InvalidResponseError(
-                f"{describe_request(response.request)}: response of {declared} bytes is too large",
-                request=response.request,
-            )
+    def _read_body(self, response: httpx.Response) -> bytes:
+        """Read the body as sent within the size cap and the deadline, then decode it."""
+        counter = BodyCounter(response, self.max_response_bytes)
+        if response.is_stream_consumed:
+            # An auth that reads responses (requires_response_body) had httpx read and decode it.
+            counter.add(response.content, time.monotonic())
+            return response.content
         chunks = []
-        size = 0
-        for chunk in response.iter_bytes():
-            size += len(chunk)
-            if size > MAX_RESPONSE_BYTES:
-                raise InvalidResponseError(
-                    f"{describe_request(response.request)}: response larger than "
-                    f"{MAX_RESPONSE_BYTES} bytes",
-                    request=response.request,
-                )
+        for chunk in response.iter_raw():
+            counter.add(chunk, time.monotonic())
             chunks.append(chunk)
-        return b"".join(chunks)
+        return decode_body(
+            b"".join(chunks),
+            response.headers,
+            max_bytes=self.max_response_bytes,
+            request=response.request,
+        )
 
     # -- operations ------------------------------------------------------------------------
 
