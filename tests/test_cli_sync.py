@@ -6,6 +6,7 @@ import json
 from pathlib import Path
 from typing import Any
 
+import httpx
 import pytest
 import respx
 from click.testing import CliRunner
@@ -208,3 +209,139 @@ def test_state_store_round_trip(tmp_path: Path) -> None:
         assert state.resources("s", "enc")["a|1"].version == "2"
         assert state.record("other-server", "enc") is None
         assert state.counts("s") == {"Observation": 1}
+
+
+# -- fail fast: one clear line and exit 2, not one failure per encounter -------------------------
+
+CAPABILITIES = {
+    "resourceType": "CapabilityStatement",
+    "status": "active",
+    "date": "2026-01-01",
+    "kind": "instance",
+    "fhirVersion": "4.0.1",
+    "format": ["json"],
+    "rest": [{"mode": "server", "interaction": [{"code": "transaction"}]}],
+}
+
+
+def _push(root: Path, tmp_path: Path, *extra: str) -> Any:
+    return CliRunner().invoke(
+        cli,
+        [
+            "push",
+            str(root / "fixtures" / "encounters"),
+            "--server",
+            BASE,
+            "--state",
+            str(tmp_path / "s.sqlite3"),
+            *extra,
+        ],
+    )
+
+
+@pytest.mark.parametrize(
+    ("routes", "expected"),
+    [
+        pytest.param(
+            {"metadata": httpx.Response(404, text="<html>Not Found</html>")},
+            "no FHIR server at this base URL",
+            id="wrong-base-path",
+        ),
+        pytest.param(
+            {"metadata": httpx.Response(200, text="<html>a web page</html>")},
+            "not a FHIR server",
+            id="not-fhir",
+        ),
+        pytest.param(
+            {"metadata": httpx.Response(200, json=CAPABILITIES | {"fhirVersion": "5.0.0"})},
+            "speaks FHIR 5.0.0",
+            id="not-r4",
+        ),
+        pytest.param(
+            {
+                "metadata": httpx.Response(
+                    200,
+                    json=CAPABILITIES
+                    | {"rest": [{"mode": "server", "interaction": [{"code": "batch"}]}]},
+                )
+            },
+            "does not support transactions",
+            id="no-transactions",
+        ),
+        pytest.param(
+            {"metadata": httpx.Response(200, json=CAPABILITIES), "Encounter": httpx.Response(401)},
+            "401",
+            id="unauthorized",
+        ),
+        pytest.param(
+            {"metadata": httpx.Response(403)},
+            "403",
+            id="forbidden",
+        ),
+        pytest.param(
+            {
+                "metadata": httpx.ConnectError(
+                    "[SSL: CERTIFICATE_VERIFY_FAILED] certificate verify failed"
+                )
+            },
+            "CERTIFICATE_VERIFY_FAILED",
+            id="tls",
+        ),
+    ],
+)
+def test_a_server_that_cannot_take_the_push_stops_it_at_once(
+    root: Path, tmp_path: Path, routes: dict[str, Any], expected: str
+) -> None:
+    with respx.mock(assert_all_mocked=True) as router:
+        for path, answer in routes.items():
+            route = router.get(f"{BASE}/{path}")
+            if isinstance(answer, Exception):
+                route.side_effect = answer
+            else:
+                route.return_value = answer
+        result = _push(root, tmp_path)
+        sent = len(router.calls)
+    assert result.exit_code == 2, result.output
+    assert "Traceback" not in result.output
+    errors = [line for line in result.stderr.splitlines() if line.startswith("error")]
+    assert len(errors) == 1 and expected in errors[0], result.stderr
+    assert sent <= 5  # the preflight and its retries, never a request per encounter
+
+
+def test_a_state_file_problem_is_one_line_and_exit_2(root: Path, tmp_path: Path) -> None:
+    bad = tmp_path / "s.sqlite3"
+    bad.write_text("name,value\n" * 100)
+    with respx.mock(assert_all_mocked=True) as router:
+        result = _push(root, tmp_path)
+        assert not router.calls
+    assert result.exit_code == 2
+    assert "Traceback" not in result.output
+    assert "not an ims-fhir state file" in result.stderr
+    assert len(result.stderr.strip().splitlines()) == 1
+
+
+def test_the_same_encounter_twice_in_one_push_is_refused_naming_both_files(
+    root: Path, tmp_path: Path
+) -> None:
+    one = root / "fixtures" / "encounters" / "01-lumbar-l5-initial.json"
+    copy = tmp_path / "copy.json"
+    copy.write_text(one.read_text(encoding="utf-8"), encoding="utf-8")
+    result = CliRunner().invoke(
+        cli,
+        [
+            "push",
+            str(one),
+            str(copy),
+            "--server",
+            BASE,
+            "--state",
+            str(tmp_path / "s.sqlite3"),
+            "--dry-run",
+            "--json",
+        ],
+    )
+    assert result.exit_code == 1
+    report = json.loads(result.stdout)
+    (failed,) = [r for r in report["results"] if r["action"] == "failed"]
+    assert "twice" in failed["message"]
+    assert "01-lumbar-l5-initial.json" in failed["message"] and "copy.json" in failed["message"]

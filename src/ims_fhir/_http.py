@@ -12,6 +12,7 @@ import ipaddress
 import json
 import logging
 import random
+import ssl
 import zlib
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
@@ -730,6 +731,18 @@ def parse_retry_after(value: str | None, now: dt.datetime | None = None) -> floa
     return max(0.0, (when - now).total_seconds())
 
 
+def _is_certificate_error(error: BaseException) -> bool:
+    """Tell a TLS verification failure (permanent) from a connection that failed (transient)."""
+    seen: BaseException | None = error
+    while seen is not None:
+        if isinstance(seen, ssl.SSLCertVerificationError) or "CERTIFICATE_VERIFY_FAILED" in str(
+            seen
+        ):
+            return True
+        seen = seen.__cause__ or seen.__context__
+    return False
+
+
 @dataclass(frozen=True, slots=True)
 class RetryPolicy:
     """Bounded exponential backoff with jitter, honouring ``Retry-After``.
@@ -765,6 +778,8 @@ class RetryPolicy:
         if attempt > self.max_retries:
             return None
         if error is not None:
+            if _is_certificate_error(error):
+                return None  # a certificate does not get better by asking again
             never_sent = isinstance(error, httpx.ConnectError | httpx.ConnectTimeout)
             return self.backoff(attempt, rng) if (call.retry_safe or never_sent) else None
         if response is None or response.status_code not in self.statuses or not call.retry_safe:

@@ -211,18 +211,20 @@ class StateStore:
         with self._transaction():
             if "resource" in tables and version < 2:
                 columns = {row[1] for row in db.execute("PRAGMA table_info(resource)")}
-                if "signature" not in columns:
+                if "signature" not in columns and {"server", "identifier"} <= columns:
                     db.execute("ALTER TABLE resource ADD COLUMN signature TEXT")
+            for table, wanted in _COLUMNS.items():
+                if table not in tables:
+                    continue
+                columns = {row[1] for row in db.execute(f"PRAGMA table_info({table})")}
+                if not wanted <= columns:
+                    raise StateError(
+                        f"state file {self.path}: table {table!r} is not ims-fhir's "
+                        f"(missing {', '.join(sorted(wanted - columns))}); pass another --state"
+                    )
             for statement in filter(None, (s.strip() for s in _SCHEMA.split(";"))):
                 db.execute(statement)
             db.execute(f"PRAGMA user_version = {SCHEMA_VERSION}")
-        for table, wanted in _COLUMNS.items():
-            columns = {row[1] for row in db.execute(f"PRAGMA table_info({table})")}
-            if not wanted <= columns:
-                raise StateError(
-                    f"state file {self.path}: table {table!r} is not ims-fhir's "
-                    f"(missing {', '.join(sorted(wanted - columns))}); pass another --state"
-                )
 
     @property
     def _connection(self) -> sqlite3.Connection:

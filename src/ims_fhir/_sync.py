@@ -244,6 +244,7 @@ class Pusher:
         self.run_preflight = preflight
         self._preflight_done = False
         self._preflight_lock = asyncio.Lock()
+        self._preflight_error: FhirError | None = None
         # Shared resources being created, by key: done when the transaction creating them is.
         self._creating: dict[str, asyncio.Future[None]] = {}
 
@@ -449,8 +450,14 @@ class Pusher:
             return [self._dry(item) for item in batch]
         if self.run_preflight and not self._preflight_done:
             async with self._preflight_lock:  # once, before the first request of a push
+                if self._preflight_error is not None:
+                    raise self._preflight_error
                 if not self._preflight_done:
-                    await self.preflight()
+                    try:
+                        await self.preflight()
+                    except FhirError as exc:
+                        self._preflight_error = exc
+                        raise
         claim = await self._claim_shared(batch)
         try:
             return await self._push_claimed(batch)
