@@ -201,10 +201,14 @@ class _Rebuild:
         # return resources in any order, so that list (when present) is the order of pain
         # scores and needled sites. Findings are ordered by the panel's hasMember.
         self.rank: dict[int, int] = {}
+        # What the Provenance names is what the record holds: in a retracted encounter, where
+        # every part is entered in error, a part removed before the retraction is not named.
+        self.listed: set[int] | None = None
         for prov in index.by_type("Provenance"):
             targets = [index.resolve(t) for t in prov.get("target") or []]
             if any(t is encounter for t in targets):
                 self.use(prov)
+                self.listed = (self.listed or set()) | {id(t) for t in targets if t is not None}
                 for n, target in enumerate(targets):
                     if target is not None:
                         self.rank.setdefault(id(target), n)
@@ -284,7 +288,9 @@ class _Rebuild:
                 for c in (resource.get("verificationStatus") or {}).get("coding") or []
             ]
             status = "entered-in-error" if "entered-in-error" in codes else None
-        if self.live and status == "entered-in-error":
+        if status != "entered-in-error":
+            return False
+        if self.live or (self.listed is not None and id(resource) not in self.listed):
             self.retired.append(resource)
             return True
         return False
