@@ -55,12 +55,11 @@ public class FhirConfig {
 	@Bean
 	public JpaStorageSettings storageSettings() {
 		JpaStorageSettings settings = new JpaStorageSettings();
-		// Conditional references such as "Patient?identifier=..." inside a transaction.
+		// As HAPI's jpaserver-starter sets them by default (what users run): conditional
+		// references such as "Patient?identifier=..." inside a transaction, and $expunge.
+		// Multiple delete and delete-expunge stay off, as there.
 		settings.setAllowInlineMatchUrlReferences(true);
-		// Tests clean up after themselves; $expunge and multiple delete make that possible.
 		settings.setExpungeEnabled(true);
-		settings.setAllowMultipleDelete(true);
-		settings.setDeleteExpungeEnabled(true);
 		return settings;
 	}
 
@@ -134,7 +133,6 @@ public class FhirConfig {
 		server.setPagingProvider(pagingProvider);
 		server.setDefaultResponseEncoding(EncodingEnum.JSON);
 		server.setServerAddressStrategy(new IncomingRequestAddressStrategy());
-		server.registerInterceptor(new IfMatchPreconditionInterceptor());
 		return server;
 	}
 
