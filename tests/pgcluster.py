@@ -7,12 +7,15 @@ runs as the ``postgres`` user (``nobody`` where there is none), which owns the c
 
 from __future__ import annotations
 
+import contextlib
 import os
 import pwd
 import secrets
 import shutil
+import signal
 import socket
 import subprocess
+import sys
 import tempfile
 from pathlib import Path
 from types import TracebackType
@@ -160,3 +163,24 @@ class PgCluster:
         finally:
             shutil.rmtree(self.root, ignore_errors=True)
             self.root = None
+
+
+def main() -> None:
+    """``python -m tests.pgcluster``: run a throw-away cluster until Ctrl-C, for a HAPI by hand."""
+    bindir = find_bindir()
+    if bindir is None:
+        raise SystemExit(INSTALL_HINT)
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(0))
+    with PgCluster(bindir) as pg:
+        print(
+            "tests/hapi/run -- --ims.db=postgres"
+            f" --ims.jdbc-url={pg.jdbc_url} --ims.db-user={pg.user}"
+            f" --ims.db-password={pg.password}",
+            flush=True,
+        )
+        with contextlib.suppress(KeyboardInterrupt):
+            signal.pause()
+
+
+if __name__ == "__main__":
+    main()
