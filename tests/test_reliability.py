@@ -40,6 +40,8 @@ from .test_sync_hapi import (
     with_namespace,
 )
 
+pytestmark = pytest.mark.fhir_servers("h2", "postgres")
+
 
 def _namespace() -> str:
     return f"https://rel-{uuid.uuid4().hex[:10]}.example/sid"

@@ -33,6 +33,8 @@ from ims_fhir import (
 
 from .conftest import ENCOUNTER_FILES, ROOT
 
+pytestmark = pytest.mark.fhir_servers("h2", "postgres")
+
 TYPES = [
     "Organization",
     "Patient",

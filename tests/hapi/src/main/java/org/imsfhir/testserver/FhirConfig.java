@@ -12,6 +12,7 @@ import ca.uhn.fhir.jpa.config.r4.JpaR4Config;
 import ca.uhn.fhir.jpa.config.util.HapiEntityManagerFactoryUtil;
 import ca.uhn.fhir.jpa.model.config.PartitionSettings;
 import ca.uhn.fhir.jpa.model.dialect.HapiFhirH2Dialect;
+import ca.uhn.fhir.jpa.model.dialect.HapiFhirPostgresDialect;
 import ca.uhn.fhir.jpa.provider.JpaCapabilityStatementProvider;
 import ca.uhn.fhir.jpa.provider.JpaSystemProvider;
 import ca.uhn.fhir.jpa.search.DatabaseBackedPagingProvider;
@@ -55,12 +56,11 @@ public class FhirConfig {
 	@Bean
 	public JpaStorageSettings storageSettings() {
 		JpaStorageSettings settings = new JpaStorageSettings();
-		// Conditional references such as "Patient?identifier=..." inside a transaction.
+		// As HAPI's jpaserver-starter sets them by default (what users run): conditional
+		// references such as "Patient?identifier=..." inside a transaction, and $expunge.
+		// Multiple delete and delete-expunge stay off, as there.
 		settings.setAllowInlineMatchUrlReferences(true);
-		// Tests clean up after themselves; $expunge and multiple delete make that possible.
 		settings.setExpungeEnabled(true);
-		settings.setAllowMultipleDelete(true);
-		settings.setDeleteExpungeEnabled(true);
 		return settings;
 	}
 
@@ -69,13 +69,48 @@ public class FhirConfig {
 		return new PartitionSettings();
 	}
 
+	/**
+	 * The database HAPI stores into, chosen by {@code --ims.db}: {@code h2} (in memory, the
+	 * default) or {@code postgres} (with {@code --ims.jdbc-url}, {@code --ims.db-user} and
+	 * {@code --ims.db-password}), each with HAPI's own Hibernate dialect for it.
+	 */
+	public record Database(String name, String driver, String dialect, String url, String user, String password) {
+
+		static Database of(String name, String url, String h2Url, String user, String password) {
+			return switch (name) {
+				case "h2" -> new Database(name, "org.h2.Driver", HapiFhirH2Dialect.class.getName(),
+						url.isBlank() ? h2Url : url, user.isBlank() ? "sa" : user, password);
+				case "postgres" -> {
+					if (!url.startsWith("jdbc:postgresql:")) {
+						throw new IllegalArgumentException(
+								"--ims.db=postgres needs --ims.jdbc-url=jdbc:postgresql://HOST:PORT/DATABASE");
+					}
+					yield new Database(name, "org.postgresql.Driver", HapiFhirPostgresDialect.class.getName(),
+							url, user.isBlank() ? "hapi" : user, password);
+				}
+				default -> throw new IllegalArgumentException(
+						"--ims.db=" + name + ": expected h2 or postgres");
+			};
+		}
+	}
+
 	@Bean
-	public DataSource dataSource(@Value("${ims.h2-url:jdbc:h2:mem:ims;DB_CLOSE_DELAY=-1}") String url) {
+	public Database database(
+			@Value("${ims.db:h2}") String name,
+			@Value("${ims.jdbc-url:}") String url,
+			@Value("${ims.h2-url:jdbc:h2:mem:ims;DB_CLOSE_DELAY=-1}") String h2Url,
+			@Value("${ims.db-user:}") String user,
+			@Value("${ims.db-password:}") String password) {
+		return Database.of(name, url, h2Url, user, password);
+	}
+
+	@Bean
+	public DataSource dataSource(Database database) {
 		BasicDataSource dataSource = new BasicDataSource();
-		dataSource.setDriver(new org.h2.Driver());
-		dataSource.setUrl(url);
-		dataSource.setUsername("sa");
-		dataSource.setPassword("");
+		dataSource.setDriverClassName(database.driver());
+		dataSource.setUrl(database.url());
+		dataSource.setUsername(database.user());
+		dataSource.setPassword(database.password());
 		dataSource.setMaxTotal(20);
 		return dataSource;
 	}
@@ -86,13 +121,14 @@ public class FhirConfig {
 			ConfigurableListableBeanFactory beanFactory,
 			FhirContext fhirContext,
 			JpaStorageSettings storageSettings,
+			Database database,
 			DataSource dataSource) {
 		LocalContainerEntityManagerFactoryBean factory =
 				HapiEntityManagerFactoryUtil.newEntityManagerFactory(beanFactory, fhirContext, storageSettings);
 		factory.setPersistenceUnitName("HAPI_PU");
 		factory.setDataSource(dataSource);
 		Properties jpa = new Properties();
-		jpa.put("hibernate.dialect", HapiFhirH2Dialect.class.getName());
+		jpa.put("hibernate.dialect", database.dialect());
 		jpa.put("hibernate.hbm2ddl.auto", "update");
 		jpa.put("hibernate.format_sql", "false");
 		jpa.put("hibernate.show_sql", "false");
@@ -100,6 +136,9 @@ public class FhirConfig {
 		jpa.put("hibernate.cache.use_query_cache", "false");
 		jpa.put("hibernate.cache.use_second_level_cache", "false");
 		jpa.put("hibernate.search.enabled", "false");
+		// The schema update answers each "DROP CONSTRAINT IF EXISTS" on PostgreSQL with a notice
+		// that Hibernate would log as a warning: noise in the log attached to failing tests.
+		jpa.put("hibernate.jdbc.log.warnings", "false");
 		factory.setJpaProperties(jpa);
 		return factory;
 	}
@@ -121,20 +160,20 @@ public class FhirConfig {
 			ISearchParamRegistry searchParamRegistry,
 			IValidationSupport validationSupport,
 			DatabaseBackedPagingProvider pagingProvider,
+			Database database,
 			@Value("${ims.page-size:20}") int pageSize) {
 		RestfulServer server = new RestfulServer(systemDao.getContext());
 		server.registerProviders(resourceProviderFactory.createProviders());
 		server.registerProvider(systemProvider);
 		JpaCapabilityStatementProvider capabilities = new JpaCapabilityStatementProvider(
 				server, systemDao, storageSettings, searchParamRegistry, validationSupport);
-		capabilities.setImplementationDescription("ims-fhir test server (HAPI FHIR JPA, H2)");
+		capabilities.setImplementationDescription("ims-fhir test server (HAPI FHIR JPA, " + database.name() + ")");
 		server.setServerConformanceProvider(capabilities);
 		pagingProvider.setDefaultPageSize(pageSize);
 		pagingProvider.setMaximumPageSize(500);
 		server.setPagingProvider(pagingProvider);
 		server.setDefaultResponseEncoding(EncodingEnum.JSON);
 		server.setServerAddressStrategy(new IncomingRequestAddressStrategy());
-		server.registerInterceptor(new IfMatchPreconditionInterceptor());
 		return server;
 	}
 

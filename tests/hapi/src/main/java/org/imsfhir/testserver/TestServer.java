@@ -8,7 +8,8 @@ import org.springframework.boot.autoconfigure.orm.jpa.HibernateJpaAutoConfigurat
 import org.springframework.boot.autoconfigure.thymeleaf.ThymeleafAutoConfiguration;
 
 /**
- * A HAPI FHIR JPA server (FHIR R4, in-memory H2) for ims-fhir's integration tests and demo.
+ * A HAPI FHIR JPA server (FHIR R4; in-memory H2, or PostgreSQL: see {@code FhirConfig.Database})
+ * for ims-fhir's integration tests and demo.
  *
  * <p>Listens on 127.0.0.1 at /fhir. Port: {@code --server.port=N} (0 picks a free one; the
  * chosen port is printed as "IMS-FHIR-TEST-SERVER-LISTENING http://127.0.0.1:N/fhir").
