@@ -121,6 +121,9 @@ def _hapi_server(server: str, package: Path, options: list[str]) -> Iterator[str
             stdout=subprocess.PIPE,
             stderr=stderr,
             text=True,
+            # The suite writes thousands of encounters to an in-memory database: with 1 GiB
+            # the server ends up collecting garbage more than answering.
+            env=os.environ | {"IMS_FHIR_HAPI_XMX": os.environ.get("IMS_FHIR_HAPI_XMX", "2g")},
         )
     assert process.stdout is not None
     base = process.stdout.readline().strip()

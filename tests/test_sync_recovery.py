@@ -30,6 +30,9 @@ from .test_sync_hapi import identifiers_unique
 from .test_sync_variants import OK, edit, records_for, remove, retract, server_records
 
 
+pytestmark = pytest.mark.fhir_servers("h2", "postgres")
+
+
 def changed(records: list[Encounter]) -> list[Encounter]:
     """Edits, removals and retractions, a quarter of the records each; the rest unchanged."""
     change: list[Callable[[Encounter], Encounter]] = [edit, remove, retract, lambda r: r]
