@@ -29,7 +29,6 @@ from .faultproxy import FaultPlan, FaultProxy
 from .test_sync_hapi import identifiers_unique
 from .test_sync_variants import OK, edit, records_for, remove, retract, server_records
 
-
 pytestmark = pytest.mark.fhir_servers("h2", "postgres")
 
 

@@ -36,7 +36,6 @@ from ims_fhir import (
 from .test_sync_hapi import TYPES, identifiers_unique, server_counts
 from .variants import VARIANTS, VariantTransport
 
-
 pytestmark = pytest.mark.fhir_servers("h2", "postgres")
 
 OK = {"created", "updated", "unchanged", "entered-in-error"}
