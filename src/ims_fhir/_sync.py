@@ -578,22 +578,31 @@ class Pusher:
         """
         reads: set[tuple[str, str]] = set()
         searches: dict[str, set[str]] = {}  # type -> identifier keys
+        probes: dict[int, str] = {}  # items of which nothing is known: their Encounter's key
         for item in batch:
             item.current, item.error = {}, None
             for known in self._to_check(item):
                 reads.add((known.resource_type, known.resource_id))
-            if item.unsure or self.verify:
-                for entry in item.entries:
-                    identifier = identifier_key(entry["resource"])
-                    if identifier not in item.known:
-                        self._want(searches, entry["resource"]["resourceType"], identifier)
-            for entry in item.shared:  # their ids are how the server's copies refer to them
-                identifier = identifier_key(entry["resource"])
-                if identifier not in item.shared_known:
-                    self._want(searches, entry["resource"]["resourceType"], identifier)
+            if not item.known and not self.verify:
+                # Nothing of it known: its Encounter, in every transaction that first writes an
+                # encounter, tells whether any of it is on the server (one cheap search).
+                encounter = next(
+                    e["resource"]
+                    for e in item.entries
+                    if e["resource"]["resourceType"] == "Encounter"
+                )
+                probes[id(item)] = identifier_key(encounter)
+                self._want(searches, "Encounter", probes[id(item)])
+            elif item.unsure or self.verify:
+                self._want_all(searches, item)
+            else:
+                self._want_all(searches, item, own=False)
         pool = await self._fetch(reads, searches)
         again: dict[str, set[str]] = {}
         for item in batch:
+            probe = probes.get(id(item))
+            if probe is not None and pool.matching("Encounter", probe):
+                self._want_all(again, item)
             for known in self._to_check(item):
                 found = pool.by_id.get((known.resource_type, known.resource_id))
                 if found is None or known.identifier not in identifier_keys(found):
@@ -649,6 +658,21 @@ class Pusher:
     @staticmethod
     def _want(searches: dict[str, set[str]], resource_type: str, identifier: str) -> None:
         searches.setdefault(resource_type, set()).add(identifier)
+
+    def _want_all(self, searches: dict[str, set[str]], item: _Item, *, own: bool = True) -> None:
+        """Search for the item's resources the state holds no id for.
+
+        Its own ones (if ``own``), and the shared ones: their ids are how the server's copies
+        refer to them.
+        """
+        for entry in item.entries if own else []:
+            identifier = identifier_key(entry["resource"])
+            if identifier not in item.known:
+                self._want(searches, entry["resource"]["resourceType"], identifier)
+        for entry in item.shared:
+            identifier = identifier_key(entry["resource"])
+            if identifier not in item.shared_known:
+                self._want(searches, entry["resource"]["resourceType"], identifier)
 
     @staticmethod
     def _type_of(item: _Item, identifier: str) -> str | None:
