@@ -11,10 +11,26 @@ from __future__ import annotations
 
 import uuid
 from enum import StrEnum
+from urllib.parse import quote
 
 from ._terminology import CANONICAL, EXTENSION_BASE, PROFILE_BASE
 
 DEFAULT_NAMESPACE_BASE = f"{CANONICAL}/sid"
+
+
+def search_escape(value: str) -> str:
+    """Escape a token for a FHIR search: backslash, comma, dollar and bar (R4 search.html)."""
+    for char in ("\\", ",", "$", "|"):
+        value = value.replace(char, "\\" + char)
+    return value
+
+
+def identifier_query(identifier_system: str, value: str) -> str:
+    """``identifier=system|value``, escaped for FHIR search and percent-encoded for a URL."""
+    return (
+        f"identifier={quote(search_escape(identifier_system), safe=':/')}"
+        f"|{quote(search_escape(value), safe='')}"
+    )
 
 
 def default_namespace(clinic_id: str) -> str:

@@ -2,7 +2,8 @@
 
 A resource's *signature* is a hash of its content with everything a server may assign or rewrite
 left out: ``id``, ``meta`` (versions, timestamps, tags, profiles, ``source``) and the narrative,
-and with every reference replaced by the business identifier of what it points at. So the copy a
+and with every reference replaced by the business identifier of what it points at, and numbers
+compared by value. So the copy a
 server holds has the same signature as what ims-fhir sent, whether the server turned
 ``urn:uuid:...`` into ``Patient/123``, made references absolute, kept old tags, dropped them or
 added its own.
@@ -17,7 +18,9 @@ from __future__ import annotations
 
 import hashlib
 import json
+import math
 from collections.abc import Iterable, Mapping
+from decimal import Decimal
 from typing import Any
 
 __all__ = ["References", "identifier_key", "identifier_keys", "signature"]
@@ -97,7 +100,16 @@ def _normalised(value: Any, references: References) -> Any:
         }
     if isinstance(value, list):
         return [_normalised(item, references) for item in value]
+    if isinstance(value, int | float) and not isinstance(value, bool):
+        return _number(value)
     return value
+
+
+def _number(value: float) -> str:
+    """A number by its value: servers may write ``13.0`` as ``13`` (JSON does not tell them)."""
+    if isinstance(value, float) and not math.isfinite(value):
+        return repr(value)
+    return format(Decimal(str(value)).normalize(), "f")
 
 
 def signature(resource: Mapping[str, Any], references: References) -> str:

@@ -57,6 +57,7 @@ from ._exceptions import (
     UnsafeServerError,
 )
 from ._http import _entries_repeatable
+from ._identity import identifier_query, search_escape
 from ._reader import ReadRecord
 from ._record import Encounter
 from ._signature import References, identifier_key, identifier_keys, literal, signature
@@ -190,16 +191,10 @@ def content_hash(bundle: JSON) -> str:
     return hashlib.sha256(text.encode("utf-8")).hexdigest()[:32]
 
 
-def _search_escape(value: str) -> str:
-    """Escape a token search value (FHIR search escapes backslash, comma, dollar and bar)."""
-    for char in ("\\", ",", "$", "|"):
-        value = value.replace(char, "\\" + char)
-    return value
-
-
 def _token(key: str) -> str:
-    system, _, value = key.partition("|")
-    return f"{_search_escape(system)}|{_search_escape(value)}"
+    """An identifier key as a FHIR search token (values never hold ``|``; systems may)."""
+    system, _, value = key.rpartition("|")
+    return f"{search_escape(system)}|{search_escape(value)}"
 
 
 class Pusher:
@@ -687,6 +682,8 @@ class Pusher:
     async def _fetch(self, reads: set[tuple[str, str]], searches: dict[str, set[str]]) -> _Pool:
         """One batch of reads by id and searches by identifier; results matched by content."""
         pool = _Pool()
+        searched: list[tuple[str, str]] = []
+        paged = False
         requests: list[JSON] = [
             {"request": {"method": "GET", "url": f"{t}/{i}"}} for t, i in sorted(reads)
         ]
@@ -700,6 +697,7 @@ class Pusher:
             for start in range(0, len(ordered), _SEARCH_CHUNK):
                 chunk = ordered[start : start + _SEARCH_CHUNK]
                 tokens = ",".join(_token(key) for key in chunk)
+                searched.append((resource_type, tokens))
                 # Ask for more than the chunk: duplicates must show, not hide behind paging.
                 url = f"{resource_type}?identifier={_quote(tokens)}&_count={2 * len(chunk) + 10}"
                 requests.append({"request": {"method": "GET", "url": url}})
@@ -742,14 +740,19 @@ class Pusher:
                     isinstance(link, dict) and link.get("relation") == "next"
                     for link in resource.get("link") or []
                 ):
-                    raise InvalidResponseError(
-                        f"{self.server}: a search by identifier found more resources than asked"
-                    )
+                    paged = True  # the server pages below _count (R4 allows it)
                 for found in resource.get("entry") or []:
                     if isinstance(found, dict) and isinstance(found.get("resource"), dict):
                         pool.add(found["resource"])
             else:
                 pool.add(resource)
+        if paged:
+            # Search again, one search at a time, following every page (bounded and checked
+            # by the client: same host, no loops).
+            for resource_type, tokens in searched:
+                params = {"identifier": tokens, "_count": "100"}
+                async for found in self.client.search(resource_type, params, raw=True):
+                    pool.add(found)
         return pool
 
     # -- planning ------------------------------------------------------------------------------
@@ -814,7 +817,8 @@ class Pusher:
             identifier = identifier_key(resource)
             sig = signature(resource, item.references)
             item.sent_signatures[identifier] = sig
-            _sign(resource, sig)
+            current = item.current.get(identifier)
+            _sign(resource, sig, _last_signed(current.content)[0] if current else 0)
 
     def _ours(self, item: _Item, identifier: str, current: _Current, found: str) -> bool:
         """Is the server's copy one that ims-fhir wrote (or was writing)?"""
@@ -830,10 +834,11 @@ class Pusher:
                 return True
         if found in item.pending.get(identifier, ()):
             return True
-        # Content the server holds exactly as ims-fhir last wrote it carries that signature as
-        # its tag (a server that keeps tags); an edit by anyone else changes the content, not
-        # the tag. Recognises ims-fhir's writes when the state is lost.
-        return found in _signed(current.content)
+        # Content the server holds exactly as ims-fhir last wrote it carries that signature in
+        # its newest sync tag (on a server that keeps tags); an edit by anyone else changes the
+        # content, not the tags, and so does putting back an older version (its tag is not the
+        # newest). Recognises ims-fhir's writes when the state is lost.
+        return found == _last_signed(current.content)[1]
 
     @staticmethod
     def _conflict_message(current: _Current) -> str:
@@ -862,11 +867,11 @@ class Pusher:
         request = entry["request"]
         if resource.get("identifier"):
             # A conditional create: never replaces what appeared since it was read.
-            token = _token(identifier_key(resource))
+            system, _, value = identifier_key(resource).rpartition("|")
             request = {
                 "method": "POST",
                 "url": resource["resourceType"],
-                "ifNoneExist": f"identifier={_quote(token)}",
+                "ifNoneExist": identifier_query(system, value),
             }
         return {"fullUrl": entry["fullUrl"], "resource": resource, "request": request}
 
@@ -1080,8 +1085,12 @@ class _Pool:
         return [r for (t, _), r in self.by_key.get(key, {}).items() if t == resource_type]
 
 
-def _sign(resource: JSON, sig: str) -> None:
-    """Tag ``resource`` with its signature, replacing any earlier sync tag."""
+def _sign(resource: JSON, sig: str, last: int) -> None:
+    """Tag ``resource`` with its signature, numbered after the newest sync tag it had.
+
+    The tag is ``N.signature``; it replaces any earlier sync tag in what is sent. Servers may
+    keep the earlier ones (HAPI does) or drop them all: the number tells which is the newest.
+    """
     meta = resource.get("meta")
     if not isinstance(meta, dict):
         meta = resource["meta"] = {}
@@ -1090,18 +1099,28 @@ def _sign(resource: JSON, sig: str) -> None:
         for t in meta.get("tag") or []
         if not (isinstance(t, dict) and t.get("system") == SYNC_TAG_SYSTEM)
     ]
-    meta["tag"] = [*tags, {"system": SYNC_TAG_SYSTEM, "code": sig}]
+    meta["tag"] = [*tags, {"system": SYNC_TAG_SYSTEM, "code": f"{last + 1}.{sig}"}]
 
 
-def _signed(resource: JSON) -> set[str]:
-    """The signatures a server copy is tagged with (one, or several where tags accumulate)."""
+def _last_signed(resource: JSON) -> tuple[int, str | None]:
+    """The newest sync tag of a server copy: its number and signature (0, None without one).
+
+    Two tags with the same highest number (two writers) make the signature unknown.
+    """
     meta = resource.get("meta")
     tags = meta.get("tag") if isinstance(meta, dict) else None
-    return {
-        str(t.get("code"))
-        for t in (tags if isinstance(tags, list) else [])
-        if isinstance(t, dict) and t.get("system") == SYNC_TAG_SYSTEM
-    }
+    newest, signatures = 0, set()
+    for tag in tags if isinstance(tags, list) else []:
+        if not (isinstance(tag, dict) and tag.get("system") == SYNC_TAG_SYSTEM):
+            continue
+        number, _, sig = str(tag.get("code")).partition(".")
+        if not number.isdigit() or not sig:
+            continue  # a tag of an earlier ims-fhir (the encounter's hash): not a signature
+        if int(number) > newest:
+            newest, signatures = int(number), {sig}
+        elif int(number) == newest:
+            signatures.add(sig)
+    return newest, (signatures.pop() if len(signatures) == 1 else None)
 
 
 def _current(resource: JSON) -> _Current:
@@ -1118,7 +1137,7 @@ def _current(resource: JSON) -> _Current:
 def _quote(value: str) -> str:
     from urllib.parse import quote
 
-    return quote(value, safe="=|,\\$:/")
+    return quote(value, safe="=|,$:/")
 
 
 def _rewrite(value: Any, literal_refs: dict[str, str]) -> Any:

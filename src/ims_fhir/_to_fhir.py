@@ -26,7 +26,6 @@ import uuid
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from typing import Any
-from urllib.parse import quote
 
 from fhir.resources.R4B.bundle import Bundle
 from fhir.resources.R4B.resource import Resource
@@ -40,6 +39,7 @@ from ._identity import (
     Profile,
     default_namespace,
     full_url,
+    identifier_query,
     system,
 )
 from ._record import Encounter, Finding, HumanName, NeedledSite, PainScore, Treatment
@@ -125,10 +125,6 @@ def _human_name(name: HumanName) -> JSON:
     return out
 
 
-def _query(identifier_system: str, value: str) -> str:
-    return f"identifier={quote(identifier_system, safe=':/')}|{quote(value, safe='')}"
-
-
 class _Builder:
     """Builds the entries of one encounter's Bundle; one instance per record."""
 
@@ -188,7 +184,7 @@ class _Builder:
             "identifier": identifiers,
             **body,
         }
-        query = _query(identifier_system, value)
+        query = identifier_query(identifier_system, value)
         if create_only:
             entry = _Entry(url, resource, "POST", resource_type, if_none_exist=query)
         else:
