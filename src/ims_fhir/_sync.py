@@ -712,21 +712,7 @@ class Pusher:
             # may predate the resources this very push created.
             headers={"Cache-Control": "no-cache"},
         )
-        if answer.get("resourceType") != "Bundle" or answer.get("type") != "batch-response":
-            raise InvalidResponseError(
-                f"{self.server}: the answer to a batch is not a batch-response"
-            )
-        entries = answer.get("entry")
-        if not isinstance(entries, list) or len(entries) != len(requests):
-            raise InvalidResponseError(
-                f"{self.server}: a batch of {len(requests)} reads was answered with "
-                f"{len(entries) if isinstance(entries, list) else 'no'} entries"
-            )
-        for entry in entries:
-            if not isinstance(entry, dict):
-                raise InvalidResponseError(
-                    f"{self.server}: a batch-response entry is not an object"
-                )
+        for entry in _answer_entries(self.server, answer, "batch", len(requests)):
             status = _status(entry)
             resource = entry.get("resource")
             if status in {404, 410} or (200 <= status < 300 and resource is None):
@@ -972,26 +958,10 @@ class Pusher:
     def _check_answer(self, response: JSON, entries: list[JSON]) -> list[_Answer]:
         """Check a transaction-response entry by entry; raise when it cannot be the answer."""
         where = self.server
-        if (
-            response.get("resourceType") != "Bundle"
-            or response.get("type") != "transaction-response"
-        ):
-            raise InvalidResponseError(
-                f"{where}: the answer to a transaction is not a transaction-response"
-            )
-        got = response.get("entry")
-        if not isinstance(got, list) or len(got) != len(entries):
-            raise InvalidResponseError(
-                f"{where}: a transaction of {len(entries)} entries was answered with "
-                f"{len(got) if isinstance(got, list) else 'no'} entries; its outcome is unknown"
-            )
+        got = _answer_entries(where, response, "transaction", len(entries))
         answers = []
         failed = 0
         for sent, entry in zip(entries, got, strict=True):
-            if not isinstance(entry, dict):
-                raise InvalidResponseError(
-                    f"{where}: a transaction-response entry is not an object"
-                )
             status = _status(entry)
             if not 200 <= status < 300:
                 failed += 1
@@ -1013,6 +983,21 @@ class _Answer:
     resource_type: str
     resource_id: str
     version: str | None
+
+
+def _answer_entries(where: str, answer: JSON, kind: str, count: int) -> list[JSON]:
+    """The entries of a batch- or transaction-response: one object per request, or raise."""
+    if answer.get("resourceType") != "Bundle" or answer.get("type") != f"{kind}-response":
+        raise InvalidResponseError(f"{where}: the answer to a {kind} is not a {kind}-response")
+    entries = answer.get("entry")
+    if not isinstance(entries, list) or len(entries) != count:
+        raise InvalidResponseError(
+            f"{where}: a {kind} of {count} entries was answered with "
+            f"{len(entries) if isinstance(entries, list) else 'no'} entries; its outcome is unknown"
+        )
+    if not all(isinstance(entry, dict) for entry in entries):
+        raise InvalidResponseError(f"{where}: a {kind}-response entry is not an object")
+    return entries
 
 
 def _status(entry: JSON) -> int:
