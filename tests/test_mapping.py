@@ -169,3 +169,27 @@ def test_retracted_record_is_entered_in_error_everywhere() -> None:
         resource = entry["resource"]
         if resource["resourceType"] in {"Encounter", "Observation", "Procedure", "Consent"}:
             assert resource["status"] == "entered-in-error", resource["resourceType"]
+
+
+def test_a_part_removed_before_a_retraction_is_not_part_of_the_retracted_record() -> None:
+    """On the server, a finding removed earlier is entered in error like everything of a record
+    retracted later: the Provenance, which names what the record holds, tells them apart."""
+    record = _record(FIXTURES / "encounters" / "01-lumbar-l5-initial.json")
+    assert record.assessment is not None and len(record.assessment.findings) > 1
+    kept = record.assessment.model_copy(update={"findings": record.assessment.findings[:-1]})
+    retracted = record.model_copy(update={"assessment": kept, "retracted": True})
+    removed_id = record.assessment.findings[-1].id
+    removed = next(
+        entry
+        for entry in json.loads(to_fhir_json(record))["entry"]
+        if entry["resource"]
+        .get("identifier", [{}])[0]
+        .get("value", "")
+        .endswith(f"/finding/{removed_id}")
+    )
+    removed["resource"]["status"] = "entered-in-error"
+    bundle = json.loads(to_fhir_json(retracted))
+    bundle["entry"].append(removed)
+    report = from_fhir(bundle)
+    assert not report.errors, report.errors
+    assert report.records == [retracted]
