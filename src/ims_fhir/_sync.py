@@ -573,21 +573,22 @@ class Pusher:
         """
         reads: set[tuple[str, str]] = set()
         searches: dict[str, set[str]] = {}  # type -> identifier keys
-        probes: dict[int, str] = {}  # items of which nothing is known: their Encounter's key
+        probes: dict[int, list[tuple[str, str]]] = {}  # items of which nothing is known
         for item in batch:
             item.current, item.error = {}, None
             for known in self._to_check(item):
                 reads.add((known.resource_type, known.resource_id))
             if not item.known and not self.verify:
-                # Nothing of it known: its Encounter, in every transaction that first writes an
-                # encounter, tells whether any of it is on the server (one cheap search).
-                encounter = next(
-                    e["resource"]
+                # Nothing of it known: its Encounter (in every transaction that first writes an
+                # encounter) tells whether any of it is on the server, with one cheap search;
+                # its Provenance, written by id, is read too, so it is never overwritten blind.
+                probes[id(item)] = [
+                    (e["resource"]["resourceType"], identifier_key(e["resource"]))
                     for e in item.entries
-                    if e["resource"]["resourceType"] == "Encounter"
-                )
-                probes[id(item)] = identifier_key(encounter)
-                self._want(searches, "Encounter", probes[id(item)])
+                    if e["resource"]["resourceType"] in {"Encounter", "Provenance"}
+                ]
+                for resource_type, identifier in probes[id(item)]:
+                    self._want(searches, resource_type, identifier)
             elif item.unsure or self.verify:
                 self._want_all(searches, item)
             else:
@@ -595,8 +596,8 @@ class Pusher:
         pool = await self._fetch(reads, searches)
         again: dict[str, set[str]] = {}
         for item in batch:
-            probe = probes.get(id(item))
-            if probe is not None and pool.matching("Encounter", probe):
+            probe = probes.get(id(item), [])
+            if any(pool.matching(resource_type, key) for resource_type, key in probe):
                 self._want_all(again, item)
             for known in self._to_check(item):
                 found = pool.by_id.get((known.resource_type, known.resource_id))
