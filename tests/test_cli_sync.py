@@ -269,6 +269,25 @@ def _push(root: Path, tmp_path: Path, *extra: str) -> Any:
             id="no-transactions",
         ),
         pytest.param(
+            {
+                "metadata": httpx.Response(
+                    200,
+                    json=CAPABILITIES
+                    | {
+                        "rest": [
+                            {
+                                "mode": "server",
+                                "interaction": [{"code": "transaction"}],
+                                "resource": [{"type": "Observation", "conditionalCreate": False}],
+                            }
+                        ]
+                    },
+                )
+            },
+            "conditional create for Observation",
+            id="no-conditional-create",
+        ),
+        pytest.param(
             {"metadata": httpx.Response(200, json=CAPABILITIES), "Encounter": httpx.Response(401)},
             "401",
             id="unauthorized",

@@ -99,6 +99,20 @@ FATAL_ERRORS: tuple[type[Exception], ...] = (
     StateError,
 )
 
+# The types ims-fhir creates conditionally (on their identifier).
+_CONDITIONAL_TYPES = frozenset(
+    {
+        "Organization",
+        "Patient",
+        "Practitioner",
+        "Encounter",
+        "Observation",
+        "Condition",
+        "Procedure",
+        "Consent",
+    }
+)
+
 # Identifiers per search request (the URL stays well under servers' line limits).
 _SEARCH_CHUNK = 20
 
@@ -288,6 +302,20 @@ class Pusher:
                 raise UnsafeServerError(
                     f"{where}: the server does not support transactions, which ims-fhir needs "
                     "to write each encounter whole; use a server that does"
+                )
+            refusing = sorted(
+                str(r.get("type"))
+                for r in rest.get("resource") or []
+                if isinstance(r, dict)
+                and r.get("type") in _CONDITIONAL_TYPES
+                and r.get("conditionalCreate") is False
+            )
+            if refusing:
+                # Without it a create repeated after a lost answer would make a duplicate.
+                raise UnsafeServerError(
+                    f"{where}: the server does not support conditional create for "
+                    f"{', '.join(refusing)}, which ims-fhir needs to write safely; use a server "
+                    "that does"
                 )
         # metadata is often public: an authenticated search shows whether the credentials work.
         try:
