@@ -721,7 +721,13 @@ class Pusher:
             for identifier in ordered:
                 pool.searched.add(identifier)
             if resource_type == "Provenance":  # no identifier: its key is Type/id
-                requests += [{"request": {"method": "GET", "url": key}} for key in ordered]
+                for start in range(0, len(ordered), _SEARCH_CHUNK):
+                    ids = ",".join(
+                        key.partition("/")[2] for key in ordered[start : start + _SEARCH_CHUNK]
+                    )
+                    searched.append(("Provenance", ids))
+                    url = f"Provenance?_id={_quote(ids)}&_count={_SEARCH_CHUNK + 10}"
+                    requests.append({"request": {"method": "GET", "url": url}})
                 continue
             for start in range(0, len(ordered), _SEARCH_CHUNK):
                 chunk = ordered[start : start + _SEARCH_CHUNK]
@@ -766,6 +772,8 @@ class Pusher:
             # by the client: same host, no loops).
             for resource_type, tokens in searched:
                 params = {"identifier": tokens, "_count": "100"}
+                if resource_type == "Provenance":
+                    params = {"_id": tokens, "_count": "100"}
                 async for found in self.client.search(resource_type, params, raw=True):
                     pool.add(found)
         return pool
@@ -830,7 +838,13 @@ class Pusher:
         for entry in item.send:
             resource = entry["resource"]
             identifier = identifier_key(resource)
-            sig = signature(resource, item.references)
+            # What is sent of the record's own resources is what it wants (making references
+            # literal does not change a signature); a retirement is signed afresh.
+            sig = (
+                signature(resource, item.references)
+                if identifier in item.retiring
+                else item.desired[identifier]
+            )
             item.sent_signatures[identifier] = sig
             current = item.current.get(identifier)
             _sign(resource, sig, _last_signed(current.content)[0] if current else 0)
@@ -1106,14 +1120,14 @@ def _sign(resource: JSON, sig: str, last: int) -> None:
     keep the earlier ones (HAPI does) or drop them all: the number tells which is the newest.
     """
     meta = resource.get("meta")
-    if not isinstance(meta, dict):
-        meta = resource["meta"] = {}
+    meta = dict(meta) if isinstance(meta, dict) else {}  # a new dict: the mapped one stays as is
     tags = [
         t
         for t in meta.get("tag") or []
         if not (isinstance(t, dict) and t.get("system") == SYNC_TAG_SYSTEM)
     ]
     meta["tag"] = [*tags, {"system": SYNC_TAG_SYSTEM, "code": f"{last + 1}.{sig}"}]
+    resource["meta"] = meta
 
 
 def _last_signed(resource: JSON) -> tuple[int, str | None]:
@@ -1156,6 +1170,8 @@ def _quote(value: str) -> str:
 
 def _rewrite(value: Any, literal_refs: dict[str, str]) -> Any:
     """A copy of ``value`` with references to entries not sent made literal (``Type/id``)."""
+    if not literal_refs and isinstance(value, dict):
+        return dict(value)  # nothing to rewrite: a shallow copy (its meta is replaced whole)
     if isinstance(value, dict):
         return {
             key: (
