@@ -607,16 +607,16 @@ class Pusher:
             for known in self._to_check(item):
                 reads.add((known.resource_type, known.resource_id))
             if not item.known and not self.verify:
-                # Nothing of it known: its Encounter (in every transaction that first writes an
-                # encounter) tells whether any of it is on the server, with one cheap search;
-                # its Provenance, written by id, is read too, so it is never overwritten blind.
+                # Nothing of it known: its Provenance, at an id derived from the encounter's
+                # identifier and written in every transaction that writes any of it, tells by a
+                # read (searches cost servers far more) whether any of it is on the server.
                 probes[id(item)] = [
-                    (e["resource"]["resourceType"], identifier_key(e["resource"]))
+                    ("Provenance", identifier_key(e["resource"]))
                     for e in item.entries
-                    if e["resource"]["resourceType"] in {"Encounter", "Provenance"}
+                    if e["resource"]["resourceType"] == "Provenance"
                 ]
-                for resource_type, identifier in probes[id(item)]:
-                    self._want(searches, resource_type, identifier)
+                for _, key in probes[id(item)]:
+                    reads.add(("Provenance", key.partition("/")[2]))
             elif item.unsure or self.verify:
                 self._want_all(searches, item)
             else:
@@ -625,7 +625,7 @@ class Pusher:
         again: dict[str, set[str]] = {}
         for item in batch:
             probe = probes.get(id(item), [])
-            if any(pool.matching(resource_type, key) for resource_type, key in probe):
+            if any(pool.by_id.get(("Provenance", key.partition("/")[2])) for _, key in probe):
                 self._want_all(again, item)
             for known in self._to_check(item):
                 found = pool.by_id.get((known.resource_type, known.resource_id))
@@ -720,14 +720,8 @@ class Pusher:
             ordered = sorted(keys)
             for identifier in ordered:
                 pool.searched.add(identifier)
-            if resource_type == "Provenance":  # no identifier: its key is Type/id
-                for start in range(0, len(ordered), _SEARCH_CHUNK):
-                    ids = ",".join(
-                        key.partition("/")[2] for key in ordered[start : start + _SEARCH_CHUNK]
-                    )
-                    searched.append(("Provenance", ids))
-                    url = f"Provenance?_id={_quote(ids)}&_count={_SEARCH_CHUNK + 10}"
-                    requests.append({"request": {"method": "GET", "url": url}})
+            if resource_type == "Provenance":  # no identifier: its key is Type/id, a read
+                requests += [{"request": {"method": "GET", "url": key}} for key in ordered]
                 continue
             for start in range(0, len(ordered), _SEARCH_CHUNK):
                 chunk = ordered[start : start + _SEARCH_CHUNK]
@@ -772,8 +766,6 @@ class Pusher:
             # by the client: same host, no loops).
             for resource_type, tokens in searched:
                 params = {"identifier": tokens, "_count": "100"}
-                if resource_type == "Provenance":
-                    params = {"_id": tokens, "_count": "100"}
                 async for found in self.client.search(resource_type, params, raw=True):
                     pool.add(found)
         return pool
