@@ -58,8 +58,10 @@ def test_kill_9_at_every_point_of_a_change_push_then_rerun(
     kill_points = [(when, which) for which in (1, 2, 3) for when in ("request", "response")]
     current: dict[str, Any] = {}
 
-    def maybe_kill(event: str, method: str) -> None:
-        if method != "POST" or current.get("done"):
+    def maybe_kill(event: str, method: str, count: int) -> None:
+        # Only requests of the process now running count: a killed process's requests still in
+        # flight through the proxy answer later, and must not kill (or count for) the next one.
+        if method != "POST" or current.get("done") or count < current.get("first", 0):
             return
         current[event] = current.get(event, 0) + 1
         when, which = current["plan"]
@@ -68,8 +70,8 @@ def test_kill_9_at_every_point_of_a_change_push_then_rerun(
             os.kill(current["pid"], signal.SIGKILL)
 
     plan = FaultPlan(
-        on_request=lambda m, p, c: maybe_kill("request", m),
-        on_response=lambda m, p, c, s: maybe_kill("response", m),
+        on_request=lambda m, p, c: maybe_kill("request", m, c),
+        on_response=lambda m, p, c, s: maybe_kill("response", m, c),
     )
     source = ndjson(tmp_path / "changed.ndjson", after)
     with FaultProxy(fhir_base_url, plan) as proxy:
@@ -95,11 +97,13 @@ def test_kill_9_at_every_point_of_a_change_push_then_rerun(
         killed = 0
         for point in kill_points:
             current.clear()
+            current["first"] = proxy.requests + 1 + 10**9  # nothing counts until the pid is set
             current["plan"] = point
             process = subprocess.Popen(
                 command, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL
             )
             current["pid"] = process.pid
+            current["first"] = proxy.requests + 1
             process.wait(timeout=600)
             killed += process.returncode == -signal.SIGKILL
         assert killed == len(kill_points)
