@@ -35,6 +35,8 @@ class FaultPlan:
     latency: float = 0.0  # seconds each request waits before it is forwarded: a network's RTT
     on_request: Callable[[str, str, int], None] | None = None  # (method, path, count)
     on_response: Callable[[str, str, int, int], None] | None = None  # (..., status)
+    # Rewrites a response body: (method, path with query, body) -> body. A server's lies.
+    rewrite: Callable[[str, str, bytes], bytes] | None = None
 
     @classmethod
     def uniform(cls, rate: float, seed: int = 0, **kwargs: object) -> FaultPlan:
@@ -167,6 +169,8 @@ class FaultProxy:
             writer.transport.abort()
             return
         content = upstream.content
+        if self.plan.rewrite:
+            content = self.plan.rewrite(method, target, content)
         reply = [f"HTTP/1.1 {upstream.status_code} {upstream.reason_phrase}"]
         for key, value in upstream.headers.items():
             if key.lower() not in {

@@ -7,7 +7,7 @@ from typing import Any
 
 import pytest
 
-from ims_fhir import Encounter, MappingError, from_fhir, to_fhir_json
+from ims_fhir import Encounter, MappingError, SkippedResource, from_fhir, to_fhir_json
 
 from .conftest import FIXTURES
 
@@ -69,9 +69,9 @@ def test_foreign_resources_are_skipped_and_reported() -> None:
             lambda b: b["entry"].remove(
                 next(e for e in b["entry"] if _identifier(e["resource"]).endswith("/finding/f3"))
             ),
-            "Observation",
-            "Observation.hasMember[2]",
-            "member not in the input",
+            "Provenance",
+            "Provenance.target[6]",
+            "names a resource not in the input",
             id="missing-member",
         ),
         pytest.param(
@@ -102,7 +102,7 @@ def test_foreign_resources_are_skipped_and_reported() -> None:
         pytest.param(
             lambda b: _find(b, lambda r: r["resourceType"] == "Encounter").pop("period"),
             "Encounter",
-            "Encounter.period.start",
+            "Encounter.period",
             "missing",
             id="encounter-without-period",
         ),
@@ -145,5 +145,6 @@ def test_empty_and_unrelated_input() -> None:
     assert from_fhir({"resourceType": "Bundle", "type": "searchset"}).records == []
     report = from_fhir([{"resourceType": "Patient", "id": "x"}])
     assert report.records == [] and report.skipped[0].resource == "Patient/x"
+    assert from_fhir(42).skipped == [SkippedResource("<input>", "not a FHIR resource or Bundle")]
     with pytest.raises(TypeError):
-        from_fhir(42)
+        from_fhir(object())

@@ -1,20 +1,28 @@
 """Reverse mapping: FHIR R4 resources -> IMS encounter records.
 
 Input is what a caller has: a transaction Bundle made by :func:`~ims_fhir.to_fhir`, a searchset
-Bundle from a server, or any list of resources. What servers do to resources is expected: ids
-they assign, literal references (``Patient/123`` or absolute URLs) in place of ``urn:uuid``,
-added ``meta``, rewritten narrative, extra codings from a terminology service, any order.
+Bundle from a server, any list of resources, or the JSON text of either. What servers do to
+resources is expected: ids they assign, literal references (``Patient/123`` or absolute URLs)
+in place of ``urn:uuid``, added ``meta``, rewritten narrative, any order.
 
-Foreign data never crashes it. Resources this project did not make are skipped and listed in
-the :class:`MappingReport` with the reason; a resource of ours that cannot be read back gives a
-:class:`~ims_fhir.MappingError` naming the resource and the element path, reported for its
-encounter while the other encounters are still rebuilt.
+:func:`from_fhir` is total. For any JSON value it returns a :class:`MappingReport`: each IMS
+encounter either becomes a record that says what the resources say, or a
+:class:`~ims_fhir.MappingError` naming the resource, the element path and the reason. Nothing
+is dropped without a word: a resource that carries one of an encounter's identifiers, or that an
+encounter's ``hasMember``, ``partOf``, ``evidence``, ``reasonReference`` or Provenance names,
+must be read into the record (or be a part the record retired), or the encounter is an error.
+Everything else is listed in :attr:`MappingReport.skipped` with the reason.
+
+Indexes (by type, by reference key, by identifier, by encounter) are built once per input, so
+the time is linear in the number of resources.
 """
 
 from __future__ import annotations
 
 import json
-from collections.abc import Iterable, Mapping
+import math
+from collections import defaultdict
+from collections.abc import Iterable, Iterator, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -28,15 +36,24 @@ from ._identity import (
     Ext,
     Kind,
     default_namespace,
+    provenance_id,
     split_system,
+    system,
 )
+from ._reader import decode_json
 from ._record import Encounter
+from ._signature import literal
 from ._terminology import Terminology, terminology
+from ._to_fhir import _bundle as _forward_bundle
 
 __all__ = ["MappingReport", "SkippedResource", "from_fhir"]
 
 JSON = dict[str, Any]
 _CONSENT_LINKS = frozenset({Ext.SESSION_CONSENT.url, Ext.SUPPORTING_INFO.url})
+# Identifier kinds whose value is "<encounter id>/...": the parts of one encounter.
+_PART_KINDS = frozenset({Kind.OBSERVATION, Kind.CONDITION, Kind.PROCEDURE, Kind.CONSENT})
+# FHIR R4 integer: a signed 32-bit value (datatypes.html#integer).
+_INT_MIN, _INT_MAX = -(2**31), 2**31 - 1
 
 
 @dataclass(frozen=True, slots=True)
@@ -61,254 +78,531 @@ def from_fhir(resources: Any) -> MappingReport:
 
     Args:
         resources: a Bundle (model or JSON dict), an iterable of resources (models or dicts),
-            or the JSON text of either.
+            or the JSON text of either. Any JSON value is accepted: what is not FHIR is
+            reported, never raised.
 
     Returns:
         The records rebuilt, in the order their Encounters appear, with what was skipped and
         the errors of encounters that could not be rebuilt.
+
+    Raises:
+        TypeError: ``resources`` is none of the above (a programming error, not bad data).
     """
-    index = _Index(_as_resources(resources))
     report = MappingReport()
-    used: set[int] = set()
-    for encounter in index.by_type("Encounter"):
-        ours = _our_identifier(encounter, Kind.ENCOUNTER)
+    if isinstance(resources, str | bytes):
+        try:
+            resources = decode_json(resources)
+        except ValueError as exc:
+            report.errors.append(MappingError("<input>", "<json>", f"not valid JSON: {exc}"))
+            return report
+    index = _Index(list(_resources(resources, report)))
+    terms = terminology()
+    used: set[_Res] = set()
+    for encounter in index.by_type.get("Encounter", ()):
+        ours = encounter.our_identifier(Kind.ENCOUNTER)
         if ours is None:
             continue
-        rebuild = _Rebuild(index, encounter, ours[0], terminology())
+        rebuild = _Rebuild(index, encounter, ours, terms)
         try:
             record = rebuild.run()
         except MappingError as exc:
             report.errors.append(exc)
-            used.add(id(encounter))
+            used |= rebuild.claimed
+            continue
+        except (AttributeError, KeyError, TypeError, ValueError, OverflowError) as exc:
+            # A shape no check above foresaw: still the encounter's error, never a crash.
+            report.errors.append(
+                MappingError(encounter.name, "Encounter", f"internal: cannot read ({exc!r})")
+            )
+            used |= rebuild.claimed
+            continue
+        try:
+            rebuild.check_links(record)
+        except MappingError as exc:
+            report.errors.append(exc)
+            used |= rebuild.claimed
             continue
         report.records.append(record)
-        used |= rebuild.touched
+        used |= rebuild.claimed
         for retired in rebuild.retired:
-            used.add(id(retired))
             report.skipped.append(
-                SkippedResource(_name(retired), "entered in error: no longer part of the record")
+                SkippedResource(retired.name, "entered in error: no longer part of the record")
             )
-    for resource in index.resources:
-        if id(resource) not in used:
-            report.skipped.append(SkippedResource(_name(resource), _skip_reason(resource)))
+    report.errors += _orphans(index, used)
+    for res in index.items:
+        if res not in used:
+            report.skipped.append(SkippedResource(res.name, res.skip_reason()))
     return report
 
 
-def _as_resources(value: Any) -> list[JSON]:
-    if isinstance(value, str | bytes):
-        value = json.loads(value)
-    if hasattr(value, "model_dump_json"):
-        value = json.loads(value.model_dump_json())
-    if isinstance(value, Mapping):
-        if value.get("resourceType") == "Bundle":
-            out = []
-            for entry in value.get("entry") or []:
-                resource = entry.get("resource")
-                if isinstance(resource, Mapping):
-                    item = dict(resource)
-                    if entry.get("fullUrl"):
-                        item["__fullUrl"] = entry["fullUrl"]
-                    out.append(item)
-            return out
-        return [dict(value)]
-    if isinstance(value, Iterable):
-        out = []
-        for item in value:
-            out.extend(_as_resources(item))
-        return out
-    raise TypeError(f"cannot read FHIR resources from {type(value).__name__}")
+def _orphans(index: _Index, used: set[_Res]) -> list[MappingError]:
+    """Parts of an IMS encounter that point at an Encounter ims-fhir cannot recognise.
+
+    Parts without their Encounter in the input (a partial export) are skipped and listed; but
+    parts that point at an Encounter that is there, without the identifier ims-fhir gave it, are
+    an encounter lost: that is an error.
+    """
+    errors = []
+    seen: set[_Res] = set()
+    for (_, encounter_id), parts in index.claims.items():
+        for part in parts:
+            if part in used:
+                continue
+            target = index.resolve(part.data.get("encounter"))
+            if isinstance(target, _Res) and target not in seen and target not in used:
+                seen.add(target)
+                used.add(target)
+                used.update(p for p in parts)
+                errors.append(
+                    MappingError(
+                        target.name,
+                        "Encounter.identifier",
+                        f"the parts of IMS encounter {encounter_id!r} point at this Encounter, "
+                        "which has no ims-fhir identifier of that encounter",
+                    )
+                )
+    return errors
 
 
-def _name(resource: JSON) -> str:
-    where = resource.get("id") or resource.get("__fullUrl", "?")
-    return f"{resource.get('resourceType', '?')}/{where}"
+# -- input ---------------------------------------------------------------------------------------
 
 
-def _our_identifier(resource: JSON, kind: Kind) -> tuple[str, str] | None:
-    """Return (namespace, value) of the resource's ims-fhir identifier of ``kind``."""
-    for ident in resource.get("identifier") or []:
-        parts = split_system(str(ident.get("system", "")))
-        if parts is not None and parts[1] is kind and isinstance(ident.get("value"), str):
-            return parts[0], ident["value"]
-    return None
+class _Res:
+    """One resource of the input, with where it came from."""
 
+    __slots__ = ("data", "full_url", "name", "pos", "type")
 
-def _skip_reason(resource: JSON) -> str:
-    for kind in Kind:
-        if _our_identifier(resource, kind) is not None:
+    def __init__(self, data: Mapping[str, Any], where: str, full_url: Any, pos: int) -> None:
+        self.data = data
+        rtype = data.get("resourceType")
+        self.type = rtype if isinstance(rtype, str) else ""
+        self.full_url = full_url if isinstance(full_url, str) and full_url else None
+        rid = data.get("id")
+        if self.type and isinstance(rid, str) and rid:
+            self.name = f"{self.type}/{rid[:64]}"
+        elif self.full_url is not None:
+            self.name = f"{self.type or '?'}/{self.full_url[:100]}"
+        else:
+            self.name = f"{self.type or '?'} at {where}"
+        self.pos = pos
+
+    def keys(self) -> Iterator[str]:
+        """Every reference string that may point at this resource."""
+        rid = self.data.get("id")
+        if self.type and isinstance(rid, str) and rid:
+            yield f"{self.type}/{rid}"
+        if self.full_url is not None:
+            yield self.full_url
+            tail = literal(self.full_url)
+            if tail != self.full_url and "/" in tail:
+                yield tail
+
+    def identifiers(self) -> list[Mapping[str, Any]]:
+        value = self.data.get("identifier")
+        if isinstance(value, Mapping):  # 0..1 in some resource types
+            return [value]
+        return [v for v in value if isinstance(v, Mapping)] if isinstance(value, list) else []
+
+    def our_identifiers(self) -> Iterator[tuple[str, Kind, str]]:
+        """(namespace, kind, value) of each ims-fhir identifier."""
+        for ident in self.identifiers():
+            sys, value = ident.get("system"), ident.get("value")
+            if isinstance(sys, str) and isinstance(value, str) and value:
+                parts = split_system(sys)
+                if parts is not None:
+                    yield parts[0], parts[1], value
+
+    def our_identifier(self, kind: Kind) -> tuple[str, str] | None:
+        """(namespace, value) of the resource's ims-fhir identifier of ``kind``."""
+        for namespace, found, value in self.our_identifiers():
+            if found is kind:
+                return namespace, value
+        return None
+
+    def skip_reason(self) -> str:
+        if not self.type:
+            return "not a FHIR resource (no resourceType)"
+        if next(self.our_identifiers(), None) is not None:
             return "made by ims-fhir but not linked to an IMS encounter in this input"
-    return "not made by ims-fhir (no ims-fhir identifier)"
+        return "not made by ims-fhir (no ims-fhir identifier)"
+
+
+def _resources(value: Any, report: MappingReport) -> Iterator[_Res]:
+    """The resources of the input, each with its place; what is not one is reported."""
+    pos = 0
+
+    def one(item: Any, where: str, full_url: Any = None) -> Iterator[_Res]:
+        nonlocal pos
+        if hasattr(item, "model_dump_json"):
+            item = json.loads(item.model_dump_json())
+        if not isinstance(item, Mapping):
+            report.skipped.append(SkippedResource(where, "not a FHIR resource (not an object)"))
+            return
+        if item.get("resourceType") == "Bundle" and not full_url:
+            entries = item.get("entry")
+            if entries is None:
+                return
+            if not isinstance(entries, list):
+                report.skipped.append(SkippedResource(f"{where}.entry", "not an array"))
+                return
+            for n, entry in enumerate(entries):
+                at = f"{where}.entry[{n}]"
+                if not isinstance(entry, Mapping):
+                    report.skipped.append(SkippedResource(at, "not an object"))
+                elif not isinstance(entry.get("resource"), Mapping):
+                    report.skipped.append(SkippedResource(at, "no resource"))
+                else:
+                    pos += 1
+                    yield _Res(entry["resource"], at, entry.get("fullUrl"), pos)
+            return
+        pos += 1
+        yield _Res(item, where, full_url, pos)
+
+    if isinstance(value, Mapping) or hasattr(value, "model_dump_json"):
+        yield from one(value, "Bundle" if _is_bundle(value) else "<input>")
+    elif isinstance(value, list | tuple) or (
+        isinstance(value, Iterable) and not isinstance(value, str | bytes)
+    ):
+        for n, item in enumerate(value):
+            yield from one(item, f"Bundle[{n}]" if _is_bundle(item) else f"<input>[{n}]")
+    elif value is None or isinstance(value, bool | int | float | str):
+        report.skipped.append(SkippedResource("<input>", "not a FHIR resource or Bundle"))
+    else:
+        raise TypeError(f"cannot read FHIR resources from {type(value).__name__}")
+
+
+def _is_bundle(value: Any) -> bool:
+    return isinstance(value, Mapping) and value.get("resourceType") == "Bundle"
+
+
+_AMBIGUOUS: Any = object()
 
 
 class _Index:
-    """Resolves references of every form a server may use."""
+    """Everything the rebuilds look up, built once: by type, reference, identifier, encounter."""
 
-    def __init__(self, resources: list[JSON]) -> None:
-        self.resources = resources
-        self._by_key: dict[str, JSON] = {}
-        for resource in resources:
-            rtype, rid = resource.get("resourceType"), resource.get("id")
-            if rtype and rid:
-                self._by_key[f"{rtype}/{rid}"] = resource
-            full = resource.get("__fullUrl")
-            if isinstance(full, str):
-                self._by_key[full] = resource
-                tail = _type_id_tail(full)
-                if tail:
-                    self._by_key.setdefault(tail, resource)
+    def __init__(self, items: list[_Res]) -> None:
+        self.items = items
+        self.by_type: dict[str, list[_Res]] = defaultdict(list)
+        self.with_id: dict[str, list[_Res]] = defaultdict(list)
+        self._keys: dict[str, _Res] = {}
+        for res in items:
+            self.by_type[res.type].append(res)
+            if isinstance(res.data.get("id"), str):
+                self.with_id[res.data["id"]].append(res)
+            for key in res.keys():
+                held = self._keys.get(key)
+                if held is None:
+                    self._keys[key] = res
+                elif held is not res and held is not _AMBIGUOUS:
+                    self._keys[key] = _AMBIGUOUS
+        # (namespace, encounter id) -> the resources whose ims-fhir identifier names a part of it
+        self.claims: dict[tuple[str, str], list[_Res]] = defaultdict(list)
+        for res in items:
+            for namespace, kind, value in res.our_identifiers():
+                if kind in _PART_KINDS:
+                    self.claims[(namespace, value.split("/", 1)[0])].append(res)
+        # encounter -> resources whose `encounter` points at it, by type
+        self.parts: dict[_Res, dict[str, list[_Res]]] = defaultdict(lambda: defaultdict(list))
+        for rtype in ("Observation", "Procedure", "Condition"):
+            for res in self.by_type.get(rtype, ()):
+                target = self.resolve(res.data.get("encounter"))
+                if isinstance(target, _Res) and target.type == "Encounter":
+                    self.parts[target][rtype].append(res)
+        # encounter -> Provenances that name it
+        self.provenances: dict[_Res, list[_Res]] = defaultdict(list)
+        for res in self.by_type.get("Provenance", ()):
+            targets = res.data.get("target")
+            for target in targets if isinstance(targets, list) else []:
+                found = self.resolve(target)
+                if isinstance(found, _Res) and found.type == "Encounter":
+                    self.provenances[found].append(res)
 
-    def by_type(self, resource_type: str) -> list[JSON]:
-        return [r for r in self.resources if r.get("resourceType") == resource_type]
-
-    def resolve(self, reference: Any) -> JSON | None:
+    def resolve(self, reference: Any) -> _Res | None:
+        """The resource a Reference points at; None if absent; ``_AMBIGUOUS`` if two match."""
         if not isinstance(reference, Mapping):
             return None
         ref = reference.get("reference")
-        if not isinstance(ref, str):
+        if not isinstance(ref, str) or not ref:
             return None
-        found = self._by_key.get(ref)
+        found = self._keys.get(ref)
         if found is None:
-            tail = _type_id_tail(ref)
-            found = self._by_key.get(tail) if tail else None
+            found = self._keys.get(literal(ref))
         return found
 
-    def points_to(self, reference: Any, target: JSON) -> bool:
-        return self.resolve(reference) is target
+
+# -- reading JSON with its path --------------------------------------------------------------------
 
 
-def _type_id_tail(url: str) -> str | None:
-    parts = url.split("/")
-    if "_history" in parts:
-        parts = parts[: parts.index("_history")]
-    if len(parts) >= 2 and parts[-2][:1].isupper():
-        return f"{parts[-2]}/{parts[-1]}"
-    return None
+class _Node:
+    """A JSON object inside a resource, read with its element path kept for errors."""
+
+    __slots__ = ("data", "path", "res")
+
+    def __init__(self, res: _Res, path: str, data: Mapping[str, Any]) -> None:
+        self.res = res
+        self.path = path
+        self.data = data
+
+    def at(self, key: str | None) -> str:
+        return f"{self.path}.{key}" if key else self.path
+
+    def fail(self, key: str | None, reason: str) -> MappingError:
+        return MappingError(self.res.name, self.at(key), reason)
+
+    def has(self, key: str) -> bool:
+        return self.data.get(key) is not None
+
+    def obj(self, key: str) -> _Node | None:
+        value = self.data.get(key)
+        if value is None:
+            return None
+        if not isinstance(value, Mapping):
+            raise self.fail(key, "expected an object")
+        return _Node(self.res, self.at(key), value)
+
+    def need_obj(self, key: str) -> _Node:
+        node = self.obj(key)
+        if node is None:
+            raise self.fail(key, "missing")
+        return node
+
+    def objs(self, key: str) -> list[_Node]:
+        value = self.data.get(key)
+        if value is None:
+            return []
+        if not isinstance(value, list):
+            raise self.fail(key, "expected an array")
+        out = []
+        for n, item in enumerate(value):
+            if not isinstance(item, Mapping):
+                raise self.fail(f"{key}[{n}]", "expected an object")
+            out.append(_Node(self.res, f"{self.at(key)}[{n}]", item))
+        return out
+
+    def only(self, key: str) -> _Node | None:
+        """The one object of a repeating element the record holds one of."""
+        items = self.objs(key)
+        if len(items) > 1:
+            raise self.fail(key, f"{len(items)} given; the record holds one")
+        return items[0] if items else None
+
+    def string(self, key: str) -> str | None:
+        value = self.data.get(key)
+        if value is None:
+            return None
+        if not isinstance(value, str) or not value:
+            raise self.fail(key, "expected a non-empty string")
+        return value
+
+    def need_string(self, key: str) -> str:
+        value = self.string(key)
+        if value is None:
+            raise self.fail(key, "missing")
+        return value
+
+    def strings(self, key: str) -> list[str]:
+        value = self.data.get(key)
+        if value is None:
+            return []
+        if not isinstance(value, list) or not all(isinstance(v, str) and v for v in value):
+            raise self.fail(key, "expected an array of non-empty strings")
+        return list(value)
+
+    def boolean(self, key: str) -> bool | None:
+        value = self.data.get(key)
+        if value is not None and not isinstance(value, bool):
+            raise self.fail(key, "expected true or false")
+        return value
+
+    def number(self, key: str) -> float | None:
+        value = self.data.get(key)
+        if value is None:
+            return None
+        if isinstance(value, bool) or not isinstance(value, int | float):
+            raise self.fail(key, "expected a number")
+        try:
+            number = float(value)
+        except OverflowError:
+            number = math.inf
+        if not math.isfinite(number):
+            raise self.fail(key, "number out of range")
+        return number
+
+    def integer(self, key: str) -> int | None:
+        value = self.data.get(key)
+        if value is None:
+            return None
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise self.fail(key, "expected an integer")
+        if not _INT_MIN <= value <= _INT_MAX:
+            raise self.fail(key, "integer out of range")
+        return value
+
+    def no_modifiers(self) -> None:
+        if self.has("modifierExtension"):
+            raise self.fail("modifierExtension", "a modifier extension ims-fhir does not know")
+
+
+# -- one encounter ---------------------------------------------------------------------------------
 
 
 class _Rebuild:
     """Rebuilds one encounter; raises MappingError with the resource and element path."""
 
-    def __init__(self, index: _Index, encounter: JSON, namespace: str, terms: Terminology) -> None:
+    def __init__(self, index: _Index, encounter: _Res, ours: tuple[str, str], terms: Terminology):
         self.index = index
-        self.enc = encounter
-        self.ns = namespace
+        self.res = encounter
+        self.enc = _Node(encounter, "Encounter", encounter.data)
+        self.ns, self.enc_id = ours
         self.t = terms
-        self.touched: set[int] = {id(encounter)}
-        self.retired: list[JSON] = []
-        self.live = encounter.get("status") != "entered-in-error"
-        self.enc_id = _our_identifier(encounter, Kind.ENCOUNTER)[1]  # type: ignore[index]
+        self.used: set[_Res] = {encounter}
+        self.retired: list[_Res] = []
+        self.claims = index.claims.get(ours, [])
+        self.live = encounter.data.get("status") != "entered-in-error"
+        parts = index.parts.get(encounter)
+        self.parts: Mapping[str, list[_Res]] = parts if parts is not None else {}
         # The Provenance lists the resources in the order the record gave them; servers may
         # return resources in any order, so that list (when present) is the order of pain
         # scores and needled sites. Findings are ordered by the panel's hasMember.
-        self.rank: dict[int, int] = {}
+        self.rank: dict[_Res, int] = {}
         # What the Provenance names is what the record holds: in a retracted encounter, where
         # every part is entered in error, a part removed before the retraction is not named.
-        self.listed: set[int] | None = None
-        for prov in index.by_type("Provenance"):
-            targets = [index.resolve(t) for t in prov.get("target") or []]
-            if any(t is encounter for t in targets):
-                self.use(prov)
-                self.listed = (self.listed or set()) | {id(t) for t in targets if t is not None}
-                for n, target in enumerate(targets):
-                    if target is not None:
-                        self.rank.setdefault(id(target), n)
-        base = len(index.resources)
-        for n, resource in enumerate(index.resources):
-            self.rank.setdefault(id(resource), base + n)
+        self.listed: set[_Res] | None = None
+        self.session: _Res | None = None
+        self.patient_res: _Res | None = None
+        self.panel: _Res | None = None
+        self.diagnosis: _Res | None = None
+        # Provenance has no identifier in R4: ims-fhir's is the one with the id it derives.
+        # Found by that id, whatever its targets say (they are checked against the record).
+        prov_id = provenance_id(self.ns, self.enc_id)
+        linked = [p for p in index.provenances.get(encounter, ()) if p.data.get("id") == prov_id]
+        linked += [r for r in index.with_id.get(prov_id, ()) if r not in linked]
+        self.provenances = linked
+
+    @property
+    def claimed(self) -> set[_Res]:
+        """What this encounter accounts for, mapped or not: never listed as skipped."""
+        return self.used | set(self.retired) | set(self.claims) | set(self.provenances)
 
     # -- helpers -------------------------------------------------------------------------------
 
-    def fail(self, resource: JSON, path: str, reason: str) -> MappingError:
-        return MappingError(_name(resource), f"{resource.get('resourceType')}.{path}", reason)
+    def use(self, res: _Res) -> _Res:
+        self.used.add(res)
+        return res
 
-    def need(self, resource: JSON, path: str) -> Any:
-        value: Any = resource
-        for part in path.split("."):
-            value = value.get(part) if isinstance(value, Mapping) else None
-            if value is None:
-                raise self.fail(resource, path, "missing")
+    def resolve(self, node: _Node, key: str, reference: _Node | None) -> _Res | None:
+        if reference is None:
+            return None
+        found = self.index.resolve(reference.data)
+        if found is _AMBIGUOUS:
+            raise node.fail(key, "reference matches more than one resource in the input")
+        if found is None and reference.has("reference"):
+            reference.string("reference")  # a non-string reference is named as such
+        return found
+
+    def resolve_required(self, node: _Node, key: str, rtype: str) -> _Res:
+        target = self.resolve(node, key, node.need_obj(key))
+        if target is None:
+            raise node.fail(key, "reference does not resolve in the input")
+        if target.type != rtype:
+            raise node.fail(key, f"reference is to a {target.type or 'non-resource'}, not {rtype}")
+        return self.use(target)
+
+    def codes(self, concept: _Node, group: str) -> set[str]:
+        found = set()
+        for coding in concept.objs("coding"):
+            system, code = coding.string("system"), coding.string("code")
+            local = self.t.from_coding(system, code, group)
+            if local is not None:
+                found.add(local)
+        if len(found) > 1:
+            raise concept.fail("coding", f"codings disagree: {sorted(found)}")
+        return found
+
+    def code(self, concept: _Node | None, group: str, parent: _Node, key: str) -> str:
+        found = self.codes(concept, group) if concept is not None else set()
+        if not found:
+            raise (concept or parent).fail(
+                None if concept else key, f"no coding of a known {group}"
+            )
+        return next(iter(found))
+
+    def expect(self, node: _Node, local: str) -> None:
+        """The resource's ``code`` is the one ims-fhir gives this kind of part."""
+        group = self.t.group_of(local) or ""
+        if self.code(node.obj("code"), group, node, "code") != local:
+            raise node.fail("code", f"not {local}")
+
+    def optional_code(self, concept: _Node | None, group: str) -> str | None:
+        found = self.codes(concept, group) if concept is not None else set()
+        return next(iter(found)) if found else None
+
+    def quantity(self, node: _Node, key: str, unit: str) -> float:
+        q = node.need_obj(key)
+        value = q.number("value")
+        if value is None:
+            raise q.fail("value", "missing")
+        expected = self.t.convention(f"unit-{unit}")
+        code, system = q.string("code"), q.string("system")
+        if code is not None or system is not None:
+            # qty-3: a unit code has its system.
+            if (system, code) != (expected.system, expected.code):
+                raise q.fail("code", f"unit {system}|{code}; ims-fhir records {expected.code}")
+        elif q.string("unit") not in {expected.code, expected.display}:
+            raise q.fail("unit", f"no unit or not {expected.code}")
         return value
 
-    def code_in(self, resource: JSON, path: str, concept: Any, group: str) -> str:
-        for coding in (concept or {}).get("coding") or []:
-            found = self.t.from_coding(coding.get("system"), coding.get("code"), group)
-            if found is not None:
-                return found
-        raise self.fail(resource, path, f"no coding of a known {group}")
-
-    def optional_code(self, concept: Any, group: str) -> str | None:
-        for coding in (concept or {}).get("coding") or []:
-            found = self.t.from_coding(coding.get("system"), coding.get("code"), group)
-            if found is not None:
-                return found
-        return None
-
-    def linked(self, resource_type: str, element: str = "encounter") -> list[JSON]:
-        out = []
-        for resource in self.index.by_type(resource_type):
-            if self.index.points_to(resource.get(element), self.enc):
-                out.append(resource)
-        return out
-
-    def suffix(self, resource: JSON, kind: Kind, middle: str) -> str | None:
-        ours = _our_identifier(resource, kind)
-        if ours is None:
+    def part(self, res: _Res, kind: Kind, middle: str) -> str | None:
+        """The part id after ``<encounter>/<middle>/`` in the resource's identifier, or None."""
+        ours = res.our_identifier(kind)
+        if ours is None or ours[0] != self.ns:
             return None
         prefix = f"{self.enc_id}/{middle}"
         if ours[1] == prefix:
             return ""
         if ours[1].startswith(prefix + "/"):
-            return ours[1][len(prefix) + 1 :]
+            return ours[1][len(prefix) + 1 :] or None
         return None
 
-    def use(self, resource: JSON) -> JSON:
-        self.touched.add(id(resource))
-        return resource
+    def of_type(self, rtype: str) -> list[_Res]:
+        return self.parts.get(rtype, [])
 
-    def resolve_required(self, resource: JSON, path: str) -> JSON:
-        target = self.index.resolve(self.need(resource, path))
-        if target is None:
-            raise self.fail(resource, path, "reference does not resolve in the input")
-        return self.use(target)
-
-    def quantity(self, resource: JSON, path: str, value: Any) -> float:
-        number = (value or {}).get("value")
-        if not isinstance(number, int | float):
-            raise self.fail(resource, path, "quantity without a numeric value")
-        return float(number)
-
-    # -- the record ----------------------------------------------------------------------------
-
-    def is_retired(self, resource: JSON) -> bool:
+    def is_retired(self, res: _Res) -> bool:
         """A part the record no longer holds: entered in error while its encounter is not."""
-        status = resource.get("status")
-        if resource.get("resourceType") == "Condition":
-            codes = [
-                c.get("code")
-                for c in (resource.get("verificationStatus") or {}).get("coding") or []
-            ]
-            status = "entered-in-error" if "entered-in-error" in codes else None
-        if status != "entered-in-error":
+        node = _Node(res, res.type, res.data)
+        if res.type == "Condition":
+            status = node.obj("verificationStatus")
+            codes = {c.string("code") for c in status.objs("coding")} if status else set()
+            retired = "entered-in-error" in codes
+        else:
+            retired = node.string("status") == "entered-in-error"
+        if not retired:
             return False
-        if self.live or (self.listed is not None and id(resource) not in self.listed):
-            self.retired.append(resource)
+        if self.live or (self.listed is not None and res not in self.listed):
+            self.retired.append(res)
             return True
         return False
 
+    # -- the record ----------------------------------------------------------------------------
+
     def run(self) -> Encounter:
         enc = self.enc
+        enc.no_modifiers()
+        self.read_provenance()
+        period = enc.need_obj("period")
         data: JSON = {
             "id": self.enc_id,
             "clinic": self.clinic(),
             "patient": self.patient(),
             "practitioner": self.practitioner(),
-            "start": self.need(enc, "period.start"),
-            "end": self.need(enc, "period.end"),
-            "visit_type": self.code_in(enc, "type", (enc.get("type") or [None])[0], "visit-type"),
+            "start": period.need_string("start"),
+            "end": period.need_string("end"),
+            "visit_type": self.code(enc.only("type"), "visit-type", enc, "type"),
         }
-        if enc.get("status") == "entered-in-error":
+        if enc.string("status") == "entered-in-error":
             data["retracted"] = True
-        observations = self.linked("Observation")
+        observations = self.of_type("Observation")
         findings = self.findings(observations)
         assessment = self.assessment(observations, findings)
         if assessment is not None:
@@ -319,320 +613,533 @@ class _Rebuild:
         treatment = self.treatment()
         if treatment is not None:
             data["treatment"] = treatment
+        self.check_part_of()
+        self.account_for_claims()
         try:
             return Encounter.model_validate(data)
         except ValidationError as exc:
             first = exc.errors()[0]
             path = ".".join(str(p) for p in first["loc"]) or "<record>"
             raise MappingError(
-                _name(enc), path, f"rebuilt record is invalid: {first['msg']}"
+                self.res.name, path, f"rebuilt record is invalid: {first['msg']}"
             ) from exc
 
+    def read_provenance(self) -> None:
+        if len(self.provenances) > 1:
+            names = ", ".join(p.name for p in self.provenances[:3])
+            raise self.enc.fail(None, f"more than one ims-fhir Provenance names it: {names}")
+        for prov in self.provenances:
+            node = _Node(prov, "Provenance", prov.data)
+            if prov.type != "Provenance":
+                raise node.fail("resourceType", "has the id of this encounter's Provenance")
+            self.listed = set()
+            for n, target in enumerate(node.objs("target")):
+                found = self.resolve(node, f"target[{n}]", target)
+                if found is None:
+                    raise node.fail(f"target[{n}]", "names a resource not in the input")
+                self.listed.add(found)
+                self.rank.setdefault(found, n)
+
+    def ordered(self, items: list[_Res]) -> list[_Res]:
+        base = len(self.rank)
+        return sorted(items, key=lambda r: self.rank.get(r, base + r.pos))
+
+    def check_links(self, record: Encounter) -> None:
+        """The links between the parts are the ones the record implies, no more, no fewer.
+
+        ``hasMember``, ``partOf``, ``reasonReference``, ``evidence`` and the Provenance's
+        ``target`` are not fields of the record: they follow from it (the diagnosis' evidence
+        is the findings present, ...). Mapping the record forward again and comparing those
+        links, by the identifiers of what they point at, finds a source whose links say
+        something the record would not.
+        """
+        forward = _forward_bundle(record)["entry"]
+        keys = {e["fullUrl"]: _key_of(e["resource"]) for e in forward}
+        mine = {_key_of(r.data): r for r in self.used | set(self.provenances)}
+        for entry in forward:
+            resource = entry["resource"]
+            source = mine.get(_key_of(resource))
+            if source is None:
+                continue
+            for element in _LINKS:
+                want = [keys.get(ref, ref) for ref in _references(resource.get(element))]
+                node = _Node(source, source.type, source.data)
+                got = []
+                for ref in _references(node.data.get(element)):
+                    target = self.index.resolve({"reference": ref})
+                    got.append(_key_of(target.data) if isinstance(target, _Res) else ref)
+                if got != want:
+                    raise node.fail(
+                        element,
+                        f"links {len(got)} resource(s) where the record implies {len(want)}"
+                        if len(got) != len(want)
+                        else "does not link what the record implies",
+                    )
+
+    def check_part_of(self) -> None:
+        """Pain scores after treatment are part of the session; its reasons are the assessment."""
+        session = {self.session} if self.session is not None else set()
+        for res in list(self.used):
+            if self.part(res, Kind.OBSERVATION, "pain"):
+                self.members_must_be(
+                    _Node(res, "Observation", res.data), "partOf", session, "the session"
+                )
+        if self.session is not None:
+            reasons = {r for r in (self.panel, self.diagnosis) if r is not None}
+            self.members_must_be(
+                _Node(self.session, "Procedure", self.session.data),
+                "reasonReference",
+                reasons,
+                "the assessment or diagnosis",
+            )
+
+    def account_for_claims(self) -> None:
+        """Every resource that carries one of this encounter's identifiers was read or retired."""
+        done = self.used | set(self.retired) | set(self.provenances)
+        for res in self.claims:
+            if res not in done:
+                ident = next(v for ns, _, v in res.our_identifiers() if ns == self.ns)
+                raise MappingError(
+                    res.name,
+                    f"{res.type or 'resource'}.identifier",
+                    f"carries identifier {ident!r} of this encounter but is not one of its "
+                    "parts (a duplicate, or not linked to it by encounter)",
+                )
+
     def clinic(self) -> JSON:
-        org = self.resolve_required(self.enc, "serviceProvider")
-        ours = _our_identifier(org, Kind.ORGANIZATION)
+        org = self.resolve_required(self.enc, "serviceProvider", "Organization")
+        ours = org.our_identifier(Kind.ORGANIZATION)
+        node = _Node(org, "Organization", org.data)
         if ours is None:
-            raise self.fail(org, "identifier", "no ims-fhir organization identifier")
-        out: JSON = {"id": ours[1], "name": self.need(org, "name")}
+            raise node.fail("identifier", "no ims-fhir organization identifier")
+        out: JSON = {"id": ours[1], "name": node.need_string("name")}
         if self.ns != default_namespace(ours[1]):
             out["namespace"] = self.ns
         return out
 
-    def _name(self, resource: JSON) -> JSON:
-        names = resource.get("name") or []
+    def human_name(self, node: _Node) -> JSON:
+        names = node.objs("name")
         if not names:
-            raise self.fail(resource, "name", "missing")
+            raise node.fail("name", "missing")
         name = names[0]
-        out: JSON = {"family": name.get("family")}
-        if name.get("given"):
-            out["given"] = name["given"]
+        out: JSON = {"family": name.string("family")}
+        given = name.strings("given")
+        if given:
+            out["given"] = given
         return out
 
-    @staticmethod
-    def _kind(ident: JSON) -> str:
-        for coding in (ident.get("type") or {}).get("coding") or []:
-            if coding.get("code") == "JHN":
-                return "health-card"
-            if coding.get("code") == "LN":
-                return "licence"
+    def _kind(self, ident: _Node) -> str:
+        concept = ident.obj("type")
+        for coding in concept.objs("coding") if concept else []:
+            pair = (coding.string("system"), coding.string("code"))
+            for kind in ("health-card", "licence"):
+                expected = self.t.convention(f"identifier-type-{kind}")
+                if pair == (expected.system, expected.code):
+                    return kind
         return "other"
 
+    def foreign_identifiers(self, node: _Node) -> list[JSON]:
+        out = []
+        for ident in node.objs("identifier"):
+            system = ident.string("system")
+            if system is not None and split_system(system) is not None:
+                continue
+            out.append(
+                {"system": system, "value": ident.string("value"), "kind": self._kind(ident)}
+            )
+        return out
+
     def patient(self) -> JSON:
-        p = self.resolve_required(self.enc, "subject")
-        ours = _our_identifier(p, Kind.PATIENT)
+        p = self.patient_res = self.resolve_required(self.enc, "subject", "Patient")
+        ours = p.our_identifier(Kind.PATIENT)
+        node = _Node(p, "Patient", p.data)
         if ours is None:
-            raise self.fail(p, "identifier", "no ims-fhir patient identifier")
-        identifiers = [
-            {"system": i.get("system"), "value": i.get("value"), "kind": self._kind(i)}
-            for i in p.get("identifier") or []
-            if split_system(str(i.get("system", ""))) is None
-        ]
+            raise node.fail("identifier", "no ims-fhir patient identifier")
         return {
             "id": ours[1],
-            "identifiers": identifiers,
-            "name": self._name(p),
-            "birth_date": self.need(p, "birthDate"),
-            "sex": self.need(p, "gender"),
+            "identifiers": self.foreign_identifiers(node),
+            "name": self.human_name(node),
+            "birth_date": node.need_string("birthDate"),
+            "sex": node.need_string("gender"),
         }
 
     def practitioner(self) -> JSON:
-        participants = self.enc.get("participant") or []
-        if not participants:
-            raise self.fail(self.enc, "participant", "missing")
-        pr = self.resolve_required(participants[0], "individual")
-        ours = _our_identifier(pr, Kind.PRACTITIONER)
+        participant = self.enc.only("participant")
+        if participant is None:
+            raise self.enc.fail("participant", "missing")
+        pr = self.resolve_required(participant, "individual", "Practitioner")
+        ours = pr.our_identifier(Kind.PRACTITIONER)
+        node = _Node(pr, "Practitioner", pr.data)
         if ours is None:
-            raise self.fail(pr, "identifier", "no ims-fhir practitioner identifier")
-        out: JSON = {"id": ours[1], "name": self._name(pr)}
-        for ident in pr.get("identifier") or []:
-            if split_system(str(ident.get("system", ""))) is None:
-                out["licence"] = {
-                    "system": ident.get("system"),
-                    "value": ident.get("value"),
-                    "kind": self._kind(ident),
-                }
-                break
+            raise node.fail("identifier", "no ims-fhir practitioner identifier")
+        out: JSON = {"id": ours[1], "name": self.human_name(node)}
+        licences = self.foreign_identifiers(node)
+        if licences:
+            out["licence"] = licences[0]
         return out
 
-    def _segments(self, resource: JSON, components: list[JSON], code: str) -> list[str]:
+    def _segments(self, node: _Node, components: list[_Node], code: str) -> list[str]:
         out = []
-        for i, comp in enumerate(components):
-            if self.optional_code(comp.get("code"), "observation-element") == code:
-                out.append(
-                    self.code_in(
-                        resource,
-                        f"component[{i}].valueCodeableConcept",
-                        comp.get("valueCodeableConcept"),
-                        "spinal-level",
-                    )
-                )
+        for comp in components:
+            if self.optional_code(comp.obj("code"), "observation-element") == code:
+                value = comp.obj("valueCodeableConcept")
+                out.append(self.code(value, "spinal-level", comp, "valueCodeableConcept"))
         return out
 
-    def findings(self, observations: list[JSON]) -> list[JSON]:
+    def ours(self, res: _Res) -> _Node:
+        """A part of the encounter, about the encounter's patient."""
+        node = _Node(res, res.type, res.data)
+        node.no_modifiers()
+        key = "patient" if res.type == "Consent" else "subject"
+        if self.resolve_required(node, key, "Patient") is not self.patient_res:
+            raise node.fail(key, "not the encounter's patient")
+        self.use(res)
+        return node
+
+    def findings(self, observations: list[_Res]) -> list[JSON]:
         out = []
-        for obs in observations:
-            fid = self.suffix(obs, Kind.OBSERVATION, "finding")
-            if not fid or self.is_retired(obs):
+        for res in observations:
+            fid = self.part(res, Kind.OBSERVATION, "finding")
+            if not fid or self.is_retired(res):
                 continue
-            self.use(obs)
-            sign = self.code_in(obs, "code", obs.get("code"), "sign")
-            present = obs.get("valueBoolean")
-            if not isinstance(present, bool):
-                raise self.fail(obs, "valueBoolean", "a finding needs a boolean value")
+            obs = self.ours(res)
+            sign = self.code(obs.obj("code"), "sign", obs, "code")
+            present = obs.boolean("valueBoolean")
+            if present is None:
+                raise obs.fail("valueBoolean", "a finding needs a boolean value")
             f: JSON = {"id": fid, "sign": sign, "present": present}
-            site = obs.get("bodySite") or {}
-            muscle = self.optional_code(site, "muscle")
-            if muscle:
-                f["muscle"] = muscle
-            if site.get("text") and not (muscle and site["text"] == self.t.local(muscle).display):
-                f["region"] = site["text"]
-            for ext in site.get("extension") or []:
-                if ext.get("url") == Ext.STRUCTURE_LATERALITY.url:
-                    f["side"] = self.code_in(
-                        obs,
-                        "bodySite.extension.valueCodeableConcept",
-                        ext.get("valueCodeableConcept"),
-                        "side",
-                    )
-            components = obs.get("component") or []
+            site = obs.obj("bodySite")
+            if site is not None:
+                muscle = self.optional_code(site, "muscle")
+                if muscle:
+                    f["muscle"] = muscle
+                text = site.string("text")
+                if text and not (muscle and text == self.t.local(muscle).display):
+                    f["region"] = text
+                for ext in site.objs("extension"):
+                    if ext.need_string("url") == Ext.STRUCTURE_LATERALITY.url:
+                        self.once(f, "side", ext)
+                        f["side"] = self.code(
+                            ext.obj("valueCodeableConcept"), "side", ext, "valueCodeableConcept"
+                        )
+            components = obs.objs("component")
             segments = self._segments(obs, components, "spinal-segment")
             if segments:
                 f["segments"] = segments
-            for i, comp in enumerate(components):
-                code = self.optional_code(comp.get("code"), "observation-element")
+            for comp in components:
+                code = self.optional_code(comp.obj("code"), "observation-element")
                 if code == "grade":
-                    f["grade"] = comp.get("valueInteger")
+                    self.once(f, "grade", comp)
+                    f["grade"] = comp.integer("valueInteger")
+                    if f["grade"] is None:
+                        raise comp.fail("valueInteger", "missing")
                 elif code == "trophedema-test-used":
-                    f["test"] = self.code_in(
-                        obs,
-                        f"component[{i}].valueCodeableConcept",
-                        comp.get("valueCodeableConcept"),
+                    self.once(f, "test", comp)
+                    f["test"] = self.code(
+                        comp.obj("valueCodeableConcept"),
                         "trophedema-test",
+                        comp,
+                        "valueCodeableConcept",
                     )
                 elif code == "rom-joint":
-                    f["joint"] = comp.get("valueString")
+                    self.once(f, "joint", comp)
+                    f["joint"] = comp.need_string("valueString")
                 elif code == "rom-movement":
-                    f["movement"] = comp.get("valueString")
+                    self.once(f, "movement", comp)
+                    f["movement"] = comp.need_string("valueString")
                 elif code == "rom-degrees":
-                    f["degrees"] = self.quantity(
-                        obs, f"component[{i}].valueQuantity", comp.get("valueQuantity")
-                    )
-            notes = obs.get("note") or []
-            if notes:
-                f["note"] = notes[0].get("text")
+                    self.once(f, "degrees", comp)
+                    f["degrees"] = self.quantity(comp, "valueQuantity", "deg")
+                elif code != "spinal-segment":
+                    raise comp.fail("code", "not a component ims-fhir writes on a finding")
+            note = obs.only("note")
+            if note is not None:
+                f["note"] = note.need_string("text")
             out.append(f)
         return out
 
-    def assessment(self, observations: list[JSON], findings: list[JSON]) -> JSON | None:
-        panel = next(
-            (o for o in observations if self.suffix(o, Kind.OBSERVATION, "assessment") == ""),
-            None,
-        )
-        if panel is None:
-            if findings:
-                raise self.fail(self.enc, "encounter", "findings without an assessment panel")
-            return None
-        self.use(panel)
-        order = {}
-        for n, member in enumerate(panel.get("hasMember") or []):
-            target = self.index.resolve(member)
+    @staticmethod
+    def once(record: JSON, key: str, node: _Node) -> None:
+        if key in record:
+            raise node.fail(None, f"a second {key}; the record holds one")
+
+    def members_must_be(self, node: _Node, key: str, allowed: set[_Res], what: str) -> None:
+        """Each reference in ``node.key`` resolves to one of ``allowed`` (what was mapped)."""
+        for n, ref in enumerate(node.objs(key)):
+            target = self.resolve(node, f"{key}[{n}]", ref)
             if target is None:
-                raise self.fail(panel, f"hasMember[{n}]", "member not in the input")
-            fid = self.suffix(target, Kind.OBSERVATION, "finding")
-            if fid:
-                order[fid] = n
+                raise node.fail(f"{key}[{n}]", "member not in the input")
+            if target not in allowed:
+                raise node.fail(f"{key}[{n}]", f"{target.name} is not {what} of this encounter")
+
+    def assessment(self, observations: list[_Res], findings: list[JSON]) -> JSON | None:
+        panels = [o for o in observations if self.part(o, Kind.OBSERVATION, "assessment") == ""]
+        live = [p for p in panels if not self.is_retired(p)]
+        if len(live) > 1:
+            raise _Node(live[1], "Observation", live[1].data).fail(
+                "identifier", "a second assessment panel"
+            )
+        if not live:
+            if findings:
+                raise self.enc.fail(None, "findings without an assessment panel")
+            return None
+        self.panel = live[0]
+        panel = self.ours(live[0])
+        self.expect(panel, "gunn-assessment-panel")
+        finding_res = {r for r in self.used if self.part(r, Kind.OBSERVATION, "finding") and r.type}
+        order: dict[str, int] = {}
+        for n, member in enumerate(panel.objs("hasMember")):
+            target = self.resolve(panel, f"hasMember[{n}]", member)
+            if target is None:
+                raise panel.fail(f"hasMember[{n}]", "member not in the input")
+            if target not in finding_res:
+                raise panel.fail(
+                    f"hasMember[{n}]", f"{target.name} is not a finding of this encounter"
+                )
+            fid = self.part(target, Kind.OBSERVATION, "finding")
+            if fid in order:
+                raise panel.fail(f"hasMember[{n}]", f"finding {fid!r} listed twice")
+            order[str(fid)] = n
         missing = [f["id"] for f in findings if f["id"] not in order]
         if missing:
-            raise self.fail(panel, "hasMember", f"findings {missing} are not members")
+            raise panel.fail("hasMember", f"findings {missing} are not members")
         a: JSON = {"findings": sorted(findings, key=lambda f: order[f["id"]])}
-        levels = self._segments(panel, panel.get("component") or [], "suspected-levels")
+        components = panel.objs("component")
+        for comp in components:
+            if self.optional_code(comp.obj("code"), "observation-element") != "suspected-levels":
+                raise comp.fail("code", "not a component ims-fhir writes on the panel")
+        levels = self._segments(panel, components, "suspected-levels")
         if levels:
             a["suspected_levels"] = levels
-        notes = panel.get("note") or []
-        if notes:
-            a["notes"] = notes[0].get("text")
-        for cond in self.linked("Condition"):
-            if self.suffix(cond, Kind.CONDITION, "diagnosis") == "" and not self.is_retired(cond):
-                self.use(cond)
-                d: JSON = {"code": self.code_in(cond, "code", cond.get("code"), "diagnosis")}
-                cnotes = cond.get("note") or []
-                if cnotes:
-                    d["note"] = cnotes[0].get("text")
-                a["diagnosis"] = d
+        note = panel.only("note")
+        if note is not None:
+            a["notes"] = note.need_string("text")
+        conditions = [
+            c
+            for c in self.of_type("Condition")
+            if self.part(c, Kind.CONDITION, "diagnosis") == "" and not self.is_retired(c)
+        ]
+        if len(conditions) > 1:
+            raise _Node(conditions[1], "Condition", conditions[1].data).fail(
+                "identifier", "a second diagnosis"
+            )
+        for res in conditions:
+            self.diagnosis = res
+            cond = self.ours(res)
+            d: JSON = {"code": self.code(cond.obj("code"), "diagnosis", cond, "code")}
+            for n, evidence in enumerate(cond.objs("evidence")):
+                self.members_must_be(evidence, "detail", finding_res, "a finding")
+                if evidence.has("code"):
+                    raise cond.fail(f"evidence[{n}].code", "ims-fhir writes evidence as details")
+            cnote = cond.only("note")
+            if cnote is not None:
+                d["note"] = cnote.need_string("text")
+            a["diagnosis"] = d
         return a
 
-    def pain(self, observations: list[JSON]) -> list[JSON]:
+    def pain(self, observations: list[_Res]) -> list[JSON]:
         out = []
-        for obs in sorted(observations, key=lambda o: self.rank[id(o)]):
-            pid = self.suffix(obs, Kind.OBSERVATION, "pain")
-            if not pid or self.is_retired(obs):
+        for res in self.ordered(observations):
+            pid = self.part(res, Kind.OBSERVATION, "pain")
+            if not pid or self.is_retired(res):
                 continue
-            self.use(obs)
+            obs = self.ours(res)
+            self.expect(obs, "pain-score")
             timing = None
-            for i, comp in enumerate(obs.get("component") or []):
-                if self.optional_code(comp.get("code"), "observation-element") == "score-timing":
-                    timing = self.code_in(
-                        obs,
-                        f"component[{i}].valueCodeableConcept",
-                        comp.get("valueCodeableConcept"),
-                        "pain-timing",
-                    )
+            for comp in obs.objs("component"):
+                if self.optional_code(comp.obj("code"), "observation-element") != "score-timing":
+                    raise comp.fail("code", "not a component ims-fhir writes on a pain score")
+                if timing is not None:
+                    raise comp.fail(None, "a second score-timing")
+                timing = self.code(
+                    comp.obj("valueCodeableConcept"), "pain-timing", comp, "valueCodeableConcept"
+                )
             if timing is None:
-                raise self.fail(obs, "component", "no pain-timing component")
-            nrs = self.quantity(obs, "valueQuantity", obs.get("valueQuantity"))
+                raise obs.fail("component", "no pain-timing component")
+            nrs = self.quantity(obs, "valueQuantity", "score")
             if nrs != int(nrs):
-                raise self.fail(obs, "valueQuantity.value", "NRS must be a whole number")
+                raise obs.fail("valueQuantity.value", "NRS must be a whole number")
             p: JSON = {"id": pid, "timing": timing, "nrs": int(nrs)}
-            location = (obs.get("bodySite") or {}).get("text")
-            if location:
-                p["location"] = location
+            site = obs.obj("bodySite")
+            if site is not None:  # where the patient feels it, in their words
+                p["location"] = site.need_string("text")
             out.append(p)
         return out
 
     def treatment(self) -> JSON | None:
-        procedures = self.linked("Procedure")
-        session = next(
-            (p for p in procedures if self.suffix(p, Kind.PROCEDURE, "session") == ""), None
-        )
-        if session is None:
+        procedures = self.of_type("Procedure")
+        sessions = [p for p in procedures if self.part(p, Kind.PROCEDURE, "session") == ""]
+        if len(sessions) > 1:
+            raise _Node(sessions[1], "Procedure", sessions[1].data).fail(
+                "identifier", "a second session"
+            )
+        if not sessions:
             return None
-        self.use(session)
+        session_res = self.session = sessions[0]
+        session = self.ours(session_res)
+        self.expect(session, "ims-session")
         t: JSON = {}
-        for ext in session.get("extension") or []:
-            if ext.get("url") in _CONSENT_LINKS:
-                consent = self.index.resolve(ext.get("valueReference"))
-                if consent is not None and consent.get("resourceType") == "Consent":
-                    t["consent"] = self.consent(self.use(consent))
+        for ext in session.objs("extension"):
+            if ext.need_string("url") in _CONSENT_LINKS:
+                consent = self.resolve(ext, "valueReference", ext.obj("valueReference"))
+                if consent is None or consent.type != "Consent":
+                    raise ext.fail("valueReference", "does not resolve to a Consent in the input")
+                if "consent" in t:
+                    raise ext.fail(None, "a second consent")
+                t["consent"] = self.consent(self.ours(consent))
         sites = []
-        for proc in sorted(procedures, key=lambda p: self.rank[id(p)]):
-            sid = self.suffix(proc, Kind.PROCEDURE, "site")
-            if sid and not self.is_retired(proc):
-                sites.append(self.site(self.use(proc), sid))
+        for res in self.ordered(procedures):
+            sid = self.part(res, Kind.PROCEDURE, "site")
+            if sid and not self.is_retired(res):
+                node = self.ours(res)
+                self.expect(node, "ims-needled-site")
+                self.members_must_be(node, "partOf", {session_res}, "the session")
+                sites.append(self.site(node, sid))
         if sites:
             t["sites"] = sites
         events = []
-        for n, comp in enumerate(session.get("complication") or []):
-            e: JSON = {"kind": self.code_in(session, f"complication[{n}]", comp, "adverse-event")}
-            for ext in comp.get("extension") or []:
-                if ext.get("url") == Ext.ADVERSE_EVENT_SEVERITY.url:
-                    e["severity"] = self.code_in(
-                        session,
-                        f"complication[{n}].extension",
-                        ext.get("valueCodeableConcept"),
-                        "severity",
+        for comp in session.objs("complication"):
+            e: JSON = {"kind": self.code(comp, "adverse-event", session, "complication")}
+            for ext in comp.objs("extension"):
+                url = ext.need_string("url")
+                if url == Ext.ADVERSE_EVENT_SEVERITY.url:
+                    self.once(e, "severity", ext)
+                    e["severity"] = self.code(
+                        ext.obj("valueCodeableConcept"), "severity", ext, "valueCodeableConcept"
                     )
-                elif ext.get("url") == Ext.ADVERSE_EVENT_NOTE.url:
-                    e["note"] = ext.get("valueString")
+                elif url == Ext.ADVERSE_EVENT_NOTE.url:
+                    self.once(e, "note", ext)
+                    e["note"] = ext.need_string("valueString")
             events.append(e)
         if events:
             t["adverse_events"] = events
-        notes = session.get("note") or []
-        if notes:
-            t["notes"] = notes[0].get("text")
+        note = session.only("note")
+        if note is not None:
+            t["notes"] = note.need_string("text")
         return t
 
-    def consent(self, consent: JSON) -> JSON:
-        performer = (consent.get("performer") or [{}])[0]
-        target = self.index.resolve(performer)
-        by = "patient" if target is not None and target.get("resourceType") == "Patient" else None
-        if by is None:
-            by = performer.get("display")
-        if not by:
-            raise self.fail(consent, "performer", "no patient reference or display")
-        out: JSON = {
-            "given": self.need(consent, "provision.type") == "permit",
-            "at": self.need(consent, "dateTime"),
-            "by": by,
-        }
-        form = ((consent.get("sourceReference") or {}).get("identifier") or {}).get("value")
-        if form:
-            out["form_reference"] = form
+    def consent(self, consent: _Node) -> JSON:
+        performer = consent.only("performer")
+        if performer is None:
+            raise consent.fail("performer", "missing")
+        target = self.resolve(consent, "performer[0]", performer)
+        if target is not None and target.type == "Patient":
+            by = "patient"
+        else:
+            by = performer.need_string("display")
+        provision = consent.need_obj("provision")
+        decision = provision.need_string("type")
+        if decision not in ("permit", "deny"):
+            raise provision.fail("type", "neither permit nor deny")
+        out: JSON = {"given": decision == "permit", "at": consent.need_string("dateTime"), "by": by}
+        source = consent.obj("sourceReference")
+        if source is not None:
+            # The signed form, by the clinic's form number (to_fhir.py consent()).
+            if source.need_string("type") != "DocumentReference":
+                raise source.fail("type", "not a DocumentReference")
+            ident = source.need_obj("identifier")
+            if ident.string("system") != system(self.ns, Kind.CONSENT_FORM):
+                raise ident.fail("system", "not the clinic's consent form system")
+            out["form_reference"] = ident.need_string("value")
         return out
 
-    def site(self, proc: JSON, sid: str) -> JSON:
-        body_sites = proc.get("bodySite") or []
-        if not body_sites:
-            raise self.fail(proc, "bodySite", "a needled site needs a muscle")
-        body_site = body_sites[0]
-        s: JSON = {"id": sid, "muscle": self.code_in(proc, "bodySite[0]", body_site, "muscle")}
-        for ext in body_site.get("extension") or []:
-            if ext.get("url") == Ext.BODYSITE_LATERALITY.url:
-                s["side"] = self.code_in(
-                    proc, "bodySite[0].extension", ext.get("valueCodeableConcept"), "side"
+    def site(self, proc: _Node, sid: str) -> JSON:
+        body_site = proc.only("bodySite")
+        if body_site is None:
+            raise proc.fail("bodySite", "a needled site needs a muscle")
+        s: JSON = {"id": sid, "muscle": self.code(body_site, "muscle", proc, "bodySite")}
+        for ext in body_site.objs("extension"):
+            if ext.need_string("url") == Ext.BODYSITE_LATERALITY.url:
+                self.once(s, "side", ext)
+                s["side"] = self.code(
+                    ext.obj("valueCodeableConcept"), "side", ext, "valueCodeableConcept"
                 )
         segments = []
-        for n, ext in enumerate(proc.get("extension") or []):
-            url = ext.get("url")
-            path = f"extension[{n}]"
+        for ext in proc.objs("extension"):
+            url = ext.need_string("url")
+            concept = ext.obj("valueCodeableConcept")
+            key = _SITE_EXTENSIONS.get(url or "")
+            if key is not None and key != "segments":
+                self.once(s, key, ext)
             if url == Ext.SITE_ROLE.url:
-                s["role"] = self.code_in(proc, path, ext.get("valueCodeableConcept"), "site-role")
+                s["role"] = self.code(concept, "site-role", ext, "valueCodeableConcept")
             elif url == Ext.SPINAL_SEGMENT.url:
-                segments.append(
-                    self.code_in(proc, path, ext.get("valueCodeableConcept"), "spinal-level")
-                )
+                segments.append(self.code(concept, "spinal-level", ext, "valueCodeableConcept"))
             elif url == Ext.NEEDLE_DIAMETER.url:
-                s["needle_diameter_mm"] = self.quantity(proc, path, ext.get("valueQuantity"))
+                s["needle_diameter_mm"] = self.quantity(ext, "valueQuantity", "mm")
             elif url == Ext.NEEDLE_LENGTH.url:
-                s["needle_length_mm"] = self.quantity(proc, path, ext.get("valueQuantity"))
+                s["needle_length_mm"] = self.quantity(ext, "valueQuantity", "mm")
             elif url == Ext.INSERTIONS.url:
-                s["insertions"] = ext.get("valuePositiveInt")
+                s["insertions"] = ext.integer("valuePositiveInt")
             elif url == Ext.MAX_DEPTH.url:
-                s["max_depth_mm"] = self.quantity(proc, path, ext.get("valueQuantity"))
+                s["max_depth_mm"] = self.quantity(ext, "valueQuantity", "mm")
             elif url == Ext.DWELL_TIME.url:
-                s["dwell_time_s"] = self.quantity(proc, path, ext.get("valueQuantity"))
+                s["dwell_time_s"] = self.quantity(ext, "valueQuantity", "s")
             elif url == Ext.NEEDLE_RESPONSE.url:
-                s["response"] = self.code_in(
-                    proc, path, ext.get("valueCodeableConcept"), "needle-response"
-                )
+                s["response"] = self.code(concept, "needle-response", ext, "valueCodeableConcept")
             elif url == Ext.ELECTRICAL_STIMULATION.url:
-                parts = {e.get("url"): e.get("valueQuantity") for e in ext.get("extension") or []}
-                s["electrical_stimulation"] = {
-                    "frequency_hz": self.quantity(proc, path, parts.get(ESTIM_FREQUENCY)),
-                    "intensity_ma": self.quantity(proc, path, parts.get(ESTIM_INTENSITY)),
-                    "minutes": self.quantity(proc, path, parts.get(ESTIM_DURATION)),
-                }
+                parts: dict[str, _Node] = {}
+                for sub in ext.objs("extension"):
+                    name = sub.need_string("url")
+                    if name in parts:
+                        raise sub.fail("url", f"a second {name}")
+                    parts[name] = sub
+                estim: JSON = {}
+                for name, unit, field_name in _ESTIM:
+                    if name not in parts:
+                        raise ext.fail("extension", f"no {name}")
+                    estim[field_name] = self.quantity(parts[name], "valueQuantity", unit)
+                s["electrical_stimulation"] = estim
         if segments:
             s["segments"] = segments
         if isinstance(s.get("dwell_time_s"), float) and s["dwell_time_s"].is_integer():
             s["dwell_time_s"] = int(s["dwell_time_s"])
         return s
+
+
+# Elements that link the parts of an encounter, checked against what the record implies.
+_LINKS = ("hasMember", "partOf", "reasonReference", "evidence", "target")
+
+
+def _references(value: Any) -> list[str]:
+    """The reference strings inside an element, in order (evidence nests them in detail)."""
+    out: list[str] = []
+    items = value if isinstance(value, list) else [value] if value is not None else []
+    for item in items:
+        if isinstance(item, Mapping):
+            ref = item.get("reference")
+            if isinstance(ref, str):
+                out.append(ref)
+            out += _references(item.get("detail"))
+    return out
+
+
+def _key_of(resource: Mapping[str, Any]) -> str:
+    """What a resource is, whoever assigned its id: its ims-fhir identifier, or its type."""
+    if resource.get("resourceType") == "Provenance":
+        return "Provenance"
+    identifiers = resource.get("identifier")
+    for ident in identifiers if isinstance(identifiers, list) else []:
+        if isinstance(ident, Mapping) and isinstance(ident.get("system"), str):
+            parts = split_system(ident["system"])
+            if parts is not None:
+                return f"{parts[1]}|{ident.get('value')}"
+    return f"{resource.get('resourceType')}?"
+
+
+_SITE_EXTENSIONS = {
+    Ext.SITE_ROLE.url: "role",
+    Ext.SPINAL_SEGMENT.url: "segments",
+    Ext.NEEDLE_DIAMETER.url: "needle_diameter_mm",
+    Ext.NEEDLE_LENGTH.url: "needle_length_mm",
+    Ext.INSERTIONS.url: "insertions",
+    Ext.MAX_DEPTH.url: "max_depth_mm",
+    Ext.DWELL_TIME.url: "dwell_time_s",
+    Ext.NEEDLE_RESPONSE.url: "response",
+    Ext.ELECTRICAL_STIMULATION.url: "electrical_stimulation",
+}
+_ESTIM = (
+    (ESTIM_FREQUENCY, "Hz", "frequency_hz"),
+    (ESTIM_INTENSITY, "mA", "intensity_ma"),
+    (ESTIM_DURATION, "min", "minutes"),
+)

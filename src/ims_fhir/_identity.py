@@ -72,6 +72,12 @@ def full_url(identifier_system: str, value: str) -> str:
     return f"urn:uuid:{uuid.uuid5(uuid.NAMESPACE_URL, f'{identifier_system}|{value}')}"
 
 
+def provenance_id(namespace: str, encounter_id: str) -> str:
+    """The id of an encounter's Provenance (R4 gives Provenance no identifier, so it has this)."""
+    name = f"{system(namespace, Kind.PROVENANCE)}|{encounter_id}"
+    return str(uuid.uuid5(uuid.NAMESPACE_URL, name))
+
+
 class Profile(StrEnum):
     """The project's profiles, one per kind of resource the mapper writes."""
 

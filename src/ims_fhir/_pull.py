@@ -11,16 +11,21 @@ mapped back on its own, so memory stays bounded however many encounters the serv
 from __future__ import annotations
 
 import datetime as dt
+import re
 from collections.abc import AsyncIterator
 from typing import Any
 
 from ._async_client import AsyncFhirClient
+from ._exceptions import MappingError
 from ._from_fhir import MappingReport, from_fhir
 from ._identity import Ext, Profile
 
 __all__ = ["DEFAULT_PAGE_SIZE", "pull"]
 
 DEFAULT_PAGE_SIZE = 50
+
+# FHIR R4 id (datatypes.html#id): what may go into a search for it.
+_ID = re.compile(r"[A-Za-z0-9\-.]{1,64}")
 
 # Resource type -> the search parameter that points at the encounter.
 _PARTS = {"Observation": "encounter", "Procedure": "encounter", "Condition": "encounter"}
@@ -50,37 +55,56 @@ async def pull(
     """Yield, page by page, the records rebuilt and what was skipped or could not be mapped."""
     params = pull_params(patient=patient, since=since, page_size=page_size)
     async for page in client.pages("Encounter", params):
-        encounters = [
-            e["resource"]
-            for e in page.get("entry") or []
-            if (e.get("resource") or {}).get("resourceType") == "Encounter"
-        ]
+        encounters: list[dict[str, Any]] = []
+        malformed: list[MappingError] = []
+        entries = page.get("entry") if isinstance(page, dict) else None
+        for n, entry in enumerate(entries if isinstance(entries, list) else []):
+            resource = entry.get("resource") if isinstance(entry, dict) else None
+            if not isinstance(resource, dict) or resource.get("resourceType") != "Encounter":
+                continue  # an OperationOutcome of a searchset, or what from_fhir will report
+            if isinstance(resource.get("id"), str) and _ID.fullmatch(resource["id"]):
+                encounters.append(resource)
+            else:
+                malformed.append(
+                    MappingError(f"Encounter at entry[{n}]", "Encounter.id", "not a FHIR id")
+                )
         if not encounters:
+            if malformed:
+                yield MappingReport(errors=malformed)
             continue
         refs = ",".join(f"Encounter/{e['id']}" for e in encounters)
-        resources: list[dict[str, Any]] = list(encounters)
+        resources: list[Any] = list(encounters)
         for resource_type, param in _PARTS.items():
             resources += await _all(client, resource_type, {param: refs})
         resources += await _all(client, "Provenance", {"target": refs})
         wanted = {
             "Patient": {_ref_id(e.get("subject")) for e in encounters},
             "Practitioner": {
-                _ref_id(p.get("individual")) for e in encounters for p in e.get("participant") or []
+                _ref_id(p.get("individual") if isinstance(p, dict) else None)
+                for e in encounters
+                for p in _list(e.get("participant"))
             },
             "Organization": {_ref_id(e.get("serviceProvider")) for e in encounters},
             "Consent": {
-                _ref_id(ext.get("valueReference"))
+                _ref_id(ext.get("valueReference") if isinstance(ext, dict) else None)
                 for r in resources
-                if r.get("resourceType") == "Procedure"
-                for ext in r.get("extension") or []
-                if ext.get("url") in (Ext.SESSION_CONSENT.url, Ext.SUPPORTING_INFO.url)
+                if isinstance(r, dict) and r.get("resourceType") == "Procedure"
+                for ext in _list(r.get("extension"))
+                if isinstance(ext, dict)
+                and ext.get("url") in (Ext.SESSION_CONSENT.url, Ext.SUPPORTING_INFO.url)
             },
         }
         for resource_type, ids in wanted.items():
-            ids.discard(None)
-            if ids:
-                resources += await _all(client, resource_type, {"_id": ",".join(sorted(ids))})  # type: ignore[arg-type]
-        yield from_fhir(resources)
+            found = sorted(i for i in ids if i is not None)
+            if found:
+                resources += await _all(client, resource_type, {"_id": ",".join(found)})
+        report = from_fhir(resources)
+        report.errors[:0] = malformed
+        yield report
+
+
+def _list(value: Any) -> list[Any]:
+    return value if isinstance(value, list) else []
 
 
 async def _all(client: AsyncFhirClient, resource_type: str, params: dict[str, str]) -> list[Any]:
@@ -88,7 +112,9 @@ async def _all(client: AsyncFhirClient, resource_type: str, params: dict[str, st
 
 
 def _ref_id(reference: Any) -> str | None:
-    ref = (reference or {}).get("reference") if isinstance(reference, dict) else None
+    """The id a reference points at, if it is a FHIR id (what else could be searched for?)."""
+    ref = reference.get("reference") if isinstance(reference, dict) else None
     if not isinstance(ref, str) or "/" not in ref:
         return None
-    return ref.split("/_history")[0].rsplit("/", 1)[-1]
+    found = ref.split("/_history")[0].rsplit("/", 1)[-1]
+    return found if _ID.fullmatch(found) else None

@@ -9,7 +9,7 @@ bad one as a :class:`~ims_fhir.RecordError` in file order.
 from __future__ import annotations
 
 import json
-from collections.abc import Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, BinaryIO
@@ -19,7 +19,15 @@ from pydantic import ValidationError
 from ._exceptions import FieldIssue, RecordError, RecordLocation
 from ._record import Encounter
 
-__all__ = ["MAX_RECORD_BYTES", "ReadRecord", "read_records", "validate_record"]
+__all__ = [
+    "MAX_RECORD_BYTES",
+    "ReadRecord",
+    "decode_json",
+    "json_values",
+    "read_records",
+    "validate_record",
+    "walk",
+]
 
 MAX_RECORD_BYTES = 8 * 1024 * 1024
 """The largest record (or JSON file) accepted; larger ones are reported, never loaded."""
@@ -37,20 +45,112 @@ class ReadRecord:
     record: Encounter
 
 
-def read_records(paths: Iterable[str | Path]) -> Iterator[ReadRecord | RecordError]:
-    """Yield every record in ``paths`` (files or directories), good or bad, in order."""
+def read_records(
+    paths: Iterable[str | Path], on_skip: Callable[[Path, str], None] | None = None
+) -> Iterator[ReadRecord | RecordError]:
+    """Yield every record in ``paths`` (files or directories), good or bad, in order.
+
+    Args:
+        paths: files and directories; see :func:`walk` for what a directory contributes.
+        on_skip: called with each file of a directory that is not read, and why.
+    """
+    for file in walk(paths, on_skip):
+        if isinstance(file, RecordError):
+            yield file
+            continue
+        for location, value in json_values(file):
+            yield value if isinstance(value, RecordError) else validate_record(value, location)
+
+
+def walk(
+    paths: Iterable[str | Path], on_skip: Callable[[Path, str], None] | None = None
+) -> Iterator[Path | RecordError]:
+    """The files to read, in order: the one rule for both directions of ``convert``.
+
+    A file named on its own is read whatever its name (NDJSON if it ends in ``.ndjson`` or
+    ``.jsonl``, else JSON). In a directory, files ending in ``.json``, ``.ndjson`` or ``.jsonl``
+    are read, in sorted order, subdirectories included; any other file is not read, and
+    ``on_skip`` is told (a README beside the records is not an error). A path that does not
+    exist is a :class:`~ims_fhir.RecordError`.
+    """
     for path in paths:
         path = Path(path)
         if path.is_dir():
             for child in sorted(path.rglob("*")):
-                if child.is_file() and child.suffix in _NDJSON_SUFFIXES | _JSON_SUFFIXES:
-                    yield from _read_file(child)
+                if not child.is_file():
+                    continue
+                if child.suffix in _NDJSON_SUFFIXES | _JSON_SUFFIXES:
+                    yield child
+                elif on_skip is not None:
+                    on_skip(child, "not a .json, .ndjson or .jsonl file")
         elif path.is_file():
-            yield from _read_file(path)
+            yield path
         else:
             yield RecordError(
                 RecordLocation(str(path)), [FieldIssue("<file>", "no such file or directory")]
             )
+
+
+def decode_json(raw: str | bytes) -> Any:
+    """Decode JSON text; ``NaN`` and ``Infinity`` are not JSON (RFC 8259) and are refused.
+
+    Raises:
+        ValueError: not UTF-8 (``UnicodeDecodeError``), not JSON (``json.JSONDecodeError``),
+            or nested too deeply to decode.
+    """
+    text = raw.decode("utf-8") if isinstance(raw, bytes) else raw
+    try:
+        return json.loads(text, parse_constant=_refuse_constant)
+    except RecursionError as exc:
+        raise ValueError("JSON nested too deeply") from exc
+
+
+def _refuse_constant(name: str) -> Any:
+    raise ValueError(f"{name} is not a JSON number")
+
+
+def json_values(file: Path) -> Iterator[tuple[RecordLocation, Any]]:
+    """Each JSON value of a file with where it is: a line of NDJSON, an item of a JSON list.
+
+    What cannot be read is yielded as a :class:`~ims_fhir.RecordError` in its place (a file
+    or line over :data:`MAX_RECORD_BYTES` is never loaded), and the file goes on.
+    """
+    name = str(file)
+    if file.suffix in _NDJSON_SUFFIXES:
+        with file.open("rb") as handle:
+            for number, line in _lines(handle):
+                location = RecordLocation(name, line=number)
+                if line is None:
+                    reason = f"longer than {MAX_RECORD_BYTES} bytes"
+                    yield location, RecordError(location, [FieldIssue("<line>", reason)])
+                elif line.strip():
+                    yield location, _decoded(line, location, "<line>")
+        return
+    location = RecordLocation(name)
+    if file.stat().st_size > MAX_RECORD_BYTES:
+        reason = f"larger than {MAX_RECORD_BYTES} bytes: use NDJSON"
+        yield location, RecordError(location, [FieldIssue("<file>", reason)])
+        return
+    value = _decoded(file.read_bytes(), location, "<file>")
+    if isinstance(value, list):
+        for index, item in enumerate(value):
+            yield RecordLocation(name, index=index), item
+    else:
+        yield location, value
+
+
+def _decoded(raw: bytes, location: RecordLocation, what: str) -> Any:
+    try:
+        return decode_json(raw)
+    except UnicodeDecodeError as exc:
+        return RecordError(location, [FieldIssue(what, f"not UTF-8: {exc}")])
+    except json.JSONDecodeError as exc:
+        where = RecordLocation(location.file, location.line or exc.lineno, location.index)
+        return RecordError(
+            where, [FieldIssue("<json>", f"invalid JSON: {exc.msg} (column {exc.colno})")]
+        )
+    except ValueError as exc:
+        return RecordError(location, [FieldIssue("<json>", f"invalid JSON: {exc}")])
 
 
 def validate_record(data: Any, location: RecordLocation) -> ReadRecord | RecordError:
@@ -74,71 +174,6 @@ def _issue(error: Any) -> FieldIssue:
     if reason.startswith("Value error, "):
         reason = reason.removeprefix("Value error, ")
     return FieldIssue(path or "<record>", reason)
-
-
-def _read_file(path: Path) -> Iterator[ReadRecord | RecordError]:
-    if path.suffix in _NDJSON_SUFFIXES:
-        yield from _read_ndjson(path)
-    else:
-        yield from _read_json(path)
-
-
-def _read_json(path: Path) -> Iterator[ReadRecord | RecordError]:
-    name = str(path)
-    if path.stat().st_size > MAX_RECORD_BYTES:
-        yield RecordError(
-            RecordLocation(name),
-            [FieldIssue("<file>", f"larger than {MAX_RECORD_BYTES} bytes: use NDJSON")],
-        )
-        return
-    try:
-        data = json.loads(path.read_bytes().decode("utf-8"))
-    except UnicodeDecodeError as exc:
-        yield RecordError(RecordLocation(name), [FieldIssue("<file>", f"not UTF-8: {exc}")])
-        return
-    except json.JSONDecodeError as exc:
-        yield RecordError(
-            RecordLocation(name, line=exc.lineno),
-            [FieldIssue("<json>", f"invalid JSON: {exc.msg} (column {exc.colno})")],
-        )
-        return
-    except RecursionError:
-        yield RecordError(RecordLocation(name), [FieldIssue("<json>", "JSON nested too deeply")])
-        return
-    if isinstance(data, list):
-        for index, item in enumerate(data):
-            yield validate_record(item, RecordLocation(name, index=index))
-    else:
-        yield validate_record(data, RecordLocation(name))
-
-
-def _read_ndjson(path: Path) -> Iterator[ReadRecord | RecordError]:
-    name = str(path)
-    with path.open("rb") as handle:
-        for number, line in _lines(handle):
-            location = RecordLocation(name, line=number)
-            if line is None:
-                yield RecordError(
-                    location, [FieldIssue("<line>", f"longer than {MAX_RECORD_BYTES} bytes")]
-                )
-                continue
-            if not line.strip():
-                continue
-            try:
-                data = json.loads(line.decode("utf-8"))
-            except UnicodeDecodeError as exc:
-                yield RecordError(location, [FieldIssue("<line>", f"not UTF-8: {exc}")])
-                continue
-            except json.JSONDecodeError as exc:
-                yield RecordError(
-                    location,
-                    [FieldIssue("<json>", f"invalid JSON: {exc.msg} (column {exc.colno})")],
-                )
-                continue
-            except RecursionError:
-                yield RecordError(location, [FieldIssue("<json>", "JSON nested too deeply")])
-                continue
-            yield validate_record(data, location)
 
 
 def _lines(handle: BinaryIO) -> Iterator[tuple[int, bytes | None]]:

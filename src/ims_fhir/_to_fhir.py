@@ -22,7 +22,6 @@ from __future__ import annotations
 
 import datetime as dt
 import html
-import uuid
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -40,6 +39,7 @@ from ._identity import (
     default_namespace,
     full_url,
     identifier_query,
+    provenance_id,
     system,
 )
 from ._record import Encounter, Finding, HumanName, NeedledSite, PainScore, Treatment
@@ -651,7 +651,7 @@ class _Builder:
         targets = [e.full_url for e in self.entries]
         value = self.r.id
         prov_system = system(self.ns, Kind.PROVENANCE)
-        resource_id = str(uuid.uuid5(uuid.NAMESPACE_URL, f"{prov_system}|{value}"))
+        resource_id = provenance_id(self.ns, value)
         resource: JSON = {
             "resourceType": "Provenance",
             "id": resource_id,
