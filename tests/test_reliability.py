@@ -277,7 +277,7 @@ def test_a_stalled_server_times_out_instead_of_hanging(fhir_base_url: str) -> No
         with FhirClient(
             proxy.url, timeout=0.5, retry=RetryPolicy(max_retries=1, initial_delay=0)
         ) as client:
-            with pytest.raises(ims_fhir.TimeoutError):
+            with pytest.raises(ims_fhir.TimeoutException):
                 client.capabilities()
 
 

@@ -24,7 +24,7 @@ from ._exceptions import (
     ServerError,
     StateError,
     StatusError,
-    TimeoutError,
+    TimeoutException,
     TransportError,
     UnprocessableEntityError,
     UnsafeServerError,
@@ -111,7 +111,7 @@ __all__ = [
     "StateStore",
     "StatusError",
     "Terminology",
-    "TimeoutError",
+    "TimeoutException",
     "TransportError",
     "Treatment",
     "UnprocessableEntityError",
@@ -132,3 +132,10 @@ __all__ = [
     "to_transaction",
     "validate_record",
 ]
+
+# Tracebacks and reprs name the public module (ims_fhir.ConnectError), not the private one.
+for _name in __all__:
+    _member = globals()[_name]
+    if isinstance(_member, type) or callable(_member):
+        _member.__module__ = __name__
+del _name, _member

@@ -10,7 +10,7 @@ The tree::
     └── FhirError                  talking to a FHIR server went wrong
         ├── TransportError         no usable response (wraps the httpx exception as __cause__)
         │   ├── ConnectError
-        │   ├── TimeoutError
+        │   ├── TimeoutException
         │   └── ProtocolError
         ├── InvalidResponseError   a response that is not the FHIR it should be
         ├── UnsafeServerError      the server cannot do what a safe push needs: the push stops
@@ -62,7 +62,7 @@ __all__ = [
     "ServerError",
     "StateError",
     "StatusError",
-    "TimeoutError",
+    "TimeoutException",
     "TransportError",
     "UnprocessableEntityError",
     "UnsafeServerError",
@@ -159,7 +159,7 @@ class ConnectError(TransportError):
     """The server could not be reached."""
 
 
-class TimeoutError(TransportError):  # noqa: A001 - part of the public tree, like httpx's
+class TimeoutException(TransportError):
     """The server did not answer in time."""
 
 

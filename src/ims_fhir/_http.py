@@ -45,7 +45,7 @@ from ._exceptions import (
     RateLimitError,
     ServerError,
     StatusError,
-    TimeoutError,
+    TimeoutException,
     TransportError,
     UnprocessableEntityError,
     VersionConflictError,
@@ -705,7 +705,7 @@ def translate_transport_error(
             why = f"no complete answer within the {deadline.seconds:g} s deadline"
         else:
             why = type(exc).__name__
-        return TimeoutError(f"{where}: timed out ({why})", request=request)
+        return TimeoutException(f"{where}: timed out ({why})", request=request)
     if isinstance(exc, httpx.ConnectError):
         return ConnectError(f"{where}: cannot connect ({exc})", request=request)
     return ProtocolError(f"{where}: {type(exc).__name__}: {exc}", request=request)

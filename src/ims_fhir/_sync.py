@@ -266,7 +266,7 @@ class Pusher:
             UnsafeServerError: the base URL is not a FHIR R4 server, or it says it does not
                 take transactions.
             AuthenticationError, PermissionDeniedError: the credentials are refused.
-            ConnectError, TimeoutError: the server cannot be reached.
+            ConnectError, TimeoutException: the server cannot be reached.
         """
         where = self.server
         try:
