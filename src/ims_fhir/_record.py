@@ -138,11 +138,11 @@ def _expand_segments(value: Any) -> Any:
     return out
 
 
-def _check_segment_order(value: tuple[str, ...]) -> tuple[str, ...]:
+def _check_segment_order(value: list[str]) -> list[str]:
     if len(set(value)) != len(value):
         raise PydanticCustomError("ims_segment", "a spinal segment is listed twice", {})
     levels = spinal_levels()
-    return tuple(sorted(value, key=levels.index))
+    return sorted(value, key=levels.index)
 
 
 class _Model(BaseModel):
@@ -150,16 +150,15 @@ class _Model(BaseModel):
 
 
 Segments = Annotated[
-    tuple[SpinalLevel, ...],
+    list[SpinalLevel],
     Field(
-        default=(),
         description="Spinal segments, e.g. ['L5'] or ['L4-L5'] (a range expands to its levels).",
     ),
 ]
 
 
 class _HasSegments(_Model):
-    segments: Segments
+    segments: Segments = []
 
     @field_validator("segments", mode="before")
     @classmethod
@@ -168,7 +167,7 @@ class _HasSegments(_Model):
 
     @field_validator("segments")
     @classmethod
-    def _order(cls, value: tuple[str, ...]) -> tuple[str, ...]:
+    def _order(cls, value: list[str]) -> list[str]:
         return _check_segment_order(value)
 
 
@@ -186,7 +185,7 @@ class HumanName(_Model):
     """A person's name."""
 
     family: ShortText
-    given: tuple[ShortText, ...] = ()
+    given: list[ShortText] = []
 
 
 class Clinic(_Model):
@@ -204,7 +203,7 @@ class Patient(_Model):
     """The patient as the clinic knows them."""
 
     id: SourceId
-    identifiers: tuple[Identifier, ...] = ()
+    identifiers: list[Identifier] = []
     name: HumanName
     birth_date: dt.date
     sex: Literal["female", "male", "other", "unknown"]
@@ -261,8 +260,8 @@ class Diagnosis(_Model):
 class Assessment(_Model):
     """The assessment of Gunn's signs."""
 
-    findings: tuple[Finding, ...] = ()
-    suspected_levels: Segments
+    findings: list[Finding] = []
+    suspected_levels: Segments = []
     diagnosis: Diagnosis | None = None
     notes: Text | None = None
 
@@ -273,7 +272,7 @@ class Assessment(_Model):
 
     @field_validator("suspected_levels")
     @classmethod
-    def _order(cls, value: tuple[str, ...]) -> tuple[str, ...]:
+    def _order(cls, value: list[str]) -> list[str]:
         return _check_segment_order(value)
 
     @model_validator(mode="after")
@@ -348,8 +347,8 @@ class Treatment(_Model):
     """The needling session."""
 
     consent: Consent | None = None
-    sites: tuple[NeedledSite, ...] = ()
-    adverse_events: tuple[AdverseEvent, ...] = ()
+    sites: list[NeedledSite] = []
+    adverse_events: list[AdverseEvent] = []
     notes: Text | None = None
 
     @model_validator(mode="after")
@@ -371,7 +370,7 @@ class Encounter(_Model):
     end: AwareDatetime
     visit_type: VisitType
     assessment: Assessment | None = None
-    pain: tuple[PainScore, ...] = ()
+    pain: list[PainScore] = []
     treatment: Treatment | None = None
     retracted: bool = Field(
         default=False, description="True when the clinic withdrew the record (entered in error)."
