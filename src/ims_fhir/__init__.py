@@ -1,7 +1,7 @@
 """ims-fhir: IMS encounters to FHIR R4 and back, and in sync with FHIR servers."""
 
 from ._async_client import AsyncFhirClient
-from ._auth import BearerAuth, SmartBackendAuth
+from ._auth import BearerAuth, ClientCredentialsAuth, SmartBackendAuth, TokenAuth
 from ._check import Check, check_capabilities
 from ._exceptions import (
     AuthenticationError,
@@ -31,8 +31,8 @@ from ._exceptions import (
     VersionConflictError,
 )
 from ._from_fhir import MappingReport, SkippedResource, from_fhir
-from ._http import Outcome, RetryPolicy
-from ._pull import pull
+from ._http import ClientOptions, Outcome, RetryPolicy
+from ._pull import pull, pull_all
 from ._reader import ReadRecord, read_records, validate_record
 from ._record import (
     AdverseEvent,
@@ -69,6 +69,8 @@ __all__ = [
     "BadRequestError",
     "BearerAuth",
     "Check",
+    "ClientCredentialsAuth",
+    "ClientOptions",
     "Clinic",
     "ConfigurationError",
     "ConflictError",
@@ -112,6 +114,7 @@ __all__ = [
     "StatusError",
     "Terminology",
     "TimeoutException",
+    "TokenAuth",
     "TransportError",
     "Treatment",
     "UnprocessableEntityError",
@@ -121,6 +124,7 @@ __all__ = [
     "check_capabilities",
     "from_fhir",
     "pull",
+    "pull_all",
     "push",
     "read_records",
     "record_json_schema",

@@ -127,7 +127,19 @@ class MappingError(ImsFhirError):
 
 
 class ConfigurationError(ImsFhirError):
-    """Settings that cannot work, found before anything is sent."""
+    """Settings that cannot work, found before anything is sent.
+
+    ``setting`` names the setting at fault (``"allow_insecure_http"``) when one is, so the
+    command line can name its flag, environment variable and config key; ``reason`` is the
+    message without ``fix``, what a library caller can do about it.
+    """
+
+    def __init__(self, reason: str, *, setting: str | None = None, fix: str | None = None) -> None:
+        """Create the error: what is wrong, the setting at fault and how to fix it in code."""
+        self.reason = reason
+        self.setting = setting
+        self.fix = fix
+        super().__init__(f"{reason}; {fix}" if fix else reason)
 
 
 class StateError(ConfigurationError):
