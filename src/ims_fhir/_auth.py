@@ -364,7 +364,7 @@ class ClientCredentialsAuth(TokenAuth):
             form |= {"client_id": self.client_id, "client_secret": self._secret}
         else:
             # RFC 6749 section 2.3.1: both form-urlencoded before the Basic encoding.
-            user, secret = (urllib.parse.quote(v, safe="") for v in (self.client_id, self._secret))
+            user, secret = (urllib.parse.quote_plus(v) for v in (self.client_id, self._secret))
             basic = base64.b64encode(f"{user}:{secret}".encode()).decode("ascii")
             headers["Authorization"] = f"Basic {basic}"
         return httpx.Request("POST", token_url, data=form, headers=headers)
