@@ -22,11 +22,13 @@ README = (ROOT / "README.md").read_text(encoding="utf-8")
 EXAMPLES = sorted((ROOT / "examples").glob("*.py"))
 
 
-# Wrong on purpose, in the same run: it shows the check can fail (a list given as a string).
+# Wrong on purpose, in the same run: it shows the check can fail (a list given as a string, a
+# code that is not in the CodeSystem).
 TYPOS = """\
-from ims_fhir import HumanName
+from ims_fhir import HumanName, PainScore
 
 HumanName(family="X", given="Robin")
+PainScore(id="p1", timing="before-treatmnet", nrs=4)
 """
 
 
@@ -50,7 +52,7 @@ def test_readme_and_examples_pass_mypy_strict(tmp_path: Path) -> None:
     )
     errors = [line for line in result.stdout.splitlines() if ": error:" in line]
     assert [e for e in errors if not e.startswith("typos.py")] == [], result.stdout
-    assert [e.split(":")[1] for e in errors] == ["3"], result.stdout  # the typo, found
+    assert [e.split(":")[1] for e in errors] == ["3", "4"], result.stdout  # the typos, found
     assert len(files) >= 5  # the README's examples and the EMR program were all checked
 
 
