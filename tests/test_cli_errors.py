@@ -62,7 +62,7 @@ Route = httpx.Response | Exception | Callable[[httpx.Request], httpx.Response]
 # Broken servers: what each answers, by path (a regex on the URL path after the base).
 SERVERS: dict[str, dict[str, Route]] = {
     "tls-unknown-ca": {
-        "metadata": httpx.ConnectError("[SSL: CERTIFICATE_VERIFY_FAILED] certificate verify failed")
+        ".*": httpx.ConnectError("[SSL: CERTIFICATE_VERIFY_FAILED] certificate verify failed")
     },
     "401": {"metadata": httpx.Response(401), ".*": httpx.Response(401)},
     "403": {"metadata": httpx.Response(403), ".*": httpx.Response(403)},
@@ -180,9 +180,9 @@ def _bad_setups() -> dict[str, Case]:
             files={"c.toml": 'batch_size = "ten"\n'},
             names=("batch",),
         ),
-        "config-header-not-a-list": Case(
+        "config-header-not-a-name-and-value": Case(
             ["--config", "{tmp}/c.toml", *check],
-            files={"c.toml": 'header = "X-Api-Key: k"\n'},
+            files={"c.toml": 'header = "X-Api-Key"\n'},
             names=("header",),
         ),
         "no-server": Case(["check"], names=("--server", "IMS_FHIR_SERVER", "server")),

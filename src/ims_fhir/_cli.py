@@ -37,9 +37,11 @@ from ._exceptions import (
     ConnectError,
     FhirError,
     ImsFhirError,
+    InvalidResponseError,
     NotFoundError,
     PermissionDeniedError,
     RecordError,
+    ServerError,
     StateError,
     TimeoutException,
     UnsafeServerError,
@@ -143,13 +145,17 @@ def error_message(exc: BaseException) -> str:
 
 def _server_fix(exc: FhirError) -> str:
     text = str(exc)
+    ctx = click.get_current_context(silent=True)
+    # validate has a server of its own: its flag is --server too, its variable and key not.
+    command = ctx.find_root().invoked_subcommand if ctx else None
+    server = "validate_server" if command == "validate" else "server"
     if isinstance(exc, ConnectError) and "CERTIFICATE_VERIFY_FAILED" in text:
         return (
             "if the server's certificate comes from a CA of its own, pass the CA's PEM file "
             f"with {where_to_set('ca_bundle')}"
         )
     if isinstance(exc, ConnectError):
-        return f"check the server URL ({where_to_set('server')}) and that the server is up"
+        return f"check the server URL ({where_to_set(server)}) and that the server is up"
     if isinstance(exc, TimeoutException):
         return f"try again later, or allow more time with {where_to_set('timeout')}"
     if isinstance(exc, AuthenticationError):
@@ -159,7 +165,16 @@ def _server_fix(exc: FhirError) -> str:
         )
     if isinstance(exc, PermissionDeniedError):
         return "the credentials are refused this: ask the server's operator for access"
-    return "see the server's answer above; `ims-fhir check` tells what the server supports"
+    if isinstance(exc, NotFoundError):
+        return f"check the server URL's path, e.g. .../fhir or .../r4 ({where_to_set(server)})"
+    if isinstance(exc, ServerError):
+        return "the server failed: try again later, or tell its operator"
+    if isinstance(exc, InvalidResponseError):
+        return (
+            f"check the server URL ({where_to_set(server)}): `ims-fhir check` tells whether "
+            "a FHIR R4 server answers there"
+        )
+    return "`ims-fhir check` tells what the server supports"
 
 
 def _os_message(exc: OSError) -> str:
@@ -176,6 +191,8 @@ def _os_message(exc: OSError) -> str:
         fix = "check its permissions, or choose another path"
     elif exc.errno == errno.EISDIR:
         fix = "it is a folder: name a file"
+    elif exc.errno in {errno.EEXIST, errno.ENOTDIR}:
+        fix = "a file stands where a folder is needed: choose another path"
     elif exc.errno == errno.ENOSPC:
         fix = "free some disk space"
     else:
@@ -330,7 +347,6 @@ def schema() -> None:
 @click.option("--json", "as_json", is_flag=True, help="Print a machine-readable report.")
 @_option(
     "validate_server",
-    "--server",
     help="Also run $validate on this server for every resource mapped from the records, "
     "against its profile.",
 )
@@ -429,7 +445,8 @@ async def _server_validate(
                     raise ConfigurationError(
                         f"{server} has no $validate for {resource['resourceType']} "
                         f"({exc.status_code})",
-                        fix="use a server that supports it, or validate without --server",
+                        fix="check the server URL, or use a server that supports $validate, "
+                        "or validate without --server",
                     ) from exc
                 if unknown_profile(outcome, profile):
                     # Every resource would fail the same way: one line says what to do.

@@ -41,18 +41,19 @@ class Setting:
 
     key: str
     env: str | None = None
+    option: str | None = None  # the flag, when it is not the key's
 
     @property
     def flag(self) -> str:
         """The command-line flag."""
-        return "--" + self.key.replace("_", "-")
+        return self.option or "--" + self.key.replace("_", "-")
 
 
 SETTINGS: dict[str, Setting] = {
     s.key: s
     for s in [
         Setting("server", "IMS_FHIR_SERVER"),
-        Setting("validate_server", "IMS_FHIR_VALIDATE_SERVER"),
+        Setting("validate_server", "IMS_FHIR_VALIDATE_SERVER", option="--server"),
         Setting("token", "IMS_FHIR_TOKEN"),
         Setting("basic_user", "IMS_FHIR_BASIC_USER"),
         Setting("basic_password", "IMS_FHIR_BASIC_PASSWORD"),
@@ -109,6 +110,8 @@ def load_config(path: Path | None) -> dict[str, Any]:
         raise ConfigurationError(
             f"config file {path}: {exc.strerror}", fix="pass another --config"
         ) from exc
+    if isinstance(data.get("header"), str):
+        data["header"] = [data["header"]]  # one header, written without the list
     unknown = sorted(set(data) - set(SETTINGS))
     if unknown:
         raise ConfigurationError(
