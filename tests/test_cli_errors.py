@@ -381,3 +381,35 @@ def test_dry_run_says_would_write(root: Path, tmp_path: Path) -> None:
     assert result.exit_code == 0, result.output
     assert "would write" in result.stdout and "resources written" not in result.stdout
     assert "0 created" not in result.stdout
+
+
+P = "https://ims-fhir.org/fhir/StructureDefinition/ims-patient"
+
+
+@pytest.mark.parametrize(
+    ("diagnostics", "unknown"),
+    [
+        pytest.param(
+            f"Profile reference '{P}' has not been checked because it is unknown", True, id="hapi"
+        ),
+        pytest.param(f"Unable to locate profile {P}", True, id="hl7-validator"),
+        pytest.param(f"Unable to resolve reference to profile '{P}'", True, id="firely"),
+        pytest.param(
+            f"Unknown code 'x' in the CodeSystem 'https://ims-fhir.org/cs' (from {P})",
+            False,
+            id="unknown-code-found-by-the-profile",
+        ),
+        pytest.param(
+            "Profile reference 'https://other.example/sd' has not been checked because it is "
+            "unknown",
+            False,
+            id="another-profile",
+        ),
+        pytest.param("", False, id="no-diagnostics"),
+    ],
+)
+def test_an_unknown_profile_is_told_from_other_issues(diagnostics: str, unknown: bool) -> None:
+    from ims_fhir._cli import unknown_profile
+
+    outcome = {"issue": [{"severity": "error", "diagnostics": diagnostics}]}
+    assert unknown_profile(outcome, P) is unknown

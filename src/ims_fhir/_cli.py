@@ -15,6 +15,7 @@ import errno
 import json
 import logging
 import os
+import re
 import sqlite3
 import sys
 from collections.abc import Callable, Iterator, Sequence
@@ -399,26 +400,28 @@ def validate(paths: Sequence[Path], as_json: bool, **options: Any) -> None:
     sys.exit(EXIT_SOME_FAILED if failed else EXIT_OK)
 
 
-# How validators say they do not know a profile (HAPI, the HL7 validator, Firely).
-_UNKNOWN_PROFILE = (
-    "unknown",
-    "not found",
-    "unable to locate",
-    "unable to find",
-    "unable to resolve",
-    "could not be resolved",
-    "cannot be resolved",
-    "has not been checked",
+# How validators say they do not know the profile asked for (HAPI and the HL7 validator: "Profile
+# reference '...' has not been checked because it is unknown", "Unable to locate profile ...";
+# Firely: "Unable to resolve reference to profile ..."). Only a message naming the profile and
+# saying it is unknown counts: an unknown code or value set found *by* the profile does not.
+_UNKNOWN_PROFILE = re.compile(
+    r"has not been checked because it is unknown"
+    r"|unable to (?:locate|find|resolve)[^.]*profile"
+    r"|profile[^.]*(?:not found|is unknown|could not be resolved|cannot be resolved)"
+    r"|unknown profile",
+    re.IGNORECASE,
 )
 
 
 def unknown_profile(outcome: dict[str, Any], profile: str) -> bool:
     """True when a $validate answer says the server does not know ``profile``."""
-    for issue in outcome.get("issue") or []:
-        text = str(issue.get("diagnostics") or "").lower()
-        if profile.split("|")[0].lower() in text and any(m in text for m in _UNKNOWN_PROFILE):
-            return True
-    return False
+    url = profile.split("|")[0]
+    return any(
+        url in str(issue.get("diagnostics") or "")
+        and _UNKNOWN_PROFILE.search(str(issue.get("diagnostics") or ""))
+        for issue in outcome.get("issue") or []
+        if isinstance(issue, dict)
+    )
 
 
 def _no_profiles(server: str) -> ConfigurationError:
