@@ -56,7 +56,6 @@ from ._state import ResourceState, StateStore, default_state_path
 from ._sync import (
     DEFAULT_BATCH_SIZE,
     DEFAULT_CONCURRENCY,
-    FATAL_ERRORS,
     Pusher,
     PushResult,
     PushSummary,
@@ -76,6 +75,9 @@ def _stderr() -> Console:
     return Console(stderr=True, highlight=False, soft_wrap=True)
 
 
+_CONFIG = "ims_fhir.config"  # where the config file is, in the context's meta
+
+
 def _load_config(ctx: click.Context, _param: click.Parameter, value: Path | None) -> Path | None:
     try:
         settings = load_config(value)
@@ -92,9 +94,6 @@ def _load_config(ctx: click.Context, _param: click.Parameter, value: Path | None
         }
     ctx.meta[_CONFIG] = value or default_config_path()
     return value
-
-
-_CONFIG = "ims_fhir.config"  # where the config file is, in the context's meta
 
 
 class _Cli(click.Group):
@@ -117,6 +116,7 @@ class _Cli(click.Group):
 _SETTING_FIXES = {
     "allow_insecure_http": "use https, or for a test server on a trusted network pass {where}",
     "server": "pass {where}",
+    "validate_server": "pass {where}",
 }
 
 
@@ -333,10 +333,6 @@ def _client(options: dict[str, Any], server_key: str = "server") -> AsyncFhirCli
     )
 
 
-def _run(coro: Any) -> Any:
-    return asyncio.run(coro)
-
-
 @cli.command()
 def schema() -> None:
     """Print the JSON Schema of an IMS encounter record."""
@@ -375,7 +371,7 @@ def validate(paths: Sequence[Path], as_json: bool, **options: Any) -> None:
                 records.append(item.record)
     server_issues: list[dict[str, Any]] = []
     if server:
-        server_issues = _run(_server_validate(_client(options, "validate_server"), records))
+        server_issues = asyncio.run(_server_validate(_client(options, "validate_server"), records))
         for issue in server_issues:
             if not as_json:
                 _stderr().print(
@@ -662,12 +658,7 @@ def push(paths: Sequence[Path], **options: Any) -> None:
                         elif not err.is_terminal and not options["as_json"]:
                             err.print(f"{result.action} {result.record_id}")
 
-    try:
-        _run(run())
-    except FATAL_ERRORS as exc:
-        _fatal(err, exc)
-    except FhirError as exc:
-        _fatal(err, exc)
+    asyncio.run(run())  # a server or state problem stops it all: one line, exit 2 (_Cli)
     for _ in invalid:
         summary.add(PushResult("", "failed"))
     _report(summary, results, invalid, as_json=options["as_json"], dry_run=options["dry_run"])
@@ -834,7 +825,7 @@ def pull_command(**options: Any) -> None:
                     for error in report.errors:
                         err.print(f"[red]unmappable[/red] {escape(str(error))}")
 
-    _run(run())
+    asyncio.run(run())
     err.print(
         f"{totals['records']} records pulled, {totals['unmappable']} encounters could not be "
         f"mapped; skipped: {totals['retired']} resources ims-fhir marked entered-in-error, "
@@ -875,7 +866,7 @@ def check(**options: Any) -> None:
             if options["write_test"]:
                 ok &= await _write_test(client)
 
-    _run(run())
+    asyncio.run(run())
     click.echo(
         "the server can take IMS encounters" if ok else "the server lacks what is marked MISSING"
     )
