@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import io
+from collections.abc import AsyncIterator
 from pathlib import Path
 
 import click
@@ -72,3 +73,46 @@ def test_the_pull_summary_tells_own_entered_in_error_from_foreign(
     summary = result.stderr.strip().splitlines()[-1]
     assert "ims-fhir marked entered-in-error" in summary and "not made by ims-fhir" in summary
     assert "(not made by ims-fhir)" not in summary  # the old wording lumped both together
+
+
+def test_a_failed_write_test_deletes_nothing(tmp_path: Path) -> None:
+    from tests.test_cli_errors import CAPABILITIES
+
+    with respx.mock(assert_all_mocked=True, assert_all_called=False) as router:
+        router.get(f"{BASE}/metadata").respond(json=CAPABILITIES)
+        router.get(f"{BASE}/Encounter").respond(json=EMPTY)
+        router.post(url__regex=rf"^{BASE}/\w+/\$validate").respond(
+            json={"resourceType": "OperationOutcome", "issue": []}
+        )
+        router.get(url__regex=rf"^{BASE}/\w+").respond(json=EMPTY)
+        transactions = router.post(f"{BASE}/").respond(
+            422, json={"resourceType": "OperationOutcome", "issue": []}
+        )
+        result = CliRunner().invoke(cli, ["check", "--server", BASE, "--write-test"])
+    assert "FAILED write" in result.stdout and "nothing was written" in result.stdout
+    assert len(transactions.calls) == 1  # the write; no empty transaction of deletes after it
+    assert result.exit_code == 1
+
+
+class _ConflictingPusher:
+    """Stands in for the push engine: every encounter conflicts (the server's copy changed)."""
+
+    def __init__(self, *args: object, **kwargs: object) -> None:
+        pass
+
+    async def push(self, records: object) -> AsyncIterator[PushResult]:
+        for item in records:  # type: ignore[attr-defined]
+            yield PushResult(item.record.id, "conflict", message="Observation changed on server")
+
+
+def test_a_conflict_says_how_to_resolve_it(
+    root: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr("ims_fhir._cli.Pusher", _ConflictingPusher)
+    record = root / "fixtures" / "encounters" / "01-lumbar-l5-initial.json"
+    result = CliRunner().invoke(
+        cli, ["push", str(record), "--server", BASE, "--state", str(tmp_path / "s")]
+    )
+    assert result.exit_code == 1
+    assert "conflict enc-v-0001: Observation changed on server" in result.stderr
+    assert "--on-conflict overwrite" in result.stderr
