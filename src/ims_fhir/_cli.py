@@ -631,8 +631,10 @@ def push(paths: Sequence[Path], **options: Any) -> None:
                 yield ReadRecord(item.location, record)
 
     async def run() -> None:
-        # A bar needs its total: the input is read once more, only on a terminal.
-        total = sum(1 for _ in read_records(paths)) if show_progress else None
+        # A bar needs its total: the input is read once more, only on a terminal, and only
+        # from files (a pipe, such as <(...), can be read once).
+        rereadable = all(p.is_file() or p.is_dir() for p in paths)
+        total = sum(1 for _ in read_records(paths)) if show_progress and rereadable else None
         async with _client(options) as client:
             with StateStore(options["state"]) as state:
                 pusher = Pusher(
