@@ -35,7 +35,7 @@ def test_dry_run_sends_nothing_and_says_what_would_be_written(root: Path, tmp_pa
         assert not router.calls
     assert result.exit_code == 0, result.output
     report = json.loads(result.stdout)
-    assert report["summary"]["would-create"] == 26
+    assert report["summary"]["would_create"] == 26
     assert report["resources_written"] > 26 * 5
 
 
@@ -56,7 +56,7 @@ def test_invalid_records_fail_the_push_but_not_the_others(root: Path, tmp_path: 
     )
     assert result.exit_code == 1
     report = json.loads(result.stdout)
-    assert report["summary"]["would-create"] == 1
+    assert report["summary"]["would_create"] == 1
     assert report["invalid"][0]["issues"][0]["path"] == "pain[0].nrs"
 
 
@@ -89,7 +89,7 @@ def test_settings_precedence(
         route = router.get(url__regex=r"https://.*/r4/metadata").respond(500)
         result = CliRunner().invoke(cli, ["--config", str(config_file), "check", *args], env=env)
         assert route.calls.last.request.url.host == expected
-    assert result.exit_code == 1
+    assert result.exit_code == 2  # a server error is a setup problem, not a failed record
 
 
 def test_unknown_setting_in_the_config_file_is_a_usage_error(tmp_path: Path) -> None:
@@ -120,10 +120,14 @@ def test_usage_and_configuration_errors_exit_2(args: list[str]) -> None:
 def test_token_from_the_environment_is_sent(tmp_path: Path) -> None:
     with respx.mock() as router:
         route = router.get(f"{BASE}/metadata").respond(json=_statement())
+        validate = router.post(f"{BASE}/Patient/$validate").respond(
+            json={"resourceType": "OperationOutcome", "issue": []}
+        )
         result = CliRunner().invoke(
             cli, ["check", "--server", BASE], env={"IMS_FHIR_TOKEN": "s3cret"}
         )
     assert route.calls.last.request.headers["Authorization"] == "Bearer s3cret"
+    assert validate.calls.last.request.headers["Authorization"] == "Bearer s3cret"
     assert "s3cret" not in result.output
     assert result.exit_code == 0, result.output
 

@@ -22,7 +22,7 @@ def test_validate_reports_each_bad_record_and_exits_1(root: Path) -> None:
     assert report["valid"] == 0
     assert report["invalid"] == len(list(invalid.glob("*.json")))
     nrs = next(e for e in report["errors"] if e["file"].endswith("nrs-above-10.json"))
-    assert nrs["record"] == "bad-nrs-above-10"
+    assert nrs["record_id"] == "bad-nrs-above-10"
     assert nrs["issues"] == [
         {"path": "pain[0].nrs", "reason": "Input should be less than or equal to 10"}
     ]

@@ -108,8 +108,8 @@ def test_query_strings_never_appear_in_messages(
     ("side_effect", "error"),
     [
         pytest.param(httpx.ConnectError("refused"), ims_fhir.ConnectError, id="connect"),
-        pytest.param(httpx.ReadTimeout("slow"), ims_fhir.TimeoutError, id="read-timeout"),
-        pytest.param(httpx.ConnectTimeout("slow"), ims_fhir.TimeoutError, id="connect-timeout"),
+        pytest.param(httpx.ReadTimeout("slow"), ims_fhir.TimeoutException, id="read-timeout"),
+        pytest.param(httpx.ConnectTimeout("slow"), ims_fhir.TimeoutException, id="connect-timeout"),
         pytest.param(httpx.RemoteProtocolError("reset"), ims_fhir.ProtocolError, id="protocol"),
         pytest.param(httpx.ReadError("reset"), ims_fhir.ProtocolError, id="read-error"),
     ],

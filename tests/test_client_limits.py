@@ -194,7 +194,9 @@ def kind(request: pytest.FixtureRequest) -> str:
 def test_a_trickled_body_stops_at_the_deadline_not_never(kind: str) -> None:
     with LocalServer(trickle) as server:
         started = time.monotonic()
-        with pytest.raises(ims_fhir.TimeoutError, match=r"within the 1\.5 s deadline") as caught:
+        with pytest.raises(
+            ims_fhir.TimeoutException, match=r"within the 1\.5 s deadline"
+        ) as caught:
             read_patient(kind, server.url, timeout=5.0, deadline=1.5, retry=NO_RETRY)
         elapsed = time.monotonic() - started
     assert 1.5 <= elapsed < 4.0
@@ -206,7 +208,7 @@ def test_each_retry_gets_a_deadline_of_its_own(kind: str) -> None:
     retry = RetryPolicy(max_retries=1, initial_delay=0.0, jitter=0.0)
     with LocalServer(trickle) as server:
         started = time.monotonic()
-        with pytest.raises(ims_fhir.TimeoutError):
+        with pytest.raises(ims_fhir.TimeoutException):
             read_patient(kind, server.url, timeout=5.0, deadline=0.5, retry=retry)
         elapsed = time.monotonic() - started
     assert len(server.requests) == 2
@@ -216,7 +218,7 @@ def test_each_retry_gets_a_deadline_of_its_own(kind: str) -> None:
 def test_an_endless_chunked_body_stops_at_the_deadline(kind: str) -> None:
     with LocalServer(endless_chunked(1024, pause=0.05, chunks=400)) as server:
         started = time.monotonic()
-        with pytest.raises(ims_fhir.TimeoutError, match="deadline"):
+        with pytest.raises(ims_fhir.TimeoutException, match="deadline"):
             read_patient(kind, server.url, timeout=5.0, deadline=1.0, retry=NO_RETRY)
         assert time.monotonic() - started < 3.5
 
@@ -278,7 +280,7 @@ def test_a_trickling_token_endpoint_stops_at_the_deadline(kind: str, rsa_key: RS
     with LocalServer(trickle) as server:
         auth = SmartBackendAuth("c", rsa_key, kid="k", token_url=f"{server.url}/token")
         started = time.monotonic()
-        with pytest.raises(ims_fhir.TimeoutError, match=r"POST .*/token.*1\.5 s deadline"):
+        with pytest.raises(ims_fhir.TimeoutException, match=r"POST .*/token.*1\.5 s deadline"):
             read_patient(kind, server.url, auth=auth, timeout=5.0, deadline=1.5, retry=NO_RETRY)
         assert time.monotonic() - started < 4.0
     assert [r.path for r in server.requests] == ["/fhir/token"]
@@ -291,7 +293,7 @@ def test_a_silent_token_endpoint_times_out_like_any_request(kind: str, rsa_key: 
     with LocalServer(silent) as server:
         auth = SmartBackendAuth("c", rsa_key, kid="k", token_url=f"{server.url}/token")
         started = time.monotonic()
-        with pytest.raises(ims_fhir.TimeoutError, match="ReadTimeout"):
+        with pytest.raises(ims_fhir.TimeoutException, match="ReadTimeout"):
             read_patient(kind, server.url, auth=auth, timeout=0.5, deadline=None, retry=NO_RETRY)
         assert time.monotonic() - started < 3.0
 
@@ -443,7 +445,7 @@ def test_a_timeout_names_the_deadline_once_it_has_passed(now: float, message: st
     request = httpx.Request("GET", "https://fhir.example.org/r4/Patient/1")
     request.extensions = Deadline(2.0, expires=102.0).extensions(TIMEOUT, now=100.0)
     error = translate_transport_error(httpx.ReadTimeout("t", request=request), request, now)
-    assert isinstance(error, ims_fhir.TimeoutError)
+    assert isinstance(error, ims_fhir.TimeoutException)
     assert str(error).startswith("GET https://fhir.example.org/r4/Patient/1: ")
     assert error.request is request
     assert re.search(message, str(error))

@@ -139,7 +139,7 @@ def test_plain_create_is_not_repeated_after_a_lost_response(clock: FakeClock) ->
     with respx.mock(base_url=BASE) as router:
         route = router.post("/Patient").mock(side_effect=httpx.ReadTimeout("lost"))
         with FhirClient(BASE) as client:
-            with pytest.raises(ims_fhir.TimeoutError):
+            with pytest.raises(ims_fhir.TimeoutException):
                 client.create({"resourceType": "Patient"})
     assert route.call_count == 1
 

@@ -30,7 +30,7 @@ def _leaf_fields(model: type, prefix: str = "") -> set[str]:
             ]
         path = f"{prefix}{name}"
         if nested:
-            out |= _leaf_fields(nested[0], path + ("[]." if "tuple" in str(annotation) else "."))
+            out |= _leaf_fields(nested[0], path + ("[]." if "list" in str(annotation) else "."))
         else:
             out.add(path)
     return out

@@ -102,14 +102,14 @@ def test_a_missing_path_is_reported() -> None:
 @pytest.mark.parametrize(
     ("segments", "expected"),
     [
-        pytest.param(["L4-L5"], ("L4", "L5"), id="range"),
-        pytest.param(["L5-S1"], ("L5", "S1"), id="lumbosacral-range"),
-        pytest.param(["C5-C7"], ("C5", "C6", "C7"), id="three-levels"),
-        pytest.param(["S1", "L5"], ("L5", "S1"), id="sorted-cranio-caudal"),
-        pytest.param("T12-L1", ("T12", "L1"), id="a-single-string"),
+        pytest.param(["L4-L5"], ["L4", "L5"], id="range"),
+        pytest.param(["L5-S1"], ["L5", "S1"], id="lumbosacral-range"),
+        pytest.param(["C5-C7"], ["C5", "C6", "C7"], id="three-levels"),
+        pytest.param(["S1", "L5"], ["L5", "S1"], id="sorted-cranio-caudal"),
+        pytest.param("T12-L1", ["T12", "L1"], id="a-single-string"),
     ],
 )
-def test_segment_ranges_expand_to_levels(segments: object, expected: tuple[str, ...]) -> None:
+def test_segment_ranges_expand_to_levels(segments: object, expected: list[str]) -> None:
     data = json.loads(ENCOUNTER_FILES[0].read_text(encoding="utf-8"))
     data["treatment"]["sites"][0]["segments"] = segments
     record = Encounter.model_validate(data)

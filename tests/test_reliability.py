@@ -251,7 +251,7 @@ def test_invalid_fixtures_are_never_written(path: Path, tmp_path: Path) -> None:
     )
     report = json.loads(result.stdout)
     assert result.exit_code == 1
-    assert report["summary"]["would-create"] == 1  # only the good record would be written
+    assert report["summary"]["would_create"] == 1  # only the good record would be written
     assert len(report["invalid"]) == 1 and report["invalid"][0]["file"] == str(path)
 
 
@@ -277,7 +277,7 @@ def test_a_stalled_server_times_out_instead_of_hanging(fhir_base_url: str) -> No
         with FhirClient(
             proxy.url, timeout=0.5, retry=RetryPolicy(max_retries=1, initial_delay=0)
         ) as client:
-            with pytest.raises(ims_fhir.TimeoutError):
+            with pytest.raises(ims_fhir.TimeoutException):
                 client.capabilities()
 
 

@@ -1,8 +1,22 @@
 """ims-fhir: IMS encounters to FHIR R4 and back, and in sync with FHIR servers."""
 
 from ._async_client import AsyncFhirClient
-from ._auth import BearerAuth, SmartBackendAuth
+from ._auth import BearerAuth, ClientCredentialsAuth, SmartBackendAuth, TokenAuth
 from ._check import Check, check_capabilities
+from ._codes import (
+    AdverseEventCode,
+    DiagnosisCode,
+    MuscleCode,
+    NeedleResponseCode,
+    PainTimingCode,
+    SeverityCode,
+    SideCode,
+    SignCode,
+    SiteRoleCode,
+    SpinalLevelCode,
+    TrophedemaTestCode,
+    VisitTypeCode,
+)
 from ._exceptions import (
     AuthenticationError,
     BadRequestError,
@@ -24,15 +38,15 @@ from ._exceptions import (
     ServerError,
     StateError,
     StatusError,
-    TimeoutError,
+    TimeoutException,
     TransportError,
     UnprocessableEntityError,
     UnsafeServerError,
     VersionConflictError,
 )
 from ._from_fhir import MappingReport, SkippedResource, from_fhir
-from ._http import Outcome, RetryPolicy
-from ._pull import pull
+from ._http import ClientOptions, Outcome, RetryPolicy
+from ._pull import pull, pull_all
 from ._reader import ReadRecord, read_records, validate_record
 from ._record import (
     AdverseEvent,
@@ -63,18 +77,22 @@ from ._version import __version__
 __all__ = [
     "CANONICAL",
     "AdverseEvent",
+    "AdverseEventCode",
     "Assessment",
     "AsyncFhirClient",
     "AuthenticationError",
     "BadRequestError",
     "BearerAuth",
     "Check",
+    "ClientCredentialsAuth",
+    "ClientOptions",
     "Clinic",
     "ConfigurationError",
     "ConflictError",
     "ConnectError",
     "Consent",
     "Diagnosis",
+    "DiagnosisCode",
     "ElectricalStimulation",
     "Encounter",
     "FhirClient",
@@ -88,10 +106,13 @@ __all__ = [
     "InvalidResponseError",
     "MappingError",
     "MappingReport",
+    "MuscleCode",
+    "NeedleResponseCode",
     "NeedledSite",
     "NotFoundError",
     "Outcome",
     "PainScore",
+    "PainTimingCode",
     "Patient",
     "PermissionDeniedError",
     "Practitioner",
@@ -105,22 +126,31 @@ __all__ = [
     "RecordLocation",
     "RetryPolicy",
     "ServerError",
+    "SeverityCode",
+    "SideCode",
+    "SignCode",
+    "SiteRoleCode",
     "SkippedResource",
     "SmartBackendAuth",
+    "SpinalLevelCode",
     "StateError",
     "StateStore",
     "StatusError",
     "Terminology",
-    "TimeoutError",
+    "TimeoutException",
+    "TokenAuth",
     "TransportError",
     "Treatment",
+    "TrophedemaTestCode",
     "UnprocessableEntityError",
     "UnsafeServerError",
     "VersionConflictError",
+    "VisitTypeCode",
     "__version__",
     "check_capabilities",
     "from_fhir",
     "pull",
+    "pull_all",
     "push",
     "read_records",
     "record_json_schema",
@@ -132,3 +162,10 @@ __all__ = [
     "to_transaction",
     "validate_record",
 ]
+
+# Tracebacks and reprs name the public module (ims_fhir.ConnectError), not the private one.
+for _name in __all__:
+    _member = globals()[_name]
+    if isinstance(_member, type) or callable(_member):
+        _member.__module__ = __name__
+del _name, _member

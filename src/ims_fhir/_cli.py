@@ -1,39 +1,61 @@
 """The ``ims-fhir`` command line: a thin layer over the library.
 
-Exit codes: 0 when everything succeeded, 1 when some records failed or conflicted, 2 for usage
-or configuration errors.
+Exit codes: 0 when everything succeeded, 1 when some records failed or conflicted, 2 for usage,
+configuration, file, state or server errors. Nothing a user can cause (a path, a state file, a
+setting, a server's answer) ends in a traceback: :class:`_Cli` turns each into one line naming
+the thing and the fix (:func:`error_message`).
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import datetime as dt
+import errno
 import json
 import logging
+import os
+import re
+import sqlite3
 import sys
 from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import Any, NoReturn, TypeVar
 
 import click
+from click.core import ParameterSource
 from rich.console import Console
 from rich.markup import escape
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
 from ._async_client import AsyncFhirClient
-from ._check import check_capabilities
-from ._config import auth_from, load_config
+from ._check import Check, check_capabilities
+from ._config import SETTINGS, auth_from, default_config_path, load_config, where_to_set
 from ._convert import detect_input, read_fhir
-from ._exceptions import ConfigurationError, FhirError, RecordError, StateError
+from ._exceptions import (
+    AuthenticationError,
+    ConfigurationError,
+    ConnectError,
+    FhirError,
+    ImsFhirError,
+    InvalidResponseError,
+    NotFoundError,
+    PermissionDeniedError,
+    RecordError,
+    ServerError,
+    StateError,
+    TimeoutException,
+    UnsafeServerError,
+)
 from ._package import PACKAGE_NAME, build_package, package_resources
 from ._pull import DEFAULT_PAGE_SIZE, pull
 from ._reader import ReadRecord, read_records
 from ._record import Encounter
 from ._schema import record_json_schema_text
-from ._state import StateStore, default_state_path
+from ._state import ResourceState, StateStore, default_state_path
 from ._sync import (
     DEFAULT_BATCH_SIZE,
     DEFAULT_CONCURRENCY,
-    FATAL_ERRORS,
     Pusher,
     PushResult,
     PushSummary,
@@ -53,19 +75,148 @@ def _stderr() -> Console:
     return Console(stderr=True, highlight=False, soft_wrap=True)
 
 
+_CONFIG = "ims_fhir.config"  # where the config file is, in the context's meta
+
+
 def _load_config(ctx: click.Context, _param: click.Parameter, value: Path | None) -> Path | None:
     try:
         settings = load_config(value)
     except ConfigurationError as exc:
-        raise click.BadParameter(str(exc)) from exc
+        _fatal(_stderr(), error_message(exc))
     if settings:
         group = ctx.command
         assert isinstance(group, click.Group)
-        ctx.default_map = {name: dict(settings) for name in group.commands}
+        # Each command gets only the settings it has a flag for: a server in the file must not
+        # turn the offline validate into one that calls it.
+        ctx.default_map = {
+            name: {k: v for k, v in settings.items() if k in {p.name for p in command.params}}
+            for name, command in group.commands.items()
+        }
+    ctx.meta[_CONFIG] = value or default_config_path()
     return value
 
 
-@click.group(context_settings={"help_option_names": ["-h", "--help"]})
+class _Cli(click.Group):
+    """The command group: an error a user can cause is one line and exit 2, never a traceback."""
+
+    def invoke(self, ctx: click.Context) -> Any:
+        try:
+            return super().invoke(ctx)
+        except BrokenPipeError:
+            # The reader went away (``| head``): nothing left to tell anyone.
+            # (Python's advice: point stdout at devnull, so the exit flush cannot fail again.)
+            with contextlib.suppress(OSError, ValueError):
+                os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+            sys.exit(EXIT_USAGE)
+        except (ImsFhirError, OSError, sqlite3.Error) as exc:
+            _fatal(_stderr(), error_message(exc))
+
+
+# What to do about a setting at fault, when there is more to say than "set it".
+_SETTING_FIXES = {
+    "allow_insecure_http": "use https, or for a test server on a trusted network pass {where}",
+    "server": "pass {where}",
+    "validate_server": "pass {where}",
+}
+
+
+def error_message(exc: BaseException) -> str:
+    """The one line to show for ``exc``: what went wrong, on what, and what to do."""
+    if isinstance(exc, StateError):
+        return str(exc)
+    if isinstance(exc, ConfigurationError):
+        if exc.setting in SETTINGS:
+            template = _SETTING_FIXES.get(exc.setting, "set {where}")
+            ctx = click.get_current_context(silent=True)
+            config = ctx.find_root().meta.get(_CONFIG) if ctx else None
+            return f"{exc.reason}; {template.format(where=where_to_set(exc.setting))}" + (
+                f" ({config})" if config and exc.setting in {"server", "validate_server"} else ""
+            )
+        return str(exc)
+    if isinstance(exc, UnsafeServerError):
+        return str(exc)  # it says what to do already
+    if isinstance(exc, FhirError):
+        return f"{exc}; {_server_fix(exc)}"
+    if isinstance(exc, OSError):
+        return _os_message(exc)
+    if isinstance(exc, sqlite3.Error):
+        return f"state file: {exc}; pass another --state, or move the file aside"
+    return str(exc)
+
+
+def _server_fix(exc: FhirError) -> str:
+    text = str(exc)
+    ctx = click.get_current_context(silent=True)
+    # validate has a server of its own: its flag is --server too, its variable and key not.
+    command = ctx.find_root().invoked_subcommand if ctx else None
+    server = "validate_server" if command == "validate" else "server"
+    if isinstance(exc, ConnectError) and "CERTIFICATE_VERIFY_FAILED" in text:
+        return (
+            "if the server's certificate comes from a CA of its own, pass the CA's PEM file "
+            f"with {where_to_set('ca_bundle')}"
+        )
+    if isinstance(exc, ConnectError):
+        return f"check the server URL ({where_to_set(server)}) and that the server is up"
+    if isinstance(exc, TimeoutException):
+        return f"try again later, or allow more time with {where_to_set('timeout')}"
+    if isinstance(exc, AuthenticationError):
+        return (
+            "check the credentials: --token, --basic-user/--basic-password, --smart-* or "
+            "--oauth-* (or their IMS_FHIR_* variables or config keys)"
+        )
+    if isinstance(exc, PermissionDeniedError):
+        return "the credentials are refused this: ask the server's operator for access"
+    if isinstance(exc, NotFoundError):
+        return f"check the server URL's path, e.g. .../fhir or .../r4 ({where_to_set(server)})"
+    if isinstance(exc, ServerError):
+        return "the server failed: try again later, or tell its operator"
+    if isinstance(exc, InvalidResponseError):
+        return (
+            f"check the server URL ({where_to_set(server)}): `ims-fhir check` tells whether "
+            "a FHIR R4 server answers there"
+        )
+    return "`ims-fhir check` tells what the server supports"
+
+
+def _os_message(exc: OSError) -> str:
+    name = exc.filename if exc.filename is not None else "a file"
+    reason = exc.strerror or str(exc)
+    if exc.errno == errno.ENOENT:
+        parent = Path(str(name)).parent
+        fix = (
+            f"the folder {parent} does not exist: create it or choose another path"
+            if not parent.exists()
+            else "check the path"
+        )
+    elif exc.errno in {errno.EACCES, errno.EPERM, errno.EROFS}:
+        fix = "check its permissions, or choose another path"
+    elif exc.errno == errno.EISDIR:
+        fix = "it is a folder: name a file"
+    elif exc.errno in {errno.EEXIST, errno.ENOTDIR}:
+        fix = "a file stands where a folder is needed: choose another path"
+    elif exc.errno == errno.ENOSPC:
+        fix = "free some disk space"
+    else:
+        fix = "check the path, or choose another"
+    return f"{name}: {reason}; {fix}"
+
+
+def _output_file(_ctx: click.Context, _param: click.Parameter, value: Path | None) -> Path | None:
+    """Check that ``-o FILE`` can be written before any work is done."""
+    if value is None or str(value) == "-":
+        return value
+    parent = value.parent
+    if value.is_dir():
+        raise ConfigurationError(f"{value} is a folder", fix="name a file to write, with -o")
+    if not parent.is_dir():
+        raise ConfigurationError(
+            f"cannot write {value}: the folder {parent} does not exist",
+            fix="create it, or name another file with -o",
+        )
+    return value
+
+
+@click.group(cls=_Cli, context_settings={"help_option_names": ["-h", "--help"]})
 @click.version_option(__version__, prog_name="ims-fhir")
 @click.option(
     "--config",
@@ -87,61 +238,99 @@ def cli(verbose: bool) -> None:
         logging.getLogger("httpx").setLevel(logging.WARNING)
 
 
-def server_options(func: F) -> F:
-    """The options every command that talks to a server takes."""
+def _headers(
+    ctx: click.Context, param: click.Parameter, value: tuple[str, ...]
+) -> tuple[tuple[str, str], ...]:
+    """``Name: value`` strings to header pairs; IMS_FHIR_HEADER holds one header per line."""
+    env = os.environ.get(SETTINGS["header"].env or "")
+    source = ctx.get_parameter_source(param.name or "")
+    if env and source in {None, ParameterSource.DEFAULT, ParameterSource.DEFAULT_MAP}:
+        value = tuple(line for line in env.splitlines() if line.strip())
+    pairs = []
+    for item in value:
+        name, sep, text = str(item).partition(":")
+        name = name.strip()
+        if not sep or not name or any(c.isspace() for c in name):
+            raise click.BadParameter(f"expected 'Name: value', e.g. 'X-Api-Key: ...', not {name!r}")
+        if name.lower() in {"authorization", "host", "content-type", "content-length"}:
+            raise click.BadParameter(f"{name} is set by ims-fhir; use the authentication options")
+        pairs.append((name, text.strip()))
+    return tuple(pairs)
+
+
+def _option(key: str, *decls: str, **attrs: Any) -> Callable[[F], F]:
+    """A click option for setting ``key``, with the flag and variable of the settings table."""
+    setting = SETTINGS[key]
+    return click.option(setting.flag, *decls, key, envvar=setting.env, **attrs)
+
+
+def connection_options(func: F) -> F:
+    """The options of a connection to a server, but for the server itself."""
     options = [
-        click.option("--server", envvar="IMS_FHIR_SERVER", required=True, help="FHIR base URL."),
-        click.option("--token", envvar="IMS_FHIR_TOKEN", help="Bearer token (prefer the env var)."),
-        click.option("--basic-user", envvar="IMS_FHIR_BASIC_USER", help="HTTP Basic user."),
-        click.option(
-            "--basic-password", envvar="IMS_FHIR_BASIC_PASSWORD", help="HTTP Basic password."
-        ),
-        click.option(
-            "--smart-client-id", envvar="IMS_FHIR_SMART_CLIENT_ID", help="SMART client id."
-        ),
-        click.option(
-            "--smart-key-file",
-            envvar="IMS_FHIR_SMART_KEY_FILE",
-            type=click.Path(exists=True, dir_okay=False),
+        _option("token", help="Bearer token (prefer the env var)."),
+        _option("basic_user", help="HTTP Basic user."),
+        _option("basic_password", help="HTTP Basic password."),
+        _option("smart_client_id", help="SMART backend services: client id."),
+        _option(
+            "smart_key_file",
+            type=click.Path(dir_okay=False),
             help="SMART private key (PEM, RS384 or ES384).",
         ),
-        click.option("--smart-kid", envvar="IMS_FHIR_SMART_KID", help="SMART key id."),
-        click.option(
-            "--smart-token-url", envvar="IMS_FHIR_SMART_TOKEN_URL", help="Token endpoint."
+        _option("smart_kid", help="SMART key id."),
+        _option("smart_token_url", help="SMART token endpoint (default: discovered)."),
+        _option("smart_scope", help="SMART scopes to request."),
+        _option("oauth_client_id", help="OAuth2 client credentials: client id."),
+        _option("oauth_client_secret", help="OAuth2 client secret (prefer the env var)."),
+        _option("oauth_token_url", help="OAuth2 token endpoint (default: discovered)."),
+        _option("oauth_scope", help="OAuth2 scopes to request."),
+        _option(
+            "ca_bundle",
+            type=click.Path(dir_okay=False),
+            help="PEM file of CA certificates to trust besides the usual ones.",
         ),
-        click.option("--smart-scope", envvar="IMS_FHIR_SMART_SCOPE", help="Scopes to request."),
         click.option(
-            "--allow-insecure-http",
+            "--header",
+            "header",
+            multiple=True,
+            callback=_headers,
+            help="Extra header for every request, e.g. 'X-Api-Key: ...' (repeatable).",
+        ),
+        _option(
+            "allow_insecure_http",
             is_flag=True,
-            envvar="IMS_FHIR_ALLOW_INSECURE_HTTP",
             help="Allow plain http to a host other than this machine.",
         ),
-        click.option("--timeout", type=float, default=60.0, show_default=True, help="Seconds."),
+        _option(
+            "timeout",
+            type=click.FloatRange(min=0, min_open=True),
+            default=60.0,
+            show_default=True,
+            help="Seconds to wait for each read.",
+        ),
     ]
     for option in reversed(options):
         func = option(func)
     return func
 
 
-def _client(options: dict[str, Any]) -> AsyncFhirClient:
-    try:
-        return AsyncFhirClient(
-            options["server"],
-            auth=auth_from(options),
-            timeout=options["timeout"],
-            allow_insecure_http=bool(options["allow_insecure_http"]),
-        )
-    except ConfigurationError as exc:
-        raise click.UsageError(str(exc)) from exc
+def server_options(func: F) -> F:
+    """The options every command that talks to a server takes."""
+    return _option("server", help="FHIR base URL.")(connection_options(func))
 
 
-def _run(coro: Any) -> Any:
-    try:
-        return asyncio.run(coro)
-    except StateError:
-        raise
-    except ConfigurationError as exc:
-        raise click.UsageError(str(exc)) from exc
+def _client(options: dict[str, Any], server_key: str = "server") -> AsyncFhirClient:
+    server = options.get(server_key)
+    if not server:
+        raise ConfigurationError("no FHIR server given", setting=server_key)
+    headers = dict(options.get("header") or ())
+    return AsyncFhirClient(
+        server,
+        auth=auth_from(options),
+        timeout=options["timeout"],
+        allow_insecure_http=bool(options["allow_insecure_http"]),
+        ca_bundle=options.get("ca_bundle"),
+        headers=headers,
+    )
 
 
 @cli.command()
@@ -153,22 +342,21 @@ def schema() -> None:
 @cli.command()
 @click.argument("paths", nargs=-1, required=True, type=click.Path(path_type=Path))
 @click.option("--json", "as_json", is_flag=True, help="Print a machine-readable report.")
-@click.option(
-    "--server",
-    envvar="IMS_FHIR_VALIDATE_SERVER",
+@_option(
+    "validate_server",
     help="Also run $validate on this server for every resource mapped from the records, "
     "against its profile.",
 )
-@click.option("--allow-insecure-http", is_flag=True, help="Allow plain http to a remote host.")
-def validate(
-    paths: Sequence[Path], as_json: bool, server: str | None, allow_insecure_http: bool
-) -> None:
+@connection_options
+def validate(paths: Sequence[Path], as_json: bool, **options: Any) -> None:
     """Check IMS records in PATHS (files or directories) and report every bad one.
 
-    Without --server, records are checked clinically and mapped to FHIR. With --server, every
-    resource mapped from them is also validated by the server against the profile named in
-    its meta.profile, and each issue is reported with resource, element path and message.
+    Without --server, records are checked clinically and mapped to FHIR, offline. With
+    --server, every resource mapped from them is also validated by the server against the
+    profile named in its meta.profile, and each issue is reported with resource, element path
+    and message.
     """
+    server = options["validate_server"]
     good = 0
     errors: list[RecordError] = []
     records: list[Encounter] = []
@@ -183,12 +371,11 @@ def validate(
                 records.append(item.record)
     server_issues: list[dict[str, Any]] = []
     if server:
-        options = {"server": server, "timeout": 60.0, "allow_insecure_http": allow_insecure_http}
-        server_issues = _run(_server_validate(_client(options), records))
+        server_issues = asyncio.run(_server_validate(_client(options, "validate_server"), records))
         for issue in server_issues:
             if not as_json:
                 _stderr().print(
-                    f"[red]{issue['severity']}[/red] {issue['record']} {issue['resource']} "
+                    f"[red]{issue['severity']}[/red] {issue['record_id']} {issue['resource']} "
                     f"{issue['path']}: {escape(issue['message'])}"
                 )
     failed = errors or any(i["severity"] in {"error", "fatal"} for i in server_issues)
@@ -209,16 +396,60 @@ def validate(
     sys.exit(EXIT_SOME_FAILED if failed else EXIT_OK)
 
 
+# How validators say they do not know the profile asked for (HAPI and the HL7 validator: "Profile
+# reference '...' has not been checked because it is unknown", "Unable to locate profile ...";
+# Firely: "Unable to resolve reference to profile ..."). Only a message naming the profile and
+# saying it is unknown counts: an unknown code or value set found *by* the profile does not.
+_UNKNOWN_PROFILE = re.compile(
+    r"has not been checked because it is unknown"
+    r"|unable to (?:locate|find|resolve)[^.]*profile"
+    r"|profile[^.]*(?:not found|is unknown|could not be resolved|cannot be resolved)"
+    r"|unknown profile",
+    re.IGNORECASE,
+)
+
+
+def unknown_profile(outcome: dict[str, Any], profile: str) -> bool:
+    """True when a $validate answer says the server does not know ``profile``."""
+    url = profile.split("|")[0]
+    return any(
+        url in str(issue.get("diagnostics") or "")
+        and _UNKNOWN_PROFILE.search(str(issue.get("diagnostics") or ""))
+        for issue in outcome.get("issue") or []
+        if isinstance(issue, dict)
+    )
+
+
+def _no_profiles(server: str) -> ConfigurationError:
+    return ConfigurationError(
+        f"{server} does not know ims-fhir's profiles",
+        fix="install the FHIR package there: build it with `ims-fhir package` and load it as "
+        "an implementation guide (README: Profiles and the FHIR package)",
+    )
+
+
 async def _server_validate(
     client: AsyncFhirClient, records: list[Encounter]
 ) -> list[dict[str, Any]]:
     issues = []
+    server = str(client.base_url).rstrip("/")
     async with client:
         for record in records:
             for entry in json.loads(to_fhir_json(record))["entry"]:
                 resource = entry["resource"]
                 profile = resource["meta"]["profile"][0]
-                outcome = await client.validate(resource, profile=profile)
+                try:
+                    outcome = await client.validate(resource, profile=profile)
+                except NotFoundError as exc:
+                    raise ConfigurationError(
+                        f"{server} has no $validate for {resource['resourceType']} "
+                        f"({exc.status_code})",
+                        fix="check the server URL, or use a server that supports $validate, "
+                        "or validate without --server",
+                    ) from exc
+                if unknown_profile(outcome, profile):
+                    # Every resource would fail the same way: one line says what to do.
+                    raise _no_profiles(server)
                 label = f"{resource['resourceType']} ({profile.rsplit('/', 1)[-1]})"
                 for issue in outcome.get("issue") or []:
                     if issue.get("severity") not in {"error", "fatal", "warning"}:
@@ -226,7 +457,7 @@ async def _server_validate(
                     where = issue.get("expression") or issue.get("location") or ["?"]
                     issues.append(
                         {
-                            "record": record.id,
+                            "record_id": record.id,
                             "resource": label,
                             "severity": issue["severity"],
                             "path": where[0],
@@ -258,7 +489,7 @@ def _error_json(error: RecordError) -> dict[str, Any]:
         "file": error.location.file,
         "line": error.location.line,
         "index": error.location.index,
-        "record": error.location.record_id,
+        "record_id": error.location.record_id,
         "issues": [{"path": i.path, "reason": i.reason} for i in error.issues],
     }
 
@@ -269,6 +500,7 @@ def _error_json(error: RecordError) -> dict[str, Any]:
     "-o",
     "--output",
     type=click.Path(dir_okay=False, path_type=Path),
+    callback=_output_file,
     help="Write here instead of stdout.",
 )
 @click.option("--single", is_flag=True, help="IMS in: write one transaction Bundle, not NDJSON.")
@@ -331,47 +563,46 @@ def _with_namespace(record: Encounter, namespace: str | None) -> Encounter:
     )
 
 
-def _fatal(err: Console, exc: BaseException) -> None:
+def _fatal(err: Console, problem: str | BaseException) -> NoReturn:
     """Report an error that stops the whole run (setup, server, state): one line, exit 2."""
-    err.print(f"[red]error[/red] {escape(str(exc))}")
+    message = problem if isinstance(problem, str) else error_message(problem)
+    err.print(f"[red]error[/red] {escape(message)}")
     sys.exit(EXIT_USAGE)
 
 
 @cli.command()
 @click.argument("paths", nargs=-1, required=True, type=click.Path(path_type=Path))
 @server_options
-@click.option(
-    "--state",
-    envvar="IMS_FHIR_STATE",
+@_option(
+    "state",
     type=click.Path(dir_okay=False, path_type=Path),
     default=default_state_path,
     show_default="the user's data directory",
     help="SQLite state file.",
 )
-@click.option(
-    "--batch-size",
+@_option(
+    "batch_size",
     type=click.IntRange(1, 500),
     default=DEFAULT_BATCH_SIZE,
     show_default=True,
     help="Encounters per transaction.",
 )
-@click.option(
-    "--concurrency",
+@_option(
+    "concurrency",
     type=click.IntRange(1, 64),
     default=DEFAULT_CONCURRENCY,
     show_default=True,
     help="Transactions in flight.",
 )
-@click.option(
-    "--on-conflict",
+@_option(
+    "on_conflict",
     type=click.Choice(["report", "overwrite"]),
     default="report",
     show_default=True,
     help="What to do when the server's copy changed since the last push.",
 )
-@click.option(
-    "--namespace",
-    envvar="IMS_FHIR_NAMESPACE",
+@_option(
+    "namespace",
     help="Identifier namespace for clinics whose records name none.",
 )
 @click.option("--dry-run", is_flag=True, help="Show what would be written; send nothing.")
@@ -388,6 +619,7 @@ def push(paths: Sequence[Path], **options: Any) -> None:
     summary = PushSummary()
     results: list[PushResult] = []
     invalid: list[RecordError] = []
+    show_progress = err.is_terminal and not options["as_json"]
 
     def records() -> Iterator[ReadRecord]:
         for item in read_records(paths):
@@ -399,6 +631,10 @@ def push(paths: Sequence[Path], **options: Any) -> None:
                 yield ReadRecord(item.location, record)
 
     async def run() -> None:
+        # A bar needs its total: the input is read once more, only on a terminal, and only
+        # from files (a pipe, such as <(...), can be read once).
+        rereadable = all(p.is_file() or p.is_dir() for p in paths)
+        total = sum(1 for _ in read_records(paths)) if show_progress and rereadable else None
         async with _client(options) as client:
             with StateStore(options["state"]) as state:
                 pusher = Pusher(
@@ -410,7 +646,7 @@ def push(paths: Sequence[Path], **options: Any) -> None:
                     dry_run=options["dry_run"],
                     verify=options["verify"],
                 )
-                with _progress(err, enabled=err.is_terminal and not options["as_json"]) as advance:
+                with _progress(err, enabled=show_progress, total=total) as advance:
                     async for result in pusher.push(records()):
                         summary.add(result)
                         if options["as_json"]:
@@ -424,24 +660,25 @@ def push(paths: Sequence[Path], **options: Any) -> None:
                         elif not err.is_terminal and not options["as_json"]:
                             err.print(f"{result.action} {result.record_id}")
 
-    try:
-        _run(run())
-    except FATAL_ERRORS as exc:
-        _fatal(err, exc)
-    except FhirError as exc:
-        err.print(f"[red]error[/red] {escape(str(exc))}")
-        sys.exit(EXIT_SOME_FAILED)
+    asyncio.run(run())  # a server or state problem stops it all: one line, exit 2 (_Cli)
     for _ in invalid:
         summary.add(PushResult("", "failed"))
-    _report(summary, results, invalid, options["as_json"])
+    _report(summary, results, invalid, as_json=options["as_json"], dry_run=options["dry_run"])
+    if summary.counts.get("conflict") and not options["as_json"]:
+        err.print(
+            f"{summary.counts['conflict']} encounter(s) changed on the server since ims-fhir wrote "
+            "them: look at the server's copy, then keep it (change nothing) or replace it with "
+            "the record by pushing again with --on-conflict overwrite"
+        )
     sys.exit(EXIT_OK if summary.ok else EXIT_SOME_FAILED)
 
 
 class _progress:  # noqa: N801 - a context manager used like a function
     """A progress bar on a terminal, nothing otherwise."""
 
-    def __init__(self, console: Console, *, enabled: bool) -> None:
+    def __init__(self, console: Console, *, enabled: bool, total: int | None) -> None:
         self.enabled = enabled
+        self.total = total
         self.bar = Progress(
             TextColumn("pushing"),
             BarColumn(),
@@ -456,7 +693,7 @@ class _progress:  # noqa: N801 - a context manager used like a function
         if not self.enabled:
             return lambda result: None
         self.bar.start()
-        task = self.bar.add_task("push", total=None, last="")
+        task = self.bar.add_task("push", total=self.total, last="")
 
         def advance(result: PushResult) -> None:
             self.bar.update(task, advance=1, last=f"{result.action} {result.record_id}")
@@ -468,27 +705,37 @@ class _progress:  # noqa: N801 - a context manager used like a function
             self.bar.stop()
 
 
-_COLUMNS = ("created", "updated", "unchanged", "entered-in-error", "conflict", "failed")
+_ACTIONS = ("created", "updated", "unchanged", "entered-in-error", "conflict", "failed")
+
+
+def _key(action: str) -> str:
+    """A JSON key for an action: every key of the JSON reports is snake_case."""
+    return action.replace("-", "_")
 
 
 def _report(
-    summary: PushSummary, results: list[PushResult], invalid: list[RecordError], as_json: bool
+    summary: PushSummary,
+    results: list[PushResult],
+    invalid: list[RecordError],
+    *,
+    as_json: bool,
+    dry_run: bool,
 ) -> None:
-    counts = {name: summary.counts.get(name, 0) for name in _COLUMNS}
-    for name in ("would-create", "would-update"):
-        if summary.counts.get(name):
-            counts[name] = summary.counts[name]
+    actions = [a for a in _ACTIONS if not dry_run or a not in {"created", "updated"}]
+    actions += [a for a in ("would-create", "would-update") if dry_run or summary.counts.get(a)]
+    counts = {action: summary.counts.get(action, 0) for action in actions}
     if as_json:
         report = {
-            "summary": counts,
+            "dry_run": dry_run,
+            "summary": {_key(action): count for action, count in counts.items()},
             "resources_written": summary.resources_written,
             "resources_entered_in_error": summary.resources_retired,
             "results": [
                 {
-                    "record": r.record_id,
+                    "record_id": r.record_id,
                     "action": r.action,
-                    "written": r.written,
-                    "entered_in_error": r.retired,
+                    "resources_written": r.written,
+                    "resources_entered_in_error": r.retired,
                     "message": r.message,
                 }
                 for r in results
@@ -498,16 +745,53 @@ def _report(
         click.echo(json.dumps(report, indent=2, ensure_ascii=False))
         return
     parts = [f"{value} {name}" for name, value in counts.items()]
-    click.echo(
-        ", ".join(parts) + f" ({summary.resources_written} resources written, "
-        f"{summary.resources_retired} marked entered-in-error)"
-    )
+    if dry_run:
+        resources = (
+            f"dry run, nothing sent: would write {summary.resources_written} resources and mark "
+            f"{summary.resources_retired} entered-in-error"
+        )
+    else:
+        resources = (
+            f"{summary.resources_written} resources written, "
+            f"{summary.resources_retired} marked entered-in-error"
+        )
+    click.echo(", ".join(parts) + f" ({resources})")
+
+
+def parse_since(value: str | None) -> str | None:
+    """Check ``--since`` here rather than send the server what it cannot read."""
+    if value is None:
+        return None
+    text = value.strip()
+    try:
+        if len(text) == 10:
+            return dt.date.fromisoformat(text).isoformat()
+        instant = dt.datetime.fromisoformat(text)
+    except ValueError:
+        raise click.BadParameter(
+            f"{value!r} is not an ISO 8601 date or instant: give e.g. 2026-11-01 or "
+            "2026-11-01T08:00:00Z"
+        ) from None
+    if instant.tzinfo is None:
+        raise click.BadParameter(
+            f"{value!r} has no time zone: add Z (UTC) or an offset, e.g. {text}Z or {text}-05:00"
+        )
+    return instant.isoformat()
+
+
+def _entered_in_error(reason: str) -> bool:
+    return reason.startswith("entered in error")
 
 
 @cli.command(name="pull")
 @server_options
 @click.option("--patient", help="Only this patient's encounters (server id, e.g. Patient/123).")
-@click.option("--since", help="Only encounters changed at or after this instant (ISO 8601).")
+@click.option(
+    "--since",
+    callback=lambda _ctx, _param, value: parse_since(value),
+    help="Only encounters changed at or after this date or instant (ISO 8601: 2026-11-01, "
+    "2026-11-01T08:00:00Z).",
+)
 @click.option(
     "--page-size", type=click.IntRange(1, 500), default=DEFAULT_PAGE_SIZE, show_default=True
 )
@@ -515,12 +799,13 @@ def _report(
     "-o",
     "--output",
     type=click.Path(dir_okay=False, path_type=Path),
+    callback=_output_file,
     help="NDJSON file (default stdout).",
 )
 def pull_command(**options: Any) -> None:
     """Fetch IMS encounters from a FHIR server and write them as IMS records (NDJSON)."""
     err = _stderr()
-    totals = {"records": 0, "skipped": 0, "unmappable": 0}
+    totals = {"records": 0, "skipped": 0, "retired": 0, "unmappable": 0}
 
     async def run() -> None:
         async with _client(options) as client:
@@ -535,19 +820,18 @@ def pull_command(**options: Any) -> None:
                     for record in report.records:
                         out.write(record.model_dump_json(exclude_defaults=True) + "\n")
                     totals["records"] += len(report.records)
-                    totals["skipped"] += len(report.skipped)
+                    retired = sum(1 for r in report.skipped if _entered_in_error(r.reason))
+                    totals["retired"] += retired
+                    totals["skipped"] += len(report.skipped) - retired
                     totals["unmappable"] += len(report.errors)
                     for error in report.errors:
                         err.print(f"[red]unmappable[/red] {escape(str(error))}")
 
-    try:
-        _run(run())
-    except FhirError as exc:
-        err.print(f"[red]error[/red] {escape(str(exc))}")
-        sys.exit(EXIT_SOME_FAILED)
+    asyncio.run(run())
     err.print(
-        f"{totals['records']} records pulled, {totals['skipped']} resources skipped "
-        f"(not made by ims-fhir), {totals['unmappable']} encounters could not be mapped"
+        f"{totals['records']} records pulled, {totals['unmappable']} encounters could not be "
+        f"mapped; skipped: {totals['retired']} resources ims-fhir marked entered-in-error, "
+        f"{totals['skipped']} not made by ims-fhir"
     )
     sys.exit(EXIT_SOME_FAILED if totals["unmappable"] else EXIT_OK)
 
@@ -561,28 +845,57 @@ def check(**options: Any) -> None:
     """Tell whether a FHIR server supports what push and pull need."""
     ok = True
 
+    def show(item: Check) -> None:
+        nonlocal ok
+        mark = "ok  " if item.ok else "MISSING"
+        click.echo(f"{mark} {item.name}{': ' + item.detail if item.detail and not item.ok else ''}")
+        ok &= item.ok
+
     async def run() -> None:
         nonlocal ok
         async with _client(options) as client:
             statement = await client.request_json("GET", "metadata")
-            for item in check_capabilities(statement):
-                mark = "ok  " if item.ok else "MISSING"
-                click.echo(
-                    f"{mark} {item.name}{': ' + item.detail if item.detail and not item.ok else ''}"
+            if statement.get("resourceType") != "CapabilityStatement":
+                raise UnsafeServerError(
+                    f"{str(client.base_url).rstrip('/')}: not a FHIR server (metadata answered "
+                    f"a {statement.get('resourceType')}); check the server URL"
                 )
-                ok &= item.ok
+            checks = check_capabilities(statement)
+            for item in checks:
+                show(item)
+            if any(c.name == "$validate" and c.ok for c in checks):
+                show(await _profiles_check(client))
             if options["write_test"]:
                 ok &= await _write_test(client)
 
-    try:
-        _run(run())
-    except FhirError as exc:
-        _stderr().print(f"[red]error[/red] {escape(str(exc))}")
-        sys.exit(EXIT_SOME_FAILED)
+    asyncio.run(run())
     click.echo(
         "the server can take IMS encounters" if ok else "the server lacks what is marked MISSING"
     )
     sys.exit(EXIT_OK if ok else EXIT_SOME_FAILED)
+
+
+async def _profiles_check(client: AsyncFhirClient) -> Check:
+    """Whether the server's $validate knows ims-fhir's profiles (the package is installed)."""
+    name = "ims-fhir profiles for $validate"
+    patient = next(
+        e["resource"]
+        for e in json.loads(to_fhir_json(synthetic_encounter()))["entry"]
+        if e["resource"]["resourceType"] == "Patient"
+    )
+    profile = patient["meta"]["profile"][0]
+    try:
+        outcome = await client.validate(patient, profile=profile)
+    except FhirError as exc:
+        return Check(name, False, f"$validate failed: {exc}")
+    if unknown_profile(outcome, profile):
+        return Check(
+            name,
+            False,
+            "not installed: build the package with `ims-fhir package` and install it on the "
+            "server (README: Profiles and the FHIR package)",
+        )
+    return Check(name, True)
 
 
 async def _write_test(client: AsyncFhirClient) -> bool:
@@ -596,6 +909,11 @@ async def _write_test(client: AsyncFhirClient) -> bool:
             f"{'ok  ' if pushed else 'FAILED'} write: {result.action} {result.message or ''}"
         )
         written = state.all_resources(server)
+        if not pushed:
+            if written:
+                await _delete(client, written)
+            click.echo("skipped read back: nothing was written")
+            return False
         patient = next((r for r in written if r.resource_type == "Patient"), None)
         back: list[Encounter] = []
         if patient is not None:
@@ -608,17 +926,19 @@ async def _write_test(client: AsyncFhirClient) -> bool:
         click.echo(
             f"{'ok  ' if same else 'FAILED'} read back: {'identical' if same else 'differs'}"
         )
-        # One transaction: the resources refer to each other, and a server keeping referential
-        # integrity lets them go together.
-        deletes = [
-            {"request": {"method": "DELETE", "url": f"{r.resource_type}/{r.resource_id}"}}
-            for r in written
-        ]
-        await client.transaction(
-            {"resourceType": "Bundle", "type": "transaction", "entry": deletes}
-        )
-        click.echo(f"ok   removed the {len(written)} resources written")
-        return pushed and same
+        await _delete(client, written)
+        return same
+
+
+async def _delete(client: AsyncFhirClient, written: Sequence[ResourceState]) -> None:
+    # One transaction: the resources refer to each other, and a server keeping referential
+    # integrity lets them go together.
+    deletes = [
+        {"request": {"method": "DELETE", "url": f"{r.resource_type}/{r.resource_id}"}}
+        for r in written
+    ]
+    await client.transaction({"resourceType": "Bundle", "type": "transaction", "entry": deletes})
+    click.echo(f"ok   removed the {len(written)} resources written")
 
 
 def main() -> None:

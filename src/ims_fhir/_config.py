@@ -8,45 +8,82 @@ directory) holds the same settings as the flags, by their long names with ``_`` 
     smart_client_id = "ims-clinic"
     smart_key_file = "/etc/ims-fhir/client.pem"
     smart_kid = "key-2026"
+    ca_bundle = "/etc/ims-fhir/regional-ca.pem"
+    header = ["X-Api-Key: ..."]
     state = "/var/lib/ims-fhir/state.sqlite3"
     batch_size = 10
     concurrency = 4
+
+Each command takes only the settings it has a flag for: ``server`` is where ``push``, ``pull``
+and ``check`` go, and never makes the offline ``validate`` talk to a server (its server is
+``validate_server``).
 """
 
 from __future__ import annotations
 
 import tomllib
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import httpx
 import platformdirs
 
-from ._auth import BearerAuth, SmartBackendAuth
+from ._auth import BearerAuth, ClientCredentialsAuth, SmartBackendAuth
 from ._exceptions import ConfigurationError
 
-__all__ = ["SETTINGS", "auth_from", "default_config_path", "load_config"]
+__all__ = ["SETTINGS", "Setting", "auth_from", "default_config_path", "load_config", "where_to_set"]
 
-SETTINGS = frozenset(
-    {
-        "server",
-        "token",
-        "basic_user",
-        "basic_password",
-        "smart_client_id",
-        "smart_key_file",
-        "smart_kid",
-        "smart_token_url",
-        "smart_scope",
-        "allow_insecure_http",
-        "namespace",
-        "state",
-        "batch_size",
-        "concurrency",
-        "on_conflict",
-        "timeout",
-    }
-)
+
+@dataclass(frozen=True, slots=True)
+class Setting:
+    """One setting: its flag, its environment variable (if any) and its config key."""
+
+    key: str
+    env: str | None = None
+    option: str | None = None  # the flag, when it is not the key's
+
+    @property
+    def flag(self) -> str:
+        """The command-line flag."""
+        return self.option or "--" + self.key.replace("_", "-")
+
+
+SETTINGS: dict[str, Setting] = {
+    s.key: s
+    for s in [
+        Setting("server", "IMS_FHIR_SERVER"),
+        Setting("validate_server", "IMS_FHIR_VALIDATE_SERVER", option="--server"),
+        Setting("token", "IMS_FHIR_TOKEN"),
+        Setting("basic_user", "IMS_FHIR_BASIC_USER"),
+        Setting("basic_password", "IMS_FHIR_BASIC_PASSWORD"),
+        Setting("smart_client_id", "IMS_FHIR_SMART_CLIENT_ID"),
+        Setting("smart_key_file", "IMS_FHIR_SMART_KEY_FILE"),
+        Setting("smart_kid", "IMS_FHIR_SMART_KID"),
+        Setting("smart_token_url", "IMS_FHIR_SMART_TOKEN_URL"),
+        Setting("smart_scope", "IMS_FHIR_SMART_SCOPE"),
+        Setting("oauth_client_id", "IMS_FHIR_OAUTH_CLIENT_ID"),
+        Setting("oauth_client_secret", "IMS_FHIR_OAUTH_CLIENT_SECRET"),
+        Setting("oauth_token_url", "IMS_FHIR_OAUTH_TOKEN_URL"),
+        Setting("oauth_scope", "IMS_FHIR_OAUTH_SCOPE"),
+        Setting("ca_bundle", "IMS_FHIR_CA_BUNDLE"),
+        Setting("header", "IMS_FHIR_HEADER"),
+        Setting("allow_insecure_http", "IMS_FHIR_ALLOW_INSECURE_HTTP"),
+        Setting("timeout", "IMS_FHIR_TIMEOUT"),
+        Setting("namespace", "IMS_FHIR_NAMESPACE"),
+        Setting("state", "IMS_FHIR_STATE"),
+        Setting("batch_size"),
+        Setting("concurrency"),
+        Setting("on_conflict"),
+    ]
+}
+
+
+def where_to_set(key: str) -> str:
+    """Where a user sets ``key``: ``--server, IMS_FHIR_SERVER or server in the config file``."""
+    setting = SETTINGS[key]
+    env = f", {setting.env}" if setting.env else ""
+    return f"{setting.flag}{env} or `{key}` in the config file"
 
 
 def default_config_path() -> Path:
@@ -60,44 +97,86 @@ def load_config(path: Path | None) -> dict[str, Any]:
     path = path or default_config_path()
     if not path.exists():
         if explicit:
-            raise ConfigurationError(f"config file {path} does not exist")
+            raise ConfigurationError(
+                f"config file {path} does not exist",
+                fix="pass an existing file to --config (or IMS_FHIR_CONFIG)",
+            )
         return {}
     try:
         data = tomllib.loads(path.read_text(encoding="utf-8"))
     except (tomllib.TOMLDecodeError, UnicodeDecodeError) as exc:
-        raise ConfigurationError(f"{path}: {exc}") from exc
-    unknown = sorted(set(data) - SETTINGS)
+        raise ConfigurationError(f"config file {path}: {exc}", fix="fix the TOML") from exc
+    except OSError as exc:
+        raise ConfigurationError(
+            f"config file {path}: {exc.strerror}", fix="pass another --config"
+        ) from exc
+    if isinstance(data.get("header"), str):
+        data["header"] = [data["header"]]  # one header, written without the list
+    unknown = sorted(set(data) - set(SETTINGS))
     if unknown:
-        raise ConfigurationError(f"{path}: unknown settings {', '.join(unknown)}")
+        raise ConfigurationError(
+            f"config file {path}: unknown settings {', '.join(unknown)}",
+            fix=f"the settings are {', '.join(SETTINGS)}",
+        )
     return data
 
 
 def auth_from(options: dict[str, Any]) -> httpx.Auth | None:
-    """Build the client's auth from the settings: bearer, basic or SMART backend services."""
+    """Build the client's auth from the settings: bearer, basic, SMART or OAuth client secret."""
     modes = [
         name
         for name, present in (
             ("token", options.get("token")),
-            ("basic", options.get("basic_user")),
-            ("smart", options.get("smart_client_id")),
+            ("basic_user", options.get("basic_user")),
+            ("smart_client_id", options.get("smart_client_id")),
+            ("oauth_client_id", options.get("oauth_client_id")),
         )
         if present
     ]
     if len(modes) > 1:
-        raise ConfigurationError(f"choose one authentication mode, not {' and '.join(modes)}")
+        raise ConfigurationError(
+            f"two authentication modes given: {' and '.join(modes)}",
+            setting=modes[1],
+            fix="choose one",
+        )
     if options.get("token"):
         return BearerAuth(str(options["token"]))
     if options.get("basic_user"):
         return httpx.BasicAuth(str(options["basic_user"]), str(options.get("basic_password") or ""))
     if options.get("smart_client_id"):
-        key_file = options.get("smart_key_file")
-        kid = options.get("smart_kid")
-        if not key_file or not kid:
-            raise ConfigurationError("SMART backend services needs smart_key_file and smart_kid")
-        extra: dict[str, Any] = {"kid": kid}
-        if options.get("smart_token_url"):
-            extra["token_url"] = options["smart_token_url"]
-        if options.get("smart_scope"):
-            extra["scope"] = options["smart_scope"]
-        return SmartBackendAuth.from_key_file(str(options["smart_client_id"]), key_file, **extra)
+        for needed in ("smart_key_file", "smart_kid"):
+            if not options.get(needed):
+                raise ConfigurationError(
+                    f"SMART backend services needs {needed} too", setting=needed
+                )
+        key_file = Path(str(options["smart_key_file"]))
+        if not key_file.is_file():
+            raise ConfigurationError(
+                f"SMART private key {key_file} is not a file", setting="smart_key_file"
+            )
+        try:
+            return SmartBackendAuth.from_key_file(
+                str(options["smart_client_id"]),
+                key_file,
+                kid=str(options["smart_kid"]),
+                token_url=options.get("smart_token_url") or None,
+                scope=options.get("smart_scope") or "system/*.read system/*.write",
+            )
+        except (ValueError, OSError) as exc:
+            raise ConfigurationError(
+                f"SMART private key {key_file} cannot be read as an RSA or EC private key (PEM)",
+                setting="smart_key_file",
+            ) from exc
+    if options.get("oauth_client_id"):
+        if not options.get("oauth_client_secret"):
+            raise ConfigurationError(
+                "OAuth client credentials need oauth_client_secret too",
+                setting="oauth_client_secret",
+            )
+        return ClientCredentialsAuth(
+            str(options["oauth_client_id"]),
+            str(options["oauth_client_secret"]),
+            token_url=options.get("oauth_token_url") or None,
+            scope=options.get("oauth_scope") or None,
+        )
     return None

@@ -10,7 +10,7 @@ The tree::
     └── FhirError                  talking to a FHIR server went wrong
         ├── TransportError         no usable response (wraps the httpx exception as __cause__)
         │   ├── ConnectError
-        │   ├── TimeoutError
+        │   ├── TimeoutException
         │   └── ProtocolError
         ├── InvalidResponseError   a response that is not the FHIR it should be
         ├── UnsafeServerError      the server cannot do what a safe push needs: the push stops
@@ -62,7 +62,7 @@ __all__ = [
     "ServerError",
     "StateError",
     "StatusError",
-    "TimeoutError",
+    "TimeoutException",
     "TransportError",
     "UnprocessableEntityError",
     "UnsafeServerError",
@@ -127,7 +127,19 @@ class MappingError(ImsFhirError):
 
 
 class ConfigurationError(ImsFhirError):
-    """Settings that cannot work, found before anything is sent."""
+    """Settings that cannot work, found before anything is sent.
+
+    ``setting`` names the setting at fault (``"allow_insecure_http"``) when one is, so the
+    command line can name its flag, environment variable and config key; ``reason`` is the
+    message without ``fix``, what a library caller can do about it.
+    """
+
+    def __init__(self, reason: str, *, setting: str | None = None, fix: str | None = None) -> None:
+        """Create the error: what is wrong, the setting at fault and how to fix it in code."""
+        self.reason = reason
+        self.setting = setting
+        self.fix = fix
+        super().__init__(f"{reason}; {fix}" if fix else reason)
 
 
 class StateError(ConfigurationError):
@@ -159,7 +171,7 @@ class ConnectError(TransportError):
     """The server could not be reached."""
 
 
-class TimeoutError(TransportError):  # noqa: A001 - part of the public tree, like httpx's
+class TimeoutException(TransportError):
     """The server did not answer in time."""
 
 

@@ -11,13 +11,15 @@ import email.utils
 import ipaddress
 import json
 import logging
+import os
 import random
 import ssl
 import zlib
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, TypedDict
 
+import certifi
 import httpx
 from fhir.resources.R4B import get_fhir_model_class
 from fhir.resources.R4B.resource import Resource
@@ -45,14 +47,14 @@ from ._exceptions import (
     RateLimitError,
     ServerError,
     StatusError,
-    TimeoutError,
+    TimeoutException,
     TransportError,
     UnprocessableEntityError,
     VersionConflictError,
     describe_request,
 )
 
-__all__ = ["Call", "Outcome", "RetryPolicy"]
+__all__ = ["Call", "ClientOptions", "Outcome", "RetryPolicy"]
 
 logger = logging.getLogger("ims_fhir.client")
 
@@ -86,6 +88,26 @@ def install_log_redaction() -> None:
     httpx_logger = logging.getLogger("httpx")
     if _REDACT not in httpx_logger.filters:
         httpx_logger.addFilter(_REDACT)
+
+
+class ClientOptions(TypedDict, total=False):
+    """Settings of the client that :func:`~ims_fhir.push` and ``pull_all`` make.
+
+    The keyword arguments of :class:`~ims_fhir.AsyncFhirClient` of the same names.
+    """
+
+    auth: httpx.Auth | None
+    timeout: httpx.Timeout | float
+    deadline: float | None
+    retry: RetryPolicy | None
+    verify: bool | ssl.SSLContext
+    ca_bundle: str | os.PathLike[str] | None
+    allow_insecure_http: bool
+    max_connections: int
+    max_response_bytes: int
+    headers: Mapping[str, str] | None
+    transport: httpx.AsyncBaseTransport | None
+    http_client: httpx.AsyncClient | None
 
 
 # -- results ------------------------------------------------------------------------------------
@@ -147,24 +169,61 @@ class Call:
     def build(
         self,
         client: httpx.Client | httpx.AsyncClient,
+        base_url: httpx.URL,
+        timeout: httpx.Timeout,
         deadline: Deadline | None = None,
         now: float = 0.0,
+        headers: Mapping[str, str] | None = None,
     ) -> httpx.Request:
-        """Build the httpx request on ``client`` (which holds the base URL and auth).
+        """Build the httpx request on ``client`` for the server at ``base_url``.
 
-        With a ``deadline`` (started at ``now``), each of the client's timeouts is cut to it.
+        The URL is made absolute here rather than by the client's ``base_url``, so a client the
+        caller made (without one) works too; ``headers`` are added to every request. With a
+        ``deadline`` (started at ``now``), each of the ``timeout`` waits is cut to it.
         """
-        headers = {"Accept": FHIR_JSON, "Accept-Encoding": ACCEPT_ENCODING, **self.headers}
+        all_headers = {
+            "Accept": FHIR_JSON,
+            "Accept-Encoding": ACCEPT_ENCODING,
+            **(headers or {}),
+            **self.headers,
+        }
         if self.body is not None:
-            headers["Content-Type"] = f"{FHIR_JSON}; charset=utf-8"
+            all_headers["Content-Type"] = f"{FHIR_JSON}; charset=utf-8"
         return client.build_request(
             self.method,
-            self.url,
+            merge_url(base_url, self.url),
             params=self.params,
-            headers=headers,
+            headers=all_headers,
             content=self.body,
-            extensions=deadline.extensions(client.timeout.as_dict(), now) if deadline else None,
+            timeout=timeout,
+            extensions=deadline.extensions(timeout.as_dict(), now) if deadline else None,
         )
+
+
+def merge_url(base_url: httpx.URL, url: str) -> httpx.URL:
+    """``url`` relative to ``base_url`` (which ends with ``/``), as httpx's ``base_url`` does."""
+    merged = httpx.URL(url)
+    if merged.is_relative_url:
+        return base_url.copy_with(raw_path=base_url.raw_path + merged.raw_path.lstrip(b"/"))
+    return merged
+
+
+def tls_context(ca_bundle: str | os.PathLike[str] | None) -> ssl.SSLContext:
+    """A verifying TLS context trusting the usual roots, and the CAs in ``ca_bundle`` too.
+
+    The bundle adds trust (a regional server's own CA); it never turns verification off.
+    """
+    context = ssl.create_default_context(cafile=certifi.where())
+    if ca_bundle is not None:
+        try:
+            context.load_verify_locations(cafile=os.fspath(ca_bundle))
+        except (OSError, ssl.SSLError) as exc:
+            raise ConfigurationError(
+                f"CA bundle {os.fspath(ca_bundle)}: {exc.strerror or exc}",
+                setting="ca_bundle",
+                fix="give a PEM file of CA certificates",
+            ) from exc
+    return context
 
 
 # -- limits of one attempt ----------------------------------------------------------------------
@@ -491,23 +550,30 @@ def is_loopback(host: str) -> bool:
         return False
 
 
-def check_url(url: str, *, allow_insecure_http: bool, what: str = "") -> httpx.URL:
+def check_url(
+    url: str, *, allow_insecure_http: bool, what: str = "", setting: str = "server"
+) -> httpx.URL:
     """Validate a URL to send to; plain http is allowed only to loopback or when asked.
 
     Args:
         url: the URL.
         allow_insecure_http: allow plain http to a host other than this machine.
         what: what the URL is for (``"the SMART token endpoint"``), named in the error.
+        setting: the setting that gave the URL, named by the error.
     """
     checked = httpx.URL(url)
     if checked.scheme not in {"http", "https"} or not checked.host:
-        raise ConfigurationError(f"not an http(s) URL: {what + ' ' if what else ''}{url!r}")
+        raise ConfigurationError(
+            f"not an http(s) URL: {what + ' ' if what else ''}{url!r}", setting=setting
+        )
     if checked.scheme == "http" and not is_loopback(checked.host) and not allow_insecure_http:
         raise ConfigurationError(
             f"refusing plain http to {checked.host}"
             + (f" for {what} {url}" if what else "")
-            + ": health data and the credentials to it must travel over https "
-            "(pass allow_insecure_http=True only for a test server on a trusted network)"
+            + ": health data and the credentials to it must travel over https",
+            setting="allow_insecure_http",
+            fix="use https, or pass allow_insecure_http=True only for a test server on a "
+            "trusted network",
         )
     return checked
 
@@ -705,7 +771,7 @@ def translate_transport_error(
             why = f"no complete answer within the {deadline.seconds:g} s deadline"
         else:
             why = type(exc).__name__
-        return TimeoutError(f"{where}: timed out ({why})", request=request)
+        return TimeoutException(f"{where}: timed out ({why})", request=request)
     if isinstance(exc, httpx.ConnectError):
         return ConnectError(f"{where}: cannot connect ({exc})", request=request)
     return ProtocolError(f"{where}: {type(exc).__name__}: {exc}", request=request)

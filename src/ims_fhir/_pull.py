@@ -18,9 +18,11 @@ from typing import Any
 from ._async_client import AsyncFhirClient
 from ._exceptions import MappingError
 from ._from_fhir import MappingReport, from_fhir
+from ._http import ClientOptions
 from ._identity import Ext, Profile
+from ._sync import run_blocking
 
-__all__ = ["DEFAULT_PAGE_SIZE", "pull"]
+__all__ = ["DEFAULT_PAGE_SIZE", "pull", "pull_all"]
 
 DEFAULT_PAGE_SIZE = 50
 
@@ -118,3 +120,30 @@ def _ref_id(reference: Any) -> str | None:
         return None
     found = ref.split("/_history")[0].rsplit("/", 1)[-1]
     return found if _ID.fullmatch(found) else None
+
+
+def pull_all(
+    base_url: str,
+    *,
+    patient: str | None = None,
+    since: str | dt.datetime | None = None,
+    page_size: int = DEFAULT_PAGE_SIZE,
+    client_options: ClientOptions | None = None,
+) -> MappingReport:
+    """Pull every matching encounter from the server at ``base_url`` (blocking).
+
+    The records, skipped resources and errors of every page in one report. Callable inside a
+    running event loop too (see :func:`~ims_fhir.push`); for many encounters, iterate
+    :func:`pull` instead, which holds one page at a time.
+    """
+
+    async def run() -> MappingReport:
+        report = MappingReport()
+        async with AsyncFhirClient(base_url, **(client_options or {})) as client:
+            async for page in pull(client, patient=patient, since=since, page_size=page_size):
+                report.records += page.records
+                report.skipped += page.skipped
+                report.errors += page.errors
+        return report
+
+    return run_blocking(run)

@@ -29,6 +29,7 @@ from pydantic import (
 from pydantic.json_schema import JsonSchemaValue
 from pydantic_core import PydanticCustomError, core_schema
 
+from . import _codes as codes
 from ._terminology import terminology
 
 __all__ = [
@@ -69,7 +70,11 @@ class _Vocabulary:
     def __get_pydantic_core_schema__(
         self, source: Any, handler: GetCoreSchemaHandler
     ) -> core_schema.CoreSchema:
-        return core_schema.no_info_after_validator_function(self._check, handler(source))
+        # A string checked against the CodeSystem, not the Literal it is typed as: the codes
+        # are read from the data, and the error names the group and lists its codes.
+        return core_schema.no_info_after_validator_function(
+            self._check, core_schema.str_schema(strip_whitespace=True)
+        )
 
     def __get_pydantic_json_schema__(
         self, schema: core_schema.CoreSchema, handler: GetJsonSchemaHandler
@@ -89,18 +94,19 @@ SourceId = Annotated[
 Text = Annotated[str, StringConstraints(min_length=1, max_length=10_000)]
 ShortText = Annotated[str, StringConstraints(min_length=1, max_length=200)]
 
-Sign = Annotated[str, _Vocabulary("sign")]
-Muscle = Annotated[str, _Vocabulary("muscle")]
-Side = Annotated[str, _Vocabulary("side")]
-SpinalLevel = Annotated[str, _Vocabulary("spinal-level")]
-TrophedemaTest = Annotated[str, _Vocabulary("trophedema-test")]
-NeedleResponse = Annotated[str, _Vocabulary("needle-response")]
-SiteRole = Annotated[str, _Vocabulary("site-role")]
-AdverseEventKind = Annotated[str, _Vocabulary("adverse-event")]
-Severity = Annotated[str, _Vocabulary("severity")]
-DiagnosisCode = Annotated[str, _Vocabulary("diagnosis")]
-VisitType = Annotated[str, _Vocabulary("visit-type")]
-PainTiming = Annotated[str, _Vocabulary("pain-timing")]
+# Typed as the CodeSystem's codes (generated into _codes.py), so a type checker finds a typo;
+# validated against the CodeSystem itself, with the record vocabulary's own error message.
+Sign = Annotated[codes.SignCode, _Vocabulary("sign")]
+Muscle = Annotated[codes.MuscleCode, _Vocabulary("muscle")]
+Side = Annotated[codes.SideCode, _Vocabulary("side")]
+TrophedemaTest = Annotated[codes.TrophedemaTestCode, _Vocabulary("trophedema-test")]
+NeedleResponse = Annotated[codes.NeedleResponseCode, _Vocabulary("needle-response")]
+SiteRole = Annotated[codes.SiteRoleCode, _Vocabulary("site-role")]
+AdverseEventKind = Annotated[codes.AdverseEventCode, _Vocabulary("adverse-event")]
+Severity = Annotated[codes.SeverityCode, _Vocabulary("severity")]
+DiagnosisCode = Annotated[codes.DiagnosisCode, _Vocabulary("diagnosis")]
+VisitType = Annotated[codes.VisitTypeCode, _Vocabulary("visit-type")]
+PainTiming = Annotated[codes.PainTimingCode, _Vocabulary("pain-timing")]
 
 
 def spinal_levels() -> list[str]:
@@ -138,28 +144,29 @@ def _expand_segments(value: Any) -> Any:
     return out
 
 
-def _check_segment_order(value: tuple[str, ...]) -> tuple[str, ...]:
+def _check_segment_order(value: list[str]) -> list[str]:
     if len(set(value)) != len(value):
         raise PydanticCustomError("ims_segment", "a spinal segment is listed twice", {})
     levels = spinal_levels()
-    return tuple(sorted(value, key=levels.index))
+    return sorted(value, key=levels.index)
 
 
 class _Model(BaseModel):
     model_config = ConfigDict(frozen=True, extra="forbid", str_strip_whitespace=True)
 
 
+# Typed as strings, not SpinalLevelCode: a range such as "L4-L5" is input too (it is stored as
+# the levels it spans, each checked against the CodeSystem).
 Segments = Annotated[
-    tuple[SpinalLevel, ...],
+    list[Annotated[str, _Vocabulary("spinal-level")]],
     Field(
-        default=(),
         description="Spinal segments, e.g. ['L5'] or ['L4-L5'] (a range expands to its levels).",
     ),
 ]
 
 
 class _HasSegments(_Model):
-    segments: Segments
+    segments: Segments = []
 
     @field_validator("segments", mode="before")
     @classmethod
@@ -168,7 +175,7 @@ class _HasSegments(_Model):
 
     @field_validator("segments")
     @classmethod
-    def _order(cls, value: tuple[str, ...]) -> tuple[str, ...]:
+    def _order(cls, value: list[str]) -> list[str]:
         return _check_segment_order(value)
 
 
@@ -186,7 +193,7 @@ class HumanName(_Model):
     """A person's name."""
 
     family: ShortText
-    given: tuple[ShortText, ...] = ()
+    given: list[ShortText] = []
 
 
 class Clinic(_Model):
@@ -204,7 +211,7 @@ class Patient(_Model):
     """The patient as the clinic knows them."""
 
     id: SourceId
-    identifiers: tuple[Identifier, ...] = ()
+    identifiers: list[Identifier] = []
     name: HumanName
     birth_date: dt.date
     sex: Literal["female", "male", "other", "unknown"]
@@ -261,8 +268,8 @@ class Diagnosis(_Model):
 class Assessment(_Model):
     """The assessment of Gunn's signs."""
 
-    findings: tuple[Finding, ...] = ()
-    suspected_levels: Segments
+    findings: list[Finding] = []
+    suspected_levels: Segments = []
     diagnosis: Diagnosis | None = None
     notes: Text | None = None
 
@@ -273,7 +280,7 @@ class Assessment(_Model):
 
     @field_validator("suspected_levels")
     @classmethod
-    def _order(cls, value: tuple[str, ...]) -> tuple[str, ...]:
+    def _order(cls, value: list[str]) -> list[str]:
         return _check_segment_order(value)
 
     @model_validator(mode="after")
@@ -348,8 +355,8 @@ class Treatment(_Model):
     """The needling session."""
 
     consent: Consent | None = None
-    sites: tuple[NeedledSite, ...] = ()
-    adverse_events: tuple[AdverseEvent, ...] = ()
+    sites: list[NeedledSite] = []
+    adverse_events: list[AdverseEvent] = []
     notes: Text | None = None
 
     @model_validator(mode="after")
@@ -371,7 +378,7 @@ class Encounter(_Model):
     end: AwareDatetime
     visit_type: VisitType
     assessment: Assessment | None = None
-    pain: tuple[PainScore, ...] = ()
+    pain: list[PainScore] = []
     treatment: Treatment | None = None
     retracted: bool = Field(
         default=False, description="True when the clinic withdrew the record (entered in error)."

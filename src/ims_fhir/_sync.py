@@ -35,13 +35,14 @@ create one claims it first; a later one that needs it waits for that transaction
 from __future__ import annotations
 
 import asyncio
+import concurrent.futures
 import copy
 import hashlib
 import json
 import logging
-from collections.abc import AsyncIterator, Iterable
+from collections.abc import AsyncIterator, Callable, Coroutine, Iterable
 from dataclasses import dataclass, field, replace
-from typing import Any, Literal
+from typing import Any, Literal, TypeVar
 
 from ._async_client import AsyncFhirClient
 from ._exceptions import (
@@ -56,7 +57,7 @@ from ._exceptions import (
     StatusError,
     UnsafeServerError,
 )
-from ._http import _entries_repeatable
+from ._http import ClientOptions, _entries_repeatable
 from ._identity import identifier_query, search_escape
 from ._reader import ReadRecord
 from ._record import Encounter
@@ -71,6 +72,8 @@ logger = logging.getLogger("ims_fhir.sync")
 
 SYNC_TAG_SYSTEM = f"{CANONICAL}/CodeSystem/ims-sync-hash"
 """``meta.tag`` system of the signature each resource is written with (see ``_signature.py``)."""
+
+T = TypeVar("T")
 
 DEFAULT_BATCH_SIZE = 1
 DEFAULT_CONCURRENCY = 4
@@ -266,7 +269,7 @@ class Pusher:
             UnsafeServerError: the base URL is not a FHIR R4 server, or it says it does not
                 take transactions.
             AuthenticationError, PermissionDeniedError: the credentials are refused.
-            ConnectError, TimeoutError: the server cannot be reached.
+            ConnectError, TimeoutException: the server cannot be reached.
         """
         where = self.server
         try:
@@ -1200,19 +1203,46 @@ def push(
     base_url: str,
     state: StateStore,
     *,
-    client_options: dict[str, Any] | None = None,
-    **options: Any,
+    client_options: ClientOptions | None = None,
+    batch_size: int = DEFAULT_BATCH_SIZE,
+    concurrency: int = DEFAULT_CONCURRENCY,
+    on_conflict: Literal["report", "overwrite"] = "report",
+    dry_run: bool = False,
+    verify: bool = False,
 ) -> list[PushResult]:
     """Push ``records`` to the server at ``base_url`` and return every result (blocking).
 
     ``client_options`` go to :class:`~ims_fhir.AsyncFhirClient` (auth, timeout, ...), the
-    other ``options`` to :class:`Pusher`. For large inputs, iterate ``Pusher.push`` in an
-    event loop instead: it yields results as they come.
+    others to :class:`Pusher`. Callable from plain code and from inside a running event loop
+    (it then runs in a worker thread and blocks the caller until done: in async code, iterate
+    ``Pusher.push`` instead, which also yields results as they come).
     """
 
     async def run() -> list[PushResult]:
         async with AsyncFhirClient(base_url, **(client_options or {})) as client:
-            pusher = Pusher(client, state, **options)
+            pusher = Pusher(
+                client,
+                state,
+                batch_size=batch_size,
+                concurrency=concurrency,
+                on_conflict=on_conflict,
+                dry_run=dry_run,
+                verify=verify,
+            )
             return [result async for result in pusher.push(records)]
 
-    return asyncio.run(run())
+    return run_blocking(run)
+
+
+def run_blocking(make: Callable[[], Coroutine[Any, Any, T]]) -> T:
+    """Run the coroutine ``make()`` to completion, inside a running event loop or not.
+
+    ``asyncio.run`` refuses to run inside a loop (Jupyter, an async web framework); there the
+    coroutine gets a loop of its own in a worker thread.
+    """
+    try:
+        asyncio.get_running_loop()
+    except RuntimeError:
+        return asyncio.run(make())
+    with concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="ims-fhir") as pool:
+        return pool.submit(lambda: asyncio.run(make())).result()

@@ -9,17 +9,19 @@ from __future__ import annotations
 import datetime as dt
 import json
 import logging
+import os
+import ssl
 import time
 from collections.abc import Iterator, Mapping
 from types import TracebackType
-from typing import Any, Literal, overload
+from typing import Any, Literal, TypeVar, overload
 
 import httpx
 from fhir.resources.R4B.bundle import Bundle
 from fhir.resources.R4B.capabilitystatement import CapabilityStatement
 from fhir.resources.R4B.resource import Resource
 
-from ._auth import SmartBackendAuth
+from ._auth import TokenAuth
 from ._constants import DEFAULT_DEADLINE, DEFAULT_TIMEOUT, MAX_PAGES, MAX_RESPONSE_BYTES
 from ._exceptions import InvalidResponseError, describe_request
 from ._http import (
@@ -47,6 +49,7 @@ from ._http import (
     read_json,
     same_origin,
     search_call,
+    tls_context,
     to_model,
     translate_transport_error,
     type_name,
@@ -57,6 +60,8 @@ from ._http import (
 )
 
 __all__ = ["FhirClient"]
+
+R = TypeVar("R", bound=Resource)
 
 logger = logging.getLogger("ims_fhir.client")
 
@@ -78,12 +83,19 @@ class FhirClient:
         deadline: seconds each attempt may take in all (connect, send, headers, whole body,
             SMART token requests included), or None for no limit; a retry gets its own.
         retry: the retry policy (``RetryPolicy(max_retries=0)`` turns retries off).
-        verify: TLS verification (on by default): True, False or an ``ssl.SSLContext``.
+        verify: TLS verification (on by default): True, or an ``ssl.SSLContext`` of your own.
+        ca_bundle: a PEM file of CA certificates to trust besides the usual roots (a regional
+            server with its own CA); verification stays on.
         allow_insecure_http: allow plain ``http://`` to a host other than this machine (also
-            for a SMART token endpoint).
+            for a SMART or OAuth token endpoint).
         max_connections: the connection pool's size.
         max_response_bytes: the largest response body read, as sent and once decoded.
         transport: an httpx transport (tests, proxies); None for the default.
+        headers: headers sent with every request (an API gateway's key, say); never logged.
+        http_client: your own ``httpx.Client`` (proxies, event hooks, limits), used as it
+            is and left open by :meth:`close`; its TLS settings, pool and transport are used,
+            so ``verify``, ``ca_bundle``, ``max_connections`` and ``transport`` cannot be given
+            with it. ``auth``, ``timeout``, ``deadline``, retries and ``headers`` still apply.
     """
 
     def __init__(
@@ -94,20 +106,24 @@ class FhirClient:
         timeout: httpx.Timeout | float = DEFAULT_TIMEOUT,
         deadline: float | None = DEFAULT_DEADLINE,
         retry: RetryPolicy | None = None,
-        verify: Any = True,
+        verify: bool | ssl.SSLContext = True,
+        ca_bundle: str | os.PathLike[str] | None = None,
         allow_insecure_http: bool = False,
         max_connections: int = 20,
         max_response_bytes: int = MAX_RESPONSE_BYTES,
         transport: httpx.BaseTransport | None = None,
         headers: Mapping[str, str] | None = None,
+        http_client: httpx.Client | None = None,
     ) -> None:
         """Create the client; nothing is sent until the first call."""
         if deadline is not None and not deadline > 0:
             raise ValueError(f"deadline must be a positive number of seconds or None: {deadline}")
         if max_response_bytes < 1:
             raise ValueError(f"max_response_bytes must be positive: {max_response_bytes}")
+        if ca_bundle is not None and verify is not True:
+            raise ValueError("give verify (an SSLContext) or ca_bundle, not both")
         self.base_url = check_base_url(base_url, allow_insecure_http=allow_insecure_http)
-        if isinstance(auth, SmartBackendAuth):
+        if isinstance(auth, TokenAuth):
             if auth.fhir_base_url is None:
                 auth.fhir_base_url = str(self.base_url)
             if auth.allow_insecure_http is None:
@@ -115,17 +131,33 @@ class FhirClient:
         self.deadline = deadline
         self.max_response_bytes = max_response_bytes
         self.retry = retry or RetryPolicy()
+        self._auth = auth
+        self._timeout = httpx.Timeout(timeout)
+        self._headers = dict(headers or {})
         install_log_redaction()
+        if http_client is not None:
+            given = {
+                "verify": verify is not True,
+                "ca_bundle": ca_bundle is not None,
+                "max_connections": max_connections != 20,
+                "transport": transport is not None,
+            }
+            clashing = [name for name, present in given.items() if present]
+            if clashing:
+                raise ValueError(
+                    f"{', '.join(clashing)} cannot be given with http_client: set them on it"
+                )
+            self._http = http_client
+            self._owns_http = False
+            return
         self._http = httpx.Client(
-            base_url=self.base_url,
-            auth=auth,
-            timeout=timeout,
-            verify=verify,
+            timeout=self._timeout,
+            verify=tls_context(ca_bundle) if ca_bundle is not None else verify,
             follow_redirects=False,
             limits=httpx.Limits(max_connections=max_connections),
             transport=transport,
-            headers=dict(headers or {}),
         )
+        self._owns_http = True
 
     def __enter__(self) -> FhirClient:
         return self
@@ -139,8 +171,9 @@ class FhirClient:
         self.close()
 
     def close(self) -> None:
-        """Close the connection pool."""
-        self._http.close()
+        """Close the connection pool (not that of an ``http_client`` you gave)."""
+        if self._owns_http:
+            self._http.close()
 
     # -- sending ---------------------------------------------------------------------------
 
@@ -150,9 +183,21 @@ class FhirClient:
         while True:
             attempt += 1
             started = time.monotonic()
-            request = call.build(self._http, Deadline.start(self.deadline, started), started)
+            request = call.build(
+                self._http,
+                self.base_url,
+                self._timeout,
+                Deadline.start(self.deadline, started),
+                started,
+                self._headers,
+            )
             try:
-                response = self._http.send(request, stream=True)
+                response = self._http.send(
+                    request,
+                    stream=True,
+                    auth=self._auth or httpx.USE_CLIENT_DEFAULT,
+                    follow_redirects=False,
+                )
                 try:
                     body = self._read_body(response)
                 finally:
@@ -248,8 +293,14 @@ class FhirClient:
         assert isinstance(resource, CapabilityStatement)
         return resource
 
+    @overload
+    def read(self, resource_type: type[R], resource_id: str) -> R: ...
+
+    @overload
+    def read(self, resource_type: str, resource_id: str) -> Resource: ...
+
     def read(self, resource_type: ResourceType, resource_id: str) -> Resource:
-        """Read the current version of a resource."""
+        """Read the current version of a resource (typed as the model class when given one)."""
         response = self._send(read_call(resource_type, resource_id))
         return to_model(expect_resource(response, type_name(resource_type)), response)
 
@@ -293,7 +344,17 @@ class FhirClient:
     @overload
     def search(
         self,
-        resource_type: ResourceType | None,
+        resource_type: type[R],
+        params: Mapping[str, Any] | None = ...,
+        *,
+        raw: Literal[False] = ...,
+        max_pages: int = ...,
+    ) -> Iterator[R]: ...
+
+    @overload
+    def search(
+        self,
+        resource_type: str | None,
         params: Mapping[str, Any] | None = ...,
         *,
         raw: Literal[False] = ...,
@@ -317,14 +378,23 @@ class FhirClient:
         *,
         raw: bool = False,
         max_pages: int = MAX_PAGES,
-    ) -> Iterator[Resource] | Iterator[JSON]:
+    ) -> Iterator[Any]:
         """Search lazily: yield every matching (and included) resource over all pages.
 
-        ``next`` links are followed whether absolute or relative; one pointing at another host,
-        or back at a page already read, stops the search with an InvalidResponseError, so
-        credentials never leave for another host and paging cannot loop.
+        Given a model class (``Observation``), yield only resources of that type, typed as it
+        (included resources of other types are left out: search by name for them). ``next``
+        links are followed whether absolute or relative; one pointing at another host, or back
+        at a page already read, stops the search with an InvalidResponseError, so credentials
+        never leave for another host and paging cannot loop.
         """
-        return self._pages(search_call(resource_type, params), raw=raw, max_pages=max_pages)
+        only = (
+            None
+            if raw or resource_type is None or isinstance(resource_type, str)
+            else resource_type
+        )
+        return self._pages(
+            search_call(resource_type, params), raw=raw, max_pages=max_pages, only=only
+        )
 
     def history(
         self,
@@ -339,12 +409,20 @@ class FhirClient:
         call = history_call(resource_type, resource_id, since)
         return self._pages(call, raw=raw, max_pages=max_pages)
 
-    def _pages(self, call: Call, *, raw: bool, max_pages: int) -> Iterator[Any]:
+    def _pages(
+        self, call: Call, *, raw: bool, max_pages: int, only: type[Resource] | None = None
+    ) -> Iterator[Any]:
         for bundle, response in self._bundles(call, max_pages=max_pages):
             for entry in bundle.get("entry") or []:
                 resource = entry.get("resource")
-                if isinstance(resource, dict):
-                    yield resource if raw else to_model(resource, response)
+                if not isinstance(resource, dict):
+                    continue
+                if raw:
+                    yield resource
+                    continue
+                model = to_model(resource, response)
+                if only is None or isinstance(model, only):
+                    yield model
 
     def pages(
         self,

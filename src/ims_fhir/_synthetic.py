@@ -146,7 +146,7 @@ def synthetic_encounter() -> Encounter:
     clinic = record.clinic.model_copy(
         update={"id": f"write-test-{tag}", "name": "ims-fhir write test"}
     )
-    patient = record.patient.model_copy(update={"id": f"write-test-{tag}", "identifiers": ()})
+    patient = record.patient.model_copy(update={"id": f"write-test-{tag}", "identifiers": []})
     practitioner = record.practitioner.model_copy(update={"id": f"write-test-{tag}"})
     return record.model_copy(
         update={
