@@ -7,7 +7,7 @@ from typing import Any
 
 import pytest
 
-from ims_fhir import Encounter, MappingError, SkippedResource, from_fhir, to_fhir_json
+from ims_fhir import Encounter, MappingError, from_fhir, to_fhir_json
 
 from .conftest import FIXTURES
 
@@ -145,6 +145,8 @@ def test_empty_and_unrelated_input() -> None:
     assert from_fhir({"resourceType": "Bundle", "type": "searchset"}).records == []
     report = from_fhir([{"resourceType": "Patient", "id": "x"}])
     assert report.records == [] and report.skipped[0].resource == "Patient/x"
-    assert from_fhir(42).skipped == [SkippedResource("<input>", "not a FHIR resource or Bundle")]
+    assert [str(e) for e in from_fhir(42).errors] == [
+        "<input>: <input>: not a FHIR resource or Bundle"
+    ]
     with pytest.raises(TypeError):
         from_fhir(object())

@@ -360,7 +360,7 @@ def validate(paths: Sequence[Path], as_json: bool, **options: Any) -> None:
     good = 0
     errors: list[RecordError] = []
     records: list[Encounter] = []
-    for item in read_records(paths):
+    for item in read_records(paths, on_skip=_say_skipped):
         if isinstance(item, RecordError):
             errors.append(item)
             if not as_json:
@@ -525,7 +525,7 @@ def convert(paths: Sequence[Path], output: Path | None, single: bool, source: st
     with click.open_file(str(output) if output else "-", "w", encoding="utf-8") as out:
         if kind == "ims":
             good = []
-            for item in read_records(paths):
+            for item in read_records(paths, on_skip=_say_skipped):
                 if isinstance(item, RecordError):
                     failed += 1
                     err.print(f"[red]invalid[/red] {escape(str(item))}")
@@ -538,7 +538,7 @@ def convert(paths: Sequence[Path], output: Path | None, single: bool, source: st
                 out.write(to_transaction(good).model_dump_json() + "\n")
                 converted = len(good)
         else:
-            for result in read_fhir(paths):
+            for result in read_fhir(paths, on_skip=_say_skipped):
                 if isinstance(result, RecordError):
                     failed += 1
                     err.print(f"[red]invalid[/red] {escape(str(result))}")
@@ -553,6 +553,11 @@ def convert(paths: Sequence[Path], output: Path | None, single: bool, source: st
                     err.print(f"[yellow]skipped[/yellow] {skipped.resource}: {skipped.reason}")
     err.print(f"{converted} converted, {failed} failed")
     sys.exit(EXIT_SOME_FAILED if failed else EXIT_OK)
+
+
+def _say_skipped(path: Path, reason: str) -> None:
+    """Tell the user about a file of a directory that is not read (the reader's one rule)."""
+    _stderr().print(f"[yellow]skipped[/yellow] {escape(str(path))}: {reason}")
 
 
 def _with_namespace(record: Encounter, namespace: str | None) -> Encounter:
@@ -622,7 +627,7 @@ def push(paths: Sequence[Path], **options: Any) -> None:
     show_progress = err.is_terminal and not options["as_json"]
 
     def records() -> Iterator[ReadRecord]:
-        for item in read_records(paths):
+        for item in read_records(paths, on_skip=_say_skipped):
             if isinstance(item, RecordError):
                 invalid.append(item)
                 err.print(f"[red]invalid[/red] {escape(str(item))}")
@@ -811,12 +816,14 @@ def pull_command(**options: Any) -> None:
         async with _client(options) as client:
             output = options["output"]
             with click.open_file(str(output) if output else "-", "w", encoding="utf-8") as out:
+                page = 0
                 async for report in pull(
                     client,
                     patient=options["patient"],
                     since=options["since"],
                     page_size=options["page_size"],
                 ):
+                    page += 1
                     for record in report.records:
                         out.write(record.model_dump_json(exclude_defaults=True) + "\n")
                     totals["records"] += len(report.records)
@@ -825,7 +832,7 @@ def pull_command(**options: Any) -> None:
                     totals["skipped"] += len(report.skipped) - retired
                     totals["unmappable"] += len(report.errors)
                     for error in report.errors:
-                        err.print(f"[red]unmappable[/red] {escape(str(error))}")
+                        err.print(f"[red]unmappable[/red] page {page}: {escape(str(error))}")
 
     asyncio.run(run())
     err.print(

@@ -236,21 +236,21 @@ def _resources(value: Any, report: MappingReport) -> Iterator[_Res]:
         if hasattr(item, "model_dump_json"):
             item = json.loads(item.model_dump_json())
         if not isinstance(item, Mapping):
-            report.skipped.append(SkippedResource(where, "not a FHIR resource (not an object)"))
+            report.errors.append(MappingError(where, where, "not a FHIR resource (not an object)"))
             return
         if item.get("resourceType") == "Bundle" and not full_url:
             entries = item.get("entry")
             if entries is None:
                 return
             if not isinstance(entries, list):
-                report.skipped.append(SkippedResource(f"{where}.entry", "not an array"))
+                report.errors.append(MappingError(where, f"{where}.entry", "not an array"))
                 return
             for n, entry in enumerate(entries):
                 at = f"{where}.entry[{n}]"
                 if not isinstance(entry, Mapping):
-                    report.skipped.append(SkippedResource(at, "not an object"))
+                    report.errors.append(MappingError(where, at, "not an object"))
                 elif not isinstance(entry.get("resource"), Mapping):
-                    report.skipped.append(SkippedResource(at, "no resource"))
+                    report.errors.append(MappingError(where, at, "no resource"))
                 else:
                     pos += 1
                     yield _Res(entry["resource"], at, entry.get("fullUrl"), pos)
@@ -266,7 +266,7 @@ def _resources(value: Any, report: MappingReport) -> Iterator[_Res]:
         for n, item in enumerate(value):
             yield from one(item, f"Bundle[{n}]" if _is_bundle(item) else f"<input>[{n}]")
     elif value is None or isinstance(value, bool | int | float | str):
-        report.skipped.append(SkippedResource("<input>", "not a FHIR resource or Bundle"))
+        report.errors.append(MappingError("<input>", "<input>", "not a FHIR resource or Bundle"))
     else:
         raise TypeError(f"cannot read FHIR resources from {type(value).__name__}")
 
