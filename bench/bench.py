@@ -64,11 +64,14 @@ class Sizes:
     latency: int  # encounters pushed over the slow link
     convert: tuple[int, int]  # encounters converted: small, large
     dry: tuple[int, int]  # encounters in push --dry-run: small, large
+    one_bundle: tuple[int, int]  # encounters in one Bundle mapped back: small, large
 
 
 SIZES = {
-    "quick": Sizes(20, 3, [20], [20], 10, 10, (50, 500), (100, 1000)),
-    "full": Sizes(300, 5, [1000, 10000], [1000], 300, 200, (1000, 10000), (10000, 100000)),
+    "quick": Sizes(20, 3, [20], [20], 10, 10, (50, 500), (100, 1000), (10, 200)),
+    "full": Sizes(
+        300, 5, [1000, 10000], [1000], 300, 200, (1000, 10000), (10000, 100000), (100, 10000)
+    ),
 }
 
 
@@ -138,6 +141,51 @@ def bench_mapping(size: int, runs: int) -> dict[str, Any]:
         "reverse_per_s": size / med(reverse),
         "floor_reverse_per_s": size / med(floor_reverse),
         "reverse_ratio": med(reverse) / med(floor_reverse),
+    }
+
+
+def bench_one_bundle(sizes: tuple[int, int], rounds: int = 3) -> dict[str, Any]:
+    """Reverse mapping of one Bundle of many encounters: time per encounter, large vs small.
+
+    One Bundle holding every resource of many encounters is what a server export, or
+    ``convert`` of loose resources, gives the reverse mapping.
+
+    The baseline is the same mapping of a small Bundle, run in the same rounds in alternating
+    order; linear time means the same time per encounter (ratio ~1). The small Bundle is mapped
+    as many times as it takes to hold as many encounters as the large one.
+    """
+    small, large = sizes
+
+    def bundle(n: int) -> dict[str, Any]:
+        entries: list[Any] = []
+        for record in synthetic_encounters(n, seed=n):
+            entries += json.loads(to_fhir_json(record))["entry"]
+        return {"resourceType": "Bundle", "type": "collection", "entry": entries}
+
+    bundles = {small: bundle(small), large: bundle(large)}
+    per_encounter: dict[int, list[float]] = {small: [], large: []}
+    for n in range(rounds):
+        for size in (small, large) if n % 2 == 0 else (large, small):
+            repeat = large // small if size == small else 1
+            report = from_fhir(bundles[size])
+            assert len(report.records) == size and not report.errors, report.errors[:3]
+            seconds = timed(
+                lambda size=size, repeat=repeat: [  # type: ignore[misc]
+                    from_fhir(bundles[size]) for _ in range(repeat)
+                ]
+            )
+            per_encounter[size].append(seconds / (size * repeat))
+    med = statistics.median
+    return {
+        "small": small,
+        "large": large,
+        "rounds": rounds,
+        "small_per_s": 1 / med(per_encounter[small]),
+        "large_per_s": 1 / med(per_encounter[large]),
+        "ratio": med(per_encounter[large]) / med(per_encounter[small]),
+        "round_ratios": [
+            a / b for a, b in zip(per_encounter[large], per_encounter[small], strict=True)
+        ],
     }
 
 
@@ -510,6 +558,11 @@ def table(results: dict[str, Any]) -> str:
         f"| mapping forward (record -> validated Bundle JSON), enc/s | {m['forward_per_s']:.0f} | {m['floor_forward_per_s']:.0f} (fhir.resources validate + dump) | {m['forward_ratio']:.2f}x the time | <= 1.5x |",
         f"| mapping reverse (Bundle JSON -> record), enc/s | {m['reverse_per_s']:.0f} | {m['floor_reverse_per_s']:.0f} (fhir.resources parse) | {m['reverse_ratio']:.2f}x the time | <= 1.5x |",
     ]
+    ob = results["one_bundle"]
+    spread = ", ".join(f"{r:.2f}" for r in ob["round_ratios"])
+    lines.append(
+        f"| mapping reverse, one Bundle of {ob['large']:,} encounters ({ob['rounds']} rounds, alternating), enc/s | {ob['large_per_s']:.0f} | {ob['small_per_s']:.0f} (the same, {ob['small']} encounters per Bundle) | {ob['ratio']:.2f}x the time per encounter (rounds: {spread}) | <= 1.2x |"
+    )
     for p in results["push"]:
         n = p["encounters"]
         spread = ", ".join(f"{r['ours_over_limit']:.2f}" for r in p["rounds"])
@@ -576,6 +629,8 @@ def main() -> int:
         workdir = Path(tmp)
         results["mapping"] = bench_mapping(sizes.map, sizes.map_runs)
         print("mapping", json.dumps(results["mapping"]), flush=True)
+        results["one_bundle"] = bench_one_bundle(sizes.one_bundle)
+        print("one_bundle", json.dumps(results["one_bundle"]), flush=True)
         with server() as base:
             warm_up(base, sizes.warmup, workdir)
             results["push"] = []

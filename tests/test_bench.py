@@ -20,7 +20,16 @@ def test_bench_quick_runs(root: Path, fhir_base_url: str, tmp_path: Path) -> Non
     )
     assert result.returncode == 0, result.stderr[-3000:]
     results = json.loads((tmp_path / "results-quick.json").read_text())
-    assert set(results) >= {"machine", "mapping", "push", "latency", "pull", "memory"}
+    assert set(results) >= {
+        "machine",
+        "mapping",
+        "one_bundle",
+        "push",
+        "latency",
+        "pull",
+        "memory",
+    }
+    assert len(results["one_bundle"]["round_ratios"]) == 3
     push = results["push"][0]
     assert push["repush_writes"] == 0  # re-pushing unchanged encounters writes nothing
     assert (
@@ -31,4 +40,5 @@ def test_bench_quick_runs(root: Path, fhir_base_url: str, tmp_path: Path) -> Non
     # already (nothing is known of a first push); before them, a preflight of two reads.
     assert push["ours_requests"] == {"GET": 2, "POST": 4}
     assert len(push["rounds"]) == 1 and push["ours_over_limit"] > 0
-    assert "| mapping forward" in (tmp_path / "RESULTS-quick.md").read_text()
+    table = (tmp_path / "RESULTS-quick.md").read_text()
+    assert "| mapping forward" in table and "| mapping reverse, one Bundle of 200" in table

@@ -129,6 +129,8 @@ def from_fhir(resources: Any) -> MappingReport:
                 SkippedResource(retired.name, "entered in error: no longer part of the record")
             )
     report.errors += _orphans(index, used)
+    for res in index.duplicates:
+        report.skipped.append(SkippedResource(res.name, "listed again: the same resource"))
     for res in index.items:
         if res not in used:
             report.skipped.append(SkippedResource(res.name, res.skip_reason()))
@@ -282,23 +284,33 @@ class _Index:
     """Everything the rebuilds look up, built once: by type, reference, identifier, encounter."""
 
     def __init__(self, items: list[_Res]) -> None:
-        self.items = items
         self.by_type: dict[str, list[_Res]] = defaultdict(list)
         self.with_id: dict[str, list[_Res]] = defaultdict(list)
         self._keys: dict[str, _Res] = {}
+        # The same resource listed twice (several encounters of one patient in one Bundle, or
+        # a page boundary moving under a paged search) is one resource; two different ones
+        # under one reference are ambiguous, and what refers to them an error.
+        self.duplicates: list[_Res] = []
+        self.items: list[_Res] = []
         for res in items:
+            keys = list(res.keys())
+            same = next((self._keys[k] for k in keys if k in self._keys), None)
+            if same is not None and same is not _AMBIGUOUS and same.data == res.data:
+                self.duplicates.append(res)
+                continue
+            self.items.append(res)
             self.by_type[res.type].append(res)
             if isinstance(res.data.get("id"), str):
                 self.with_id[res.data["id"]].append(res)
-            for key in res.keys():
+            for key in keys:
                 held = self._keys.get(key)
                 if held is None:
                     self._keys[key] = res
-                elif held is not res and held is not _AMBIGUOUS:
+                elif held is not res:
                     self._keys[key] = _AMBIGUOUS
         # (namespace, encounter id) -> the resources whose ims-fhir identifier names a part of it
         self.claims: dict[tuple[str, str], list[_Res]] = defaultdict(list)
-        for res in items:
+        for res in self.items:
             for namespace, kind, value in res.our_identifiers():
                 if kind in _PART_KINDS:
                     self.claims[(namespace, value.split("/", 1)[0])].append(res)
