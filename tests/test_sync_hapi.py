@@ -145,7 +145,7 @@ def test_push_repush_change_retire_pull_and_conflict(
         before = {r.identifier: r.version for r in state.all_resources(fhir_base_url)}
         changed = records[0].model_copy(
             update={
-                "pain": (records[0].pain[0].model_copy(update={"nrs": 9}),) + records[0].pain[1:]
+                "pain": [records[0].pain[0].model_copy(update={"nrs": 9}), *records[0].pain[1:]]
             }
         )
         records[0] = changed
@@ -160,7 +160,7 @@ def test_push_repush_change_retire_pull_and_conflict(
         # 4. Remove a finding: its Observation becomes entered-in-error.
         gone = changed.assessment.findings[2]
         assessment = changed.assessment.model_copy(
-            update={"findings": tuple(f for f in changed.assessment.findings if f.id != gone.id)}
+            update={"findings": [f for f in changed.assessment.findings if f.id != gone.id]}
         )
         records[0] = changed.model_copy(update={"assessment": assessment})
         actions, _ = run_push(fhir_base_url, records, state)
@@ -188,7 +188,7 @@ def test_push_repush_change_retire_pull_and_conflict(
         sync_client.update(edited)
         records[1] = records[1].model_copy(
             update={
-                "pain": (records[1].pain[0].model_copy(update={"nrs": 1}),) + records[1].pain[1:]
+                "pain": [records[1].pain[0].model_copy(update={"nrs": 1}), *records[1].pain[1:]]
             }
         )
         actions, _ = run_push(fhir_base_url, records, state)

@@ -53,7 +53,7 @@ def edit(record: Encounter) -> Encounter:
     """A changed pain score, or a later end where the record has no pain score."""
     if record.pain:
         first = record.pain[0]
-        pain = (first.model_copy(update={"nrs": (first.nrs + 3) % 11}),) + record.pain[1:]
+        pain = [first.model_copy(update={"nrs": (first.nrs + 3) % 11}), *record.pain[1:]]
         return record.model_copy(update={"pain": pain})
     return record.model_copy(update={"end": record.end + dt.timedelta(minutes=5)})
 

@@ -62,8 +62,11 @@ async def pull(
         entries = page.get("entry") if isinstance(page, dict) else None
         for n, entry in enumerate(entries if isinstance(entries, list) else []):
             resource = entry.get("resource") if isinstance(entry, dict) else None
-            if not isinstance(resource, dict) or resource.get("resourceType") != "Encounter":
-                continue  # an OperationOutcome of a searchset, or what from_fhir will report
+            if not isinstance(resource, dict):
+                malformed.append(MappingError("Encounter search", f"entry[{n}]", "no resource"))
+                continue
+            if resource.get("resourceType") != "Encounter":
+                continue  # an OperationOutcome a server may add to a searchset
             if isinstance(resource.get("id"), str) and _ID.fullmatch(resource["id"]):
                 encounters.append(resource)
             else:

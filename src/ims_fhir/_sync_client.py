@@ -413,8 +413,10 @@ class FhirClient:
         self, call: Call, *, raw: bool, max_pages: int, only: type[Resource] | None = None
     ) -> Iterator[Any]:
         for bundle, response in self._bundles(call, max_pages=max_pages):
-            for entry in bundle.get("entry") or []:
-                resource = entry.get("resource")
+            entries = bundle.get("entry")
+            for entry in entries if isinstance(entries, list) else []:
+                # An entry without a resource (or not an object at all) holds nothing to yield.
+                resource = entry.get("resource") if isinstance(entry, dict) else None
                 if not isinstance(resource, dict):
                     continue
                 if raw:
