@@ -37,6 +37,9 @@ class FaultPlan:
     on_response: Callable[[str, str, int, int], None] | None = None  # (..., status)
     # Rewrites a response body: (method, path with query, body) -> body. A server's lies.
     rewrite: Callable[[str, str, bytes], bytes] | None = None
+    # Send the client's Host on, as reverse proxies do, so the server's paging links point
+    # back through the proxy.
+    forward_host: bool = False
 
     @classmethod
     def uniform(cls, rate: float, seed: int = 0, **kwargs: object) -> FaultPlan:
@@ -154,9 +157,8 @@ class FaultProxy:
             return
         if self.plan.latency:
             await asyncio.sleep(self.plan.latency)
-        forwarded = {
-            k: v for k, v in headers if k.lower() not in {"host", "connection", "content-length"}
-        }
+        dropped = {"connection", "content-length"} | (set() if self.plan.forward_host else {"host"})
+        forwarded = {k: v for k, v in headers if k.lower() not in dropped}
         upstream = await self._client.request(
             method,
             self.upstream + target[len(httpx.URL(self.upstream).path) :],

@@ -1,7 +1,7 @@
 """Pull through a proxy that corrupts one entry of one page: every other encounter is written.
 
 The server is the real HAPI; the proxy (tests/faultproxy.py) rewrites one answer the way a
-broken server or middlebox would: a number too large for a float, a note turned into a
+broken server or middlebox would: a number too large for a float, an array turned into a
 string, an entry that is not a resource.
 """
 
@@ -37,7 +37,7 @@ PAGE = 2
 
 
 def _records(namespace: str) -> list[Encounter]:
-    records = list(synthetic_encounters(6, seed=uuid.uuid4().int % 10_000))
+    records = list(synthetic_encounters(6, seed=3))
     return [
         r.model_copy(update={"clinic": r.clinic.model_copy(update={"namespace": namespace})})
         for r in records
@@ -53,10 +53,10 @@ def _pain_nrs(body: dict[str, Any]) -> bool:
     return False
 
 
-def _note_string(body: dict[str, Any]) -> bool:
+def _component_string(body: dict[str, Any]) -> bool:
     for entry in body.get("entry") or []:
-        if entry["resource"].get("note"):
-            entry["resource"]["note"] = "a string"
+        if entry["resource"].get("component"):
+            entry["resource"]["component"] = "a string"
             return True
     return False
 
@@ -96,7 +96,9 @@ class Corrupt:
     ("path", "nth", "change", "reason"),
     [
         pytest.param("Observation", 2, _pain_nrs, "number out of range", id="pain-1e400"),
-        pytest.param("Observation", 2, _note_string, "expected an array", id="note-string"),
+        pytest.param(
+            "Observation", 2, _component_string, "expected an array", id="component-string"
+        ),
         pytest.param("Procedure", 2, _entry_string, "", id="part-entry-string"),
         # HAPI's next pages are /fhir?_getpages=...: the first page is the Encounter search.
         pytest.param("Encounter", 1, _entry_string, "no resource", id="encounter-entry-string"),
@@ -117,7 +119,7 @@ def test_one_corrupt_entry_loses_one_encounter_and_no_other(
         async with AsyncFhirClient(base) as client:
             return [r async for r in pull(client, since=since, page_size=PAGE)]
 
-    with FaultProxy(fhir_base_url, FaultPlan(rewrite=corrupt)) as proxy:
+    with FaultProxy(fhir_base_url, FaultPlan(rewrite=corrupt, forward_host=True)) as proxy:
         reports = asyncio.run(run(proxy.url))
     assert corrupt.done, "the proxy found nothing to corrupt"
     pulled = [r for report in reports for r in report.records if r.clinic.namespace == namespace]
