@@ -142,3 +142,27 @@ def test_every_shape_in_one_file(tmp_path: Path) -> None:
     # Every broken IMS encounter is named (resource, element path, reason), once.
     assert result.stderr.count("unmappable") == len(SHAPES) - NOT_FHIR, result.stderr
     assert f"1 converted, {len(SHAPES)} failed" in result.stderr
+
+
+def test_unreadable_files_pages_and_byte_order_marks(tmp_path: Path) -> None:
+    """One unreadable file is reported and the others converted; a search saved as pages in
+    several files maps as one; a byte order mark is ignored; key order does not fool the
+    detection of FHIR input."""
+    record = _record(LUMBAR)
+    bundle = _bundle(LUMBAR)
+    entries = [{"resource": e["resource"], "fullUrl": e["fullUrl"]} for e in bundle["entry"]]
+    half = len(entries) // 2
+    for n, page in enumerate((entries[:half], entries[half:])):
+        searchset = {"resourceType": "Bundle", "type": "searchset", "entry": page}
+        (tmp_path / f"page{n}.json").write_text(json.dumps(searchset, sort_keys=True))
+    (tmp_path / "bom.json").write_bytes(b"\xef\xbb\xbf" + to_fhir_json(_record(CERVICAL)).encode())
+    (tmp_path / "z-unreadable.json").symlink_to("/proc/self/mem")  # read() fails: EIO
+    out = tmp_path / "out.ndjson"
+    result = CliRunner().invoke(cli, ["convert", str(tmp_path), "-o", str(out)])  # auto-detect
+    assert result.exit_code == 1, result.output
+    assert "z-unreadable.json" in result.stderr and "cannot read" in result.stderr
+    pulled = sorted(
+        (Encounter.model_validate_json(line) for line in out.read_text().splitlines()),
+        key=lambda r: r.id,
+    )
+    assert pulled == sorted([record, _record(CERVICAL)], key=lambda r: r.id)

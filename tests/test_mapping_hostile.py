@@ -464,3 +464,146 @@ def test_the_reported_breakages_name_the_element(where: str, value: Any, path: s
     assert report.records == []
     (error,) = report.errors
     assert (path if path != "identifier" else "hasMember") in error.path, error
+
+
+# -- what an independent attacker found (issue 14 review) ------------------------------------------
+
+
+def _find(bundle: JSON, suffix: str) -> JSON:
+    return next(
+        e["resource"]
+        for e in bundle["entry"]
+        if e["resource"].get("resourceType") != "Provenance"
+        and str(e["resource"].get("identifier", [{}])[0].get("value", "")).endswith(suffix)
+    )
+
+
+def _set(suffix: str, **values: Any) -> Any:
+    return lambda b: _find(b, suffix).update(values)
+
+
+@pytest.mark.parametrize(
+    ("change", "path"),
+    [
+        pytest.param(_set("/session", status="not-done"), "Procedure.status", id="not-done"),
+        pytest.param(
+            _set(
+                "/diagnosis",
+                verificationStatus={
+                    "coding": [
+                        {
+                            "system": "http://terminology.hl7.org/CodeSystem/condition-ver-status",
+                            "code": "refuted",
+                        }
+                    ]
+                },
+            ),
+            "Condition.verificationStatus",
+            id="refuted",
+        ),
+        pytest.param(_set("enc-v-0001", status="cancelled"), "Encounter.status", id="cancelled"),
+        pytest.param(_set("/consent", status="rejected"), "Consent.status", id="consent-rejected"),
+        pytest.param(
+            lambda b: _find(b, "/pain/p1")["valueQuantity"].update(comparator="<"),
+            "Observation.valueQuantity.comparator",
+            id="comparator",
+        ),
+        pytest.param(
+            lambda b: _find(b, "/consent")["provision"].update(
+                modifierExtension=[{"url": "http://example.org/x", "valueBoolean": True}]
+            ),
+            "Consent.provision.modifierExtension",
+            id="nested-modifier",
+        ),
+        pytest.param(
+            lambda b: _find(b, "/consent")["provision"].update(provision=[{"type": "deny"}]),
+            "Consent.provision.provision",
+            id="nested-provision",
+        ),
+        pytest.param(
+            lambda b: _find(b, "/finding/f1").update(
+                performer=[{"reference": "Practitioner/someone-else"}]
+            ),
+            "Observation.performer",
+            id="other-performer",
+        ),
+        pytest.param(
+            _set("/finding/f1", effectiveDateTime="1999-01-01T00:00:00Z"),
+            "Observation.effectiveDateTime",
+            id="moved-date",
+        ),
+    ],
+)
+def test_what_reverses_the_meaning_is_an_error(change: Any, path: str) -> None:
+    bundle = _bundle(LUMBAR)
+    change(bundle)
+    report = from_fhir(bundle)
+    assert report.records == []
+    assert [e.path for e in report.errors] == [path]
+
+
+def test_the_same_resource_twice_differing_only_in_meta_is_one() -> None:
+    bundle = _bundle(LUMBAR)
+    again = copy.deepcopy(bundle["entry"][1])
+    again["resource"]["meta"] = {"versionId": "2"}
+    bundle["entry"].append(again)
+    assert from_fhir(bundle).records == [LUMBAR]
+
+
+def test_another_systems_identifiers_ending_in_patient_are_theirs() -> None:
+    bundle = _bundle(LUMBAR)
+    patient = bundle["entry"][1]["resource"]
+    patient["identifier"].insert(
+        0, {"system": "https://hospital.example.org/patient", "value": "MRN-77"}
+    )
+    (record,) = from_fhir(bundle).records
+    assert record.patient.id == LUMBAR.patient.id
+    assert record.patient.identifiers[0].value == "MRN-77"
+
+
+def test_another_systems_encounter_is_skipped_not_an_error() -> None:
+    foreign = {
+        "resourceType": "Encounter",
+        "id": "ehr-1",
+        "identifier": [{"system": "https://ehr.example.org/encounter", "value": "e1"}],
+        "status": "finished",
+    }
+    report = from_fhir([foreign])
+    assert report.errors == [] and [s.resource for s in report.skipped] == ["Encounter/ehr-1"]
+
+
+def test_two_encounters_with_one_identifier_are_both_errors() -> None:
+    bundle = _bundle(LUMBAR)
+    twin = copy.deepcopy(
+        next(e for e in bundle["entry"] if e["resource"]["resourceType"] == "Encounter")
+    )
+    twin["fullUrl"] = "urn:uuid:00000000-0000-0000-0000-00000000000f"
+    twin["resource"]["period"]["end"] = "2026-01-14T11:00:00-08:00"
+    bundle["entry"].append(twin)
+    report = from_fhir(bundle)
+    assert report.records == [] and len(report.errors) == 2
+    assert all("2 Encounters carry identifier" in e.reason for e in report.errors)
+
+
+@pytest.mark.parametrize("as_text", [True, False], ids=["text", "dict"])
+def test_a_lone_surrogate_is_an_error_and_the_other_encounter_maps(as_text: bool) -> None:
+    bad = json.dumps(_bundle(LUMBAR)).replace('"enc-v-0001"', '"enc-v-0001\\ud800"', 1)
+    merged = {"resourceType": "Bundle", "entry": json.loads(bad)["entry"]}
+    merged["entry"] += _bundle(CERVICAL)["entry"]
+    report = from_fhir(json.dumps(merged) if as_text else merged)
+    assert report.records == [CERVICAL]
+    assert report.errors
+
+
+def test_deep_nesting_in_dicts_does_not_crash() -> None:
+    deep: Any = "x"
+    for _ in range(5000):
+        deep = {"detail": [deep]}
+    bundle = _bundle(LUMBAR)
+    _find(bundle, "/diagnosis")["evidence"] = [deep]
+    twice = [
+        {"resourceType": "Patient", "id": "p", "x": deep},
+        {"resourceType": "Patient", "id": "p", "x": deep},
+    ]
+    _assert_total(bundle)
+    _assert_total(twice)

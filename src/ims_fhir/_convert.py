@@ -16,15 +16,14 @@ InputKind = Literal["ims", "fhir"]
 
 
 def detect_input(paths: Iterable[Path]) -> InputKind:
-    """Tell whether the inputs hold IMS records or FHIR resources (from the first file)."""
+    """Tell whether the inputs hold IMS records or FHIR resources (from the first JSON value)."""
     for file in walk(paths):
         if isinstance(file, RecordError):
             continue
-        with file.open("rb") as handle:
-            head = handle.read(4096).decode("utf-8", errors="replace")
-        if '"resourceType"' in head.split("\n", 1)[0] or '"resourceType"' in head[:200]:
-            return "fhir"
-        return "ims"
+        for _, value in json_values(file):
+            if isinstance(value, RecordError):
+                break
+            return "fhir" if isinstance(value, dict) and "resourceType" in value else "ims"
     return "ims"
 
 
@@ -34,7 +33,8 @@ def read_fhir(
     """Map FHIR input back to records; files are found as :func:`~ims_fhir.read_records` does.
 
     Each Bundle is mapped on its own as it is read (so NDJSON of Bundles streams); loose
-    resources are gathered and mapped together at the end, since they refer to each other.
+    resources and searchset pages are gathered and mapped together at the end, since they
+    refer to each other.
     What is not FHIR JSON is a RecordError naming the file and line or index.
     """
     loose: list[Any] = []
@@ -46,7 +46,12 @@ def read_fhir(
             if isinstance(value, RecordError):
                 yield value
             elif isinstance(value, dict) and value.get("resourceType") == "Bundle":
-                yield from_fhir(value)
+                if value.get("type") == "searchset":
+                    # Pages of one search, saved as files: an encounter's resources may be
+                    # on several pages, so they are mapped together, like loose resources.
+                    loose.append(value)
+                else:
+                    yield from_fhir(value)
             elif isinstance(value, dict) and isinstance(value.get("resourceType"), str):
                 loose.append(value)
             else:

@@ -19,10 +19,11 @@ the time is linear in the number of resources.
 
 from __future__ import annotations
 
+import datetime as dt
 import json
 import math
 from collections import defaultdict
-from collections.abc import Iterable, Iterator, Mapping
+from collections.abc import Callable, Iterable, Iterator, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -35,11 +36,12 @@ from ._identity import (
     ESTIM_INTENSITY,
     Ext,
     Kind,
+    Profile,
     default_namespace,
     provenance_id,
     split_system,
-    system,
 )
+from ._identity import system as _system  # `system` is a common local name here
 from ._reader import decode_json
 from ._record import Encounter
 from ._signature import literal
@@ -98,36 +100,52 @@ def from_fhir(resources: Any) -> MappingReport:
     index = _Index(list(_resources(resources, report)))
     terms = terminology()
     used: set[_Res] = set()
+    encounters: dict[tuple[str, str], list[_Res]] = defaultdict(list)
     for encounter in index.by_type.get("Encounter", ()):
         ours = encounter.our_identifier(Kind.ENCOUNTER)
-        if ours is None:
+        if ours is not None and (
+            ours in index.claims
+            or provenance_id(*ours) in index.with_id
+            or _looks_ims(encounter, terms)
+        ):
+            encounters[ours].append(encounter)
+    for ours, found in encounters.items():
+        if len(found) > 1:  # which one is the record? Neither can be trusted.
+            names = ", ".join(e.name for e in found[:3])
+            for encounter in found:
+                report.errors.append(
+                    MappingError(
+                        encounter.name,
+                        "Encounter.identifier",
+                        f"{len(found)} Encounters carry identifier {ours[1]!r}: {names}",
+                    )
+                )
+                used.add(encounter)
+            used.update(index.claims.get(ours, ()))
             continue
-        rebuild = _Rebuild(index, encounter, ours, terms)
+        rebuild: _Rebuild | None = None
         try:
+            rebuild = _Rebuild(index, found[0], ours, terms)
             record = rebuild.run()
-        except MappingError as exc:
-            report.errors.append(exc)
-            used |= rebuild.claimed
-            continue
-        except (AttributeError, KeyError, TypeError, ValueError, OverflowError) as exc:
-            # A shape no check above foresaw: still the encounter's error, never a crash.
-            report.errors.append(
-                MappingError(encounter.name, "Encounter", f"internal: cannot read ({exc!r})")
-            )
-            used |= rebuild.claimed
-            continue
-        try:
             rebuild.check_links(record)
         except MappingError as exc:
             report.errors.append(exc)
-            used |= rebuild.claimed
-            continue
-        report.records.append(record)
-        used |= rebuild.claimed
-        for retired in rebuild.retired:
-            report.skipped.append(
-                SkippedResource(retired.name, "entered in error: no longer part of the record")
+        except (ValueError, TypeError, KeyError, AttributeError, RecursionError) as exc:
+            # A shape no check foresaw (UnicodeError is a ValueError): still this encounter's
+            # error, never a crash that loses the others.
+            report.errors.append(
+                MappingError(found[0].name, "Encounter", f"internal: cannot read ({exc!r:.200})")
             )
+        else:
+            report.records.append(record)
+            for retired in rebuild.retired:
+                report.skipped.append(
+                    SkippedResource(retired.name, "entered in error: no longer part of the record")
+                )
+        used.add(found[0])
+        used.update(index.claims.get(ours, ()))
+        if rebuild is not None:
+            used |= rebuild.claimed
     report.errors += _orphans(index, used)
     for res in index.duplicates:
         report.skipped.append(SkippedResource(res.name, "listed again: the same resource"))
@@ -135,6 +153,35 @@ def from_fhir(resources: Any) -> MappingReport:
         if res not in used:
             report.skipped.append(SkippedResource(res.name, res.skip_reason()))
     return report
+
+
+def _looks_ims(encounter: _Res, terms: Terminology) -> bool:
+    """Whether an Encounter with an ims-fhir-shaped identifier says otherwise it is one.
+
+    Its identifier system ends in ``/encounter``, as another system's may
+    (``https://ehr.example.org/encounter``); ims-fhir's also has the project's profile or a
+    visit type of its CodeSystem (or parts or a Provenance of ims-fhir name it). Another
+    system's Encounter is skipped, not an error.
+    """
+    meta = encounter.data.get("meta")
+    profiles = meta.get("profile") if isinstance(meta, Mapping) else None
+    if isinstance(profiles, list) and any(
+        isinstance(p, str) and p.split("|")[0] == Profile.ENCOUNTER.url for p in profiles
+    ):
+        return True
+    types = encounter.data.get("type")
+    for concept in types if isinstance(types, list) else []:
+        codings = concept.get("coding") if isinstance(concept, Mapping) else None
+        for coding in codings if isinstance(codings, list) else []:
+            if isinstance(coding, Mapping) and terms.from_coding(
+                _str(coding.get("system")), _str(coding.get("code")), "visit-type"
+            ):
+                return True
+    return False
+
+
+def _str(value: Any) -> str | None:
+    return value if isinstance(value, str) else None
 
 
 def _orphans(index: _Index, used: set[_Res]) -> list[MappingError]:
@@ -209,16 +256,16 @@ class _Res:
         """(namespace, kind, value) of each ims-fhir identifier."""
         for ident in self.identifiers():
             sys, value = ident.get("system"), ident.get("value")
-            if isinstance(sys, str) and isinstance(value, str) and value:
+            if isinstance(sys, str) and isinstance(value, str) and _unicode(sys + value):
                 parts = split_system(sys)
                 if parts is not None:
                     yield parts[0], parts[1], value
 
-    def our_identifier(self, kind: Kind) -> tuple[str, str] | None:
-        """(namespace, value) of the resource's ims-fhir identifier of ``kind``."""
-        for namespace, found, value in self.our_identifiers():
-            if found is kind:
-                return namespace, value
+    def our_identifier(self, kind: Kind, namespace: str | None = None) -> tuple[str, str] | None:
+        """(namespace, value) of its ims-fhir identifier of ``kind``, in ``namespace`` if given."""
+        for found_ns, found, value in self.our_identifiers():
+            if found is kind and namespace in (None, found_ns):
+                return found_ns, value
         return None
 
     def skip_reason(self) -> str:
@@ -273,11 +320,30 @@ def _resources(value: Any, report: MappingReport) -> Iterator[_Res]:
         raise TypeError(f"cannot read FHIR resources from {type(value).__name__}")
 
 
+def _unicode(text: str) -> bool:
+    """Text a FHIR string may hold: non-empty, and Unicode (JSON lets a lone surrogate in)."""
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError:
+        return False
+    return bool(text)
+
+
 def _is_bundle(value: Any) -> bool:
     return isinstance(value, Mapping) and value.get("resourceType") == "Bundle"
 
 
 _AMBIGUOUS: Any = object()
+
+
+def _same_content(a: Mapping[str, Any], b: Mapping[str, Any]) -> bool:
+    """The same resource twice: equal but for what servers rewrite (versions, narrative)."""
+    try:
+        return {k: v for k, v in a.items() if k not in ("meta", "text")} == {
+            k: v for k, v in b.items() if k not in ("meta", "text")
+        }
+    except RecursionError:
+        return False
 
 
 class _Index:
@@ -295,7 +361,7 @@ class _Index:
         for res in items:
             keys = list(res.keys())
             same = next((self._keys[k] for k in keys if k in self._keys), None)
-            if same is not None and same is not _AMBIGUOUS and same.data == res.data:
+            if same is not None and same is not _AMBIGUOUS and _same_content(same.data, res.data):
                 self.duplicates.append(res)
                 continue
             self.items.append(res)
@@ -405,6 +471,8 @@ class _Node:
             return None
         if not isinstance(value, str) or not value:
             raise self.fail(key, "expected a non-empty string")
+        if not _unicode(value):
+            raise self.fail(key, "not valid Unicode (a lone surrogate)")
         return value
 
     def need_string(self, key: str) -> str:
@@ -417,7 +485,9 @@ class _Node:
         value = self.data.get(key)
         if value is None:
             return []
-        if not isinstance(value, list) or not all(isinstance(v, str) and v for v in value):
+        if not isinstance(value, list) or not all(
+            isinstance(v, str) and v and _unicode(v) for v in value
+        ):
             raise self.fail(key, "expected an array of non-empty strings")
         return list(value)
 
@@ -452,8 +522,22 @@ class _Node:
         return value
 
     def no_modifiers(self) -> None:
-        if self.has("modifierExtension"):
-            raise self.fail("modifierExtension", "a modifier extension ims-fhir does not know")
+        """No ``modifierExtension`` anywhere in it: one changes what the element means."""
+        stack: list[tuple[Any, str, int]] = [(self.data, self.path, 0)]
+        while stack:
+            value, path, depth = stack.pop()
+            if depth > 64:
+                raise MappingError(self.res.name, path, "nested too deeply")
+            if isinstance(value, Mapping):
+                if value.get("modifierExtension") is not None:
+                    raise MappingError(
+                        self.res.name,
+                        f"{path}.modifierExtension",
+                        "a modifier extension ims-fhir does not know",
+                    )
+                stack += [(v, f"{path}.{k}", depth + 1) for k, v in value.items()]
+            elif isinstance(value, list):
+                stack += [(v, f"{path}[{n}]", depth + 1) for n, v in enumerate(value)]
 
 
 # -- one encounter ---------------------------------------------------------------------------------
@@ -471,6 +555,7 @@ class _Rebuild:
         self.used: set[_Res] = {encounter}
         self.retired: list[_Res] = []
         self.claims = index.claims.get(ours, [])
+        self._claims_set = set(self.claims)
         self.live = encounter.data.get("status") != "entered-in-error"
         parts = index.parts.get(encounter)
         self.parts: Mapping[str, list[_Res]] = parts if parts is not None else {}
@@ -495,7 +580,7 @@ class _Rebuild:
     @property
     def claimed(self) -> set[_Res]:
         """What this encounter accounts for, mapped or not: never listed as skipped."""
-        return self.used | set(self.retired) | set(self.claims) | set(self.provenances)
+        return self.used | set(self.retired) | self._claims_set | set(self.provenances)
 
     # -- helpers -------------------------------------------------------------------------------
 
@@ -552,6 +637,8 @@ class _Rebuild:
 
     def quantity(self, node: _Node, key: str, unit: str) -> float:
         q = node.need_obj(key)
+        if q.has("comparator"):  # a modifier: "< 10" is not 10
+            raise q.fail("comparator", "a bound, not a value the record can hold")
         value = q.number("value")
         if value is None:
             raise q.fail("value", "missing")
@@ -657,35 +744,37 @@ class _Rebuild:
         return sorted(items, key=lambda r: self.rank.get(r, base + r.pos))
 
     def check_links(self, record: Encounter) -> None:
-        """The links between the parts are the ones the record implies, no more, no fewer.
+        """What the record implies but does not hold is what the resources say.
 
-        ``hasMember``, ``partOf``, ``reasonReference``, ``evidence`` and the Provenance's
-        ``target`` are not fields of the record: they follow from it (the diagnosis' evidence
-        is the findings present, ...). Mapping the record forward again and comparing those
-        links, by the identifiers of what they point at, finds a source whose links say
-        something the record would not.
+        Links between the parts (``hasMember``, ``partOf``, ``reasonReference``, ``evidence``,
+        the Provenance's ``target``) and what ims-fhir derives from the encounter (statuses,
+        performers, dates, the consent's scope) are not fields of the record; they follow from
+        it. Mapping the record forward again and comparing those elements (references by the
+        identifiers of what they point at, instants by instant, codings by system and code)
+        finds a source that says something the record would not: a procedure ``not-done``, a
+        diagnosis ``refuted``, another performer, links to other parts.
         """
         forward = _forward_bundle(record)["entry"]
         keys = {e["fullUrl"]: _key_of(e["resource"]) for e in forward}
+        systems = self.t.systems()
         mine = {_key_of(r.data): r for r in self.used | set(self.provenances)}
+
+        def key_in_source(ref: str) -> str:
+            target = self.index.resolve({"reference": ref})
+            return _key_of(target.data) if isinstance(target, _Res) else ref
+
         for entry in forward:
             resource = entry["resource"]
             source = mine.get(_key_of(resource))
             if source is None:
                 continue
-            for element in _LINKS:
-                want = [keys.get(ref, ref) for ref in _references(resource.get(element))]
-                node = _Node(source, source.type, source.data)
-                got = []
-                for ref in _references(node.data.get(element)):
-                    target = self.index.resolve({"reference": ref})
-                    got.append(_key_of(target.data) if isinstance(target, _Res) else ref)
+            node = _Node(source, source.type, source.data)
+            for element in _DERIVED:
+                want = _normal(resource.get(element), lambda ref: keys.get(ref, ref), systems)
+                got = _normal(source.data.get(element), key_in_source, systems)
                 if got != want:
                     raise node.fail(
-                        element,
-                        f"links {len(got)} resource(s) where the record implies {len(want)}"
-                        if len(got) != len(want)
-                        else "does not link what the record implies",
+                        element, f"says {_short(got)}; the record implies {_short(want)}"
                     )
 
     def check_part_of(self) -> None:
@@ -720,7 +809,7 @@ class _Rebuild:
 
     def clinic(self) -> JSON:
         org = self.resolve_required(self.enc, "serviceProvider", "Organization")
-        ours = org.our_identifier(Kind.ORGANIZATION)
+        ours = org.our_identifier(Kind.ORGANIZATION, self.ns)
         node = _Node(org, "Organization", org.data)
         if ours is None:
             raise node.fail("identifier", "no ims-fhir organization identifier")
@@ -750,11 +839,12 @@ class _Rebuild:
                     return kind
         return "other"
 
-    def foreign_identifiers(self, node: _Node) -> list[JSON]:
+    def foreign_identifiers(self, node: _Node, kind: Kind) -> list[JSON]:
+        """Identifiers other than this clinic's own (another system's may end in /patient)."""
         out = []
         for ident in node.objs("identifier"):
             system = ident.string("system")
-            if system is not None and split_system(system) is not None:
+            if system == _system(self.ns, kind):
                 continue
             out.append(
                 {"system": system, "value": ident.string("value"), "kind": self._kind(ident)}
@@ -763,13 +853,13 @@ class _Rebuild:
 
     def patient(self) -> JSON:
         p = self.patient_res = self.resolve_required(self.enc, "subject", "Patient")
-        ours = p.our_identifier(Kind.PATIENT)
+        ours = p.our_identifier(Kind.PATIENT, self.ns)
         node = _Node(p, "Patient", p.data)
         if ours is None:
             raise node.fail("identifier", "no ims-fhir patient identifier")
         return {
             "id": ours[1],
-            "identifiers": self.foreign_identifiers(node),
+            "identifiers": self.foreign_identifiers(node, Kind.PATIENT),
             "name": self.human_name(node),
             "birth_date": node.need_string("birthDate"),
             "sex": node.need_string("gender"),
@@ -780,12 +870,12 @@ class _Rebuild:
         if participant is None:
             raise self.enc.fail("participant", "missing")
         pr = self.resolve_required(participant, "individual", "Practitioner")
-        ours = pr.our_identifier(Kind.PRACTITIONER)
+        ours = pr.our_identifier(Kind.PRACTITIONER, self.ns)
         node = _Node(pr, "Practitioner", pr.data)
         if ours is None:
             raise node.fail("identifier", "no ims-fhir practitioner identifier")
         out: JSON = {"id": ours[1], "name": self.human_name(node)}
-        licences = self.foreign_identifiers(node)
+        licences = self.foreign_identifiers(node, Kind.PRACTITIONER)
         if licences:
             out["licence"] = licences[0]
         return out
@@ -1040,6 +1130,9 @@ class _Rebuild:
         else:
             by = performer.need_string("display")
         provision = consent.need_obj("provision")
+        extra = sorted(set(provision.data) - {"type", "id", "extension"})
+        if extra:  # nested rules, periods, actors: a consent the record cannot hold
+            raise provision.fail(extra[0], "a provision ims-fhir does not write")
         decision = provision.need_string("type")
         if decision not in ("permit", "deny"):
             raise provision.fail("type", "neither permit nor deny")
@@ -1050,7 +1143,7 @@ class _Rebuild:
             if source.need_string("type") != "DocumentReference":
                 raise source.fail("type", "not a DocumentReference")
             ident = source.need_obj("identifier")
-            if ident.string("system") != system(self.ns, Kind.CONSENT_FORM):
+            if ident.string("system") != _system(self.ns, Kind.CONSENT_FORM):
                 raise ident.fail("system", "not the clinic's consent form system")
             out["form_reference"] = ident.need_string("value")
         return out
@@ -1109,34 +1202,88 @@ class _Rebuild:
         return s
 
 
-# Elements that link the parts of an encounter, checked against what the record implies.
-_LINKS = ("hasMember", "partOf", "reasonReference", "evidence", "target")
+# Elements the record implies without holding them, checked against what the source says:
+# links between the parts, and what ims-fhir derives from the encounter (to_fhir.py).
+_DERIVED = (
+    "hasMember",
+    "partOf",
+    "reasonReference",
+    "evidence",
+    "target",
+    "status",
+    "verificationStatus",
+    "clinicalStatus",
+    "performer",
+    "recorder",
+    "effectiveDateTime",
+    "performedPeriod",
+    "recordedDate",
+    "scope",
+    "recorded",
+    "agent",
+)
 
 
-def _references(value: Any) -> list[str]:
-    """The reference strings inside an element, in order (evidence nests them in detail)."""
-    out: list[str] = []
-    items = value if isinstance(value, list) else [value] if value is not None else []
-    for item in items:
-        if isinstance(item, Mapping):
-            ref = item.get("reference")
-            if isinstance(ref, str):
-                out.append(ref)
-            out += _references(item.get("detail"))
-    return out
+def _normal(value: Any, key: Callable[[str], str], systems: set[str], depth: int = 0) -> Any:
+    """An element as its meaning, to compare two copies of it.
+
+    References become the keys of what they point at, instants are in UTC, codings are the set
+    of those in systems ims-fhir uses (a terminology service may add others); no displays.
+    """
+    if depth > 20:
+        return "<too deep>"
+    if isinstance(value, Mapping):
+        out: dict[str, Any] = {}
+        for k, v in value.items():
+            if k == "reference" and isinstance(v, str):
+                out[k] = key(v)
+            elif k == "coding" and isinstance(v, list):
+                out[k] = sorted(
+                    {
+                        f"{c.get('system')}|{c.get('code')}"
+                        for c in v
+                        if not isinstance(c, Mapping) or c.get("system") in systems
+                    }
+                    if all(isinstance(c, Mapping) for c in v)
+                    else {json.dumps(v, default=str)}
+                )
+            elif k != "display":
+                out[k] = _normal(v, key, systems, depth + 1)
+        return out
+    if isinstance(value, list):
+        return [_normal(v, key, systems, depth + 1) for v in value]
+    if isinstance(value, str) and len(value) > 10 and value[4:5] == "-" and "T" in value:
+        try:
+            instant = dt.datetime.fromisoformat(value.replace("Z", "+00:00"))
+        except ValueError:
+            return value
+        if instant.tzinfo is not None:
+            return instant.astimezone(dt.UTC).isoformat()
+    return value
+
+
+def _short(value: Any) -> str:
+    text = json.dumps(value, ensure_ascii=False, default=str)
+    return text if len(text) <= 120 else text[:117] + "..."
 
 
 def _key_of(resource: Mapping[str, Any]) -> str:
-    """What a resource is, whoever assigned its id: its ims-fhir identifier, or its type."""
+    """What a resource is, whoever assigned its id.
+
+    Its identifiers that look like ims-fhir's (all of them, sorted: another system's may end in
+    ``/patient`` too), or its type.
+    """
     if resource.get("resourceType") == "Provenance":
         return "Provenance"
     identifiers = resource.get("identifier")
-    for ident in identifiers if isinstance(identifiers, list) else []:
-        if isinstance(ident, Mapping) and isinstance(ident.get("system"), str):
-            parts = split_system(ident["system"])
-            if parts is not None:
-                return f"{parts[1]}|{ident.get('value')}"
-    return f"{resource.get('resourceType')}?"
+    keys = sorted(
+        f"{ident['system']}|{ident.get('value')}"
+        for ident in (identifiers if isinstance(identifiers, list) else [])
+        if isinstance(ident, Mapping)
+        and isinstance(ident.get("system"), str)
+        and split_system(ident["system"]) is not None
+    )
+    return " ".join(keys) if keys else f"{resource.get('resourceType')}?"
 
 
 _SITE_EXTENSIONS = {

@@ -69,26 +69,43 @@ def walk(
 
     A file named on its own is read whatever its name (NDJSON if it ends in ``.ndjson`` or
     ``.jsonl``, else JSON). In a directory, files ending in ``.json``, ``.ndjson`` or ``.jsonl``
-    are read, in sorted order, subdirectories included; any other file is not read, and
-    ``on_skip`` is told (a README beside the records is not an error). A path that does not
-    exist is a :class:`~ims_fhir.RecordError`.
+    are read, in sorted order, subdirectories included (links to directories are not
+    followed); any other file, a broken link or a pipe is not read, and ``on_skip`` is told (a
+    README beside the records is not an error). A path that does not exist or cannot be read
+    is a :class:`~ims_fhir.RecordError`, and the other paths go on.
     """
     for path in paths:
         path = Path(path)
-        if path.is_dir():
-            for child in sorted(path.rglob("*")):
-                if not child.is_file():
-                    continue
-                if child.suffix in _NDJSON_SUFFIXES | _JSON_SUFFIXES:
-                    yield child
-                elif on_skip is not None:
-                    on_skip(child, "not a .json, .ndjson or .jsonl file")
-        elif path.is_file():
-            yield path
-        else:
+        try:
+            if path.is_dir():
+                yield from _walk_dir(path, on_skip)
+            elif path.is_file():
+                yield path
+            else:
+                reason = "not a regular file" if path.exists() else "no such file or directory"
+                yield RecordError(RecordLocation(str(path)), [FieldIssue("<file>", reason)])
+        except OSError as exc:
             yield RecordError(
-                RecordLocation(str(path)), [FieldIssue("<file>", "no such file or directory")]
+                RecordLocation(str(path)), [FieldIssue("<file>", f"cannot read: {exc.strerror}")]
             )
+
+
+def _walk_dir(root: Path, on_skip: Callable[[Path, str], None] | None) -> Iterator[Path]:
+    """Files of a directory, sorted; subdirectories too, but not links to directories."""
+    for child in sorted(root.rglob("*")):
+        if child.is_symlink() and child.is_dir():
+            reason = "a link to a directory (not followed)"
+        elif child.is_dir():
+            continue
+        elif not child.is_file():
+            reason = "not a regular file (a broken link, a pipe, a device)"
+        elif child.suffix in _NDJSON_SUFFIXES | _JSON_SUFFIXES:
+            yield child
+            continue
+        else:
+            reason = "not a .json, .ndjson or .jsonl file"
+        if on_skip is not None:
+            on_skip(child, reason)
 
 
 def decode_json(raw: str | bytes) -> Any:
@@ -99,6 +116,7 @@ def decode_json(raw: str | bytes) -> Any:
             or nested too deeply to decode.
     """
     text = raw.decode("utf-8") if isinstance(raw, bytes) else raw
+    text = text.removeprefix("\ufeff")  # a byte order mark: RFC 8259 lets a parser ignore it
     try:
         return json.loads(text, parse_constant=_refuse_constant)
     except RecursionError as exc:
@@ -115,6 +133,15 @@ def json_values(file: Path) -> Iterator[tuple[RecordLocation, Any]]:
     What cannot be read is yielded as a :class:`~ims_fhir.RecordError` in its place (a file
     or line over :data:`MAX_RECORD_BYTES` is never loaded), and the file goes on.
     """
+    try:
+        yield from _json_values(file)
+    except OSError as exc:  # unreadable, vanished, a device error: this file, not the run
+        location = RecordLocation(str(file))
+        reason = f"cannot read: {exc.strerror or exc}"
+        yield location, RecordError(location, [FieldIssue("<file>", reason)])
+
+
+def _json_values(file: Path) -> Iterator[tuple[RecordLocation, Any]]:
     name = str(file)
     if file.suffix in _NDJSON_SUFFIXES:
         with file.open("rb") as handle:

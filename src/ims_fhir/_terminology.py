@@ -88,6 +88,7 @@ class Terminology:
 
         self._standard: dict[str, Coding] = {}
         self._reverse: dict[tuple[str, str], str] = {}
+        self._systems: set[str] | None = None
         for cm_group in concept_map["group"]:
             for element in cm_group["element"]:
                 for target in element.get("target", []):
@@ -141,6 +142,12 @@ class Terminology:
     def convention(self, name: str) -> Coding:
         """Return a fixed FHIR coding from ``Parameters-conventions.json``."""
         return self._conventions[name]
+
+    def systems(self) -> set[str]:
+        """Every code system this terminology emits codings of."""
+        if self._systems is None:
+            self._systems = {c.system for c in self.emitted_codings()}
+        return self._systems
 
     def emitted_codings(self) -> Iterator[Coding]:
         """Yield every coding this terminology can emit (for conformance tests)."""
