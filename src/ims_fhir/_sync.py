@@ -345,6 +345,7 @@ class Pusher:
         fatal: list[BaseException] = []
 
         async def produce() -> None:
+            cancelled = False
             try:
                 batch: list[_Item] = []
                 for number, given in enumerate(records, start=1):
@@ -376,9 +377,15 @@ class Pusher:
                         batch = []
                 if batch:
                     await queue.put(batch)
+            except asyncio.CancelledError:
+                # The push is cancelled: the workers are too, and a full queue would never
+                # take the end markers (a cancelled push that never ended).
+                cancelled = True
+                raise
             finally:
-                for _ in range(self.concurrency):
-                    await queue.put(None)
+                if not cancelled:
+                    for _ in range(self.concurrency):
+                        await queue.put(None)
 
         async def work() -> None:
             while (batch := await queue.get()) is not None:
@@ -400,6 +407,8 @@ class Pusher:
                     group.create_task(produce())
                     for _ in range(self.concurrency):
                         group.create_task(work())
+            except asyncio.CancelledError:
+                raise  # the consumer is gone: nothing more to hand over
             except BaseExceptionGroup as failed:  # reading the input failed
                 await results.put(failed.exceptions[0])
             except BaseException as exc:  # noqa: BLE001 - handed to the consumer
