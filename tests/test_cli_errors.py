@@ -82,6 +82,21 @@ SERVERS: dict[str, dict[str, Route]] = {
         r".*\$validate": _unknown_profile,
         ".*": httpx.Response(404),
     },
+    # JSON of the right type with the wrong shapes inside (issue 18 review).
+    "odd-shapes": {
+        "metadata": httpx.Response(
+            200, json={"resourceType": "CapabilityStatement", "fhirVersion": "4.0.1", "rest": "x"}
+        ),
+        ".*": httpx.Response(
+            200,
+            json={
+                "resourceType": "Bundle",
+                "type": "searchset",
+                "link": [None, 1, "next"],
+                "entry": ["x", {"resource": 1}],
+            },
+        ),
+    },
 }
 
 # The commands that talk to a server, as the user types them (the server comes from --server
@@ -107,6 +122,12 @@ NOT_SETUP_PROBLEMS = {
     ("push", "no-$validate"): 1,  # the transaction is refused (404)
     ("push", "profiles-not-installed"): 1,
     ("pull", "not-a-capability-statement"): 0,  # pull reads no metadata: an empty searchset
+    # Odd shapes inside: the check reports what is missing, the push the encounter the answer
+    # failed, the pull the entries that hold no resource.
+    ("check", "odd-shapes"): 1,
+    ("check-write-test", "odd-shapes"): 1,
+    ("push", "odd-shapes"): 1,
+    ("pull", "odd-shapes"): 1,
 }
 
 
@@ -224,6 +245,30 @@ def _bad_setups() -> dict[str, Case]:
         "since-without-zone": Case(["pull", "--server", BASE, "--since", "2026-11-01T08:00:00"]),
         "batch-size-zero": Case([*push, "--batch-size", "0"]),
         "timeout-zero": Case([*check, "--timeout", "0"]),
+        "timeout-nan": Case([*check, "--timeout", "nan"]),
+        "timeout-nan-env": Case(check, env={"IMS_FHIR_TIMEOUT": "nan"}),
+        "header-not-ascii": Case([*check, "--header", "X-Key: café"], names=("X-Key",)),
+        "header-name-not-ascii": Case([*check, "--header", "X-Ké: v"]),
+        # What TOML can hold that a setting cannot take (issue 18 review).
+        **{
+            f"config-{key}-{kind}": Case(
+                ["--config", "{tmp}/c.toml", *push],
+                files={"c.toml": f"{key} = {value}\n"},
+                names=(key,),
+            )
+            for key, kind, value in [
+                ("timeout", "date", "1979-05-27"),
+                ("timeout", "nan", "nan"),
+                ("batch_size", "list", "[1]"),
+                ("concurrency", "table", "{a=1}"),
+                ("batch_size", "float", "1.5"),
+                ("ca_bundle", "number", "5"),
+                ("state", "datetime", "1979-05-27T07:32:00Z"),
+                ("allow_insecure_http", "number", "2"),
+                ("token", "list", '["a", "b"]'),
+                ("header", "table-in-list", '["X-A: 1", {a=1}]'),
+            ]
+        },
         "input-missing": Case(
             ["validate", "/no/such/records.json"], exit_codes=frozenset({1}), names=()
         ),

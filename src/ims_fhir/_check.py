@@ -5,6 +5,8 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any
 
+from ._http import objects
+
 __all__ = ["Check", "check_capabilities"]
 
 # What push and pull use, by resource type: conditional create or update, and search params.
@@ -38,17 +40,17 @@ def check_capabilities(statement: dict[str, Any]) -> list[Check]:
     version = str(statement.get("fhirVersion", ""))
     checks.append(Check("FHIR 4.0.x", version.startswith("4.0"), f"server says {version or '?'}"))
     rest: dict[str, Any] = next(
-        (r for r in statement.get("rest") or [] if r.get("mode") == "server"), {}
+        (r for r in objects(statement.get("rest")) if r.get("mode") == "server"), {}
     )
-    system = {i.get("code") for i in rest.get("interaction") or []}
+    system = {i.get("code") for i in objects(rest.get("interaction"))}
     checks.append(Check("transactions", "transaction" in system, ""))
-    resources = {r.get("type"): r for r in rest.get("resource") or []}
+    resources = {str(r.get("type")): r for r in objects(rest.get("resource"))}
     for resource_type, (write, params) in _NEEDS.items():
         resource = resources.get(resource_type)
         if resource is None:
             checks.append(Check(resource_type, False, "not supported"))
             continue
-        interactions = {i.get("code") for i in resource.get("interaction") or []}
+        interactions = {i.get("code") for i in objects(resource.get("interaction"))}
         missing = [i for i in ("read", "update", "search-type") if i not in interactions]
         if write == "create" and "create" not in interactions:
             missing.append("create")
@@ -64,12 +66,12 @@ def check_capabilities(statement: dict[str, Any]) -> list[Check]:
             # The Provenance is written to a client-chosen id (R4 gives it no identifier).
             # Servers often leave updateCreate out; --write-test shows whether it works.
             missing.append("update as create (client-assigned id)")
-        declared = {p.get("name") for p in resource.get("searchParam") or []}
+        declared = {p.get("name") for p in objects(resource.get("searchParam"))}
         missing += [f"search parameter {p}" for p in sorted(params - declared - _ALWAYS)]
         checks.append(Check(resource_type, not missing, ", ".join(missing)))
-    operations = {o.get("name") for o in rest.get("operation") or []}
+    operations = {o.get("name") for o in objects(rest.get("operation"))}
     for resource in resources.values():
-        operations |= {o.get("name") for o in resource.get("operation") or []}
+        operations |= {o.get("name") for o in objects(resource.get("operation"))}
     checks.append(
         Check(
             "$validate", "validate" in operations, "" if "validate" in operations else "not listed"

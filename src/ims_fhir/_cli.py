@@ -14,6 +14,7 @@ import datetime as dt
 import errno
 import json
 import logging
+import math
 import os
 import re
 import sqlite3
@@ -238,6 +239,23 @@ def cli(verbose: bool) -> None:
         logging.getLogger("httpx").setLevel(logging.WARNING)
 
 
+# An HTTP field name (RFC 9110 token).
+_TOKEN = re.compile(r"[!#$%&'*+\-.^_`|~0-9A-Za-z]+")
+
+
+class _Seconds(click.FloatRange):
+    """A number of seconds above 0; ``nan`` is not one (FloatRange lets it through)."""
+
+    def convert(self, value: Any, param: click.Parameter | None, ctx: click.Context | None) -> Any:
+        seconds = super().convert(value, param, ctx)
+        if not math.isfinite(seconds):
+            self.fail(f"{value!r} is not a number of seconds", param, ctx)
+        return seconds
+
+
+_SECONDS = _Seconds(min=0, min_open=True)
+
+
 def _headers(
     ctx: click.Context, param: click.Parameter, value: tuple[str, ...]
 ) -> tuple[tuple[str, str], ...]:
@@ -250,8 +268,11 @@ def _headers(
     for item in value:
         name, sep, text = str(item).partition(":")
         name = name.strip()
-        if not sep or not name or any(c.isspace() for c in name):
+        if not sep or not _TOKEN.fullmatch(name):
             raise click.BadParameter(f"expected 'Name: value', e.g. 'X-Api-Key: ...', not {name!r}")
+        if not text.strip().isascii() or not text.strip().isprintable():
+            # HTTP/1.1 header values are ASCII (RFC 9110); the value itself is never shown.
+            raise click.BadParameter(f"the value of {name} is not printable ASCII")
         if name.lower() in {"authorization", "host", "content-type", "content-length"}:
             raise click.BadParameter(f"{name} is set by ims-fhir; use the authentication options")
         pairs.append((name, text.strip()))
@@ -302,7 +323,7 @@ def connection_options(func: F) -> F:
         ),
         _option(
             "timeout",
-            type=click.FloatRange(min=0, min_open=True),
+            type=_SECONDS,
             default=60.0,
             show_default=True,
             help="Seconds to wait for each read.",

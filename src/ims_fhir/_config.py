@@ -21,6 +21,7 @@ and ``check`` go, and never makes the offline ``validate`` talk to a server (its
 
 from __future__ import annotations
 
+import math
 import tomllib
 from dataclasses import dataclass
 from pathlib import Path
@@ -102,6 +103,11 @@ def load_config(path: Path | None) -> dict[str, Any]:
                 fix="pass an existing file to --config (or IMS_FHIR_CONFIG)",
             )
         return {}
+    if not path.is_file() or path.stat().st_size > _MAX_CONFIG_BYTES:
+        raise ConfigurationError(
+            f"config file {path} is not a regular file of at most {_MAX_CONFIG_BYTES} bytes",
+            fix="pass a TOML file to --config (or IMS_FHIR_CONFIG)",
+        )
     try:
         data = tomllib.loads(path.read_text(encoding="utf-8"))
     except (tomllib.TOMLDecodeError, UnicodeDecodeError) as exc:
@@ -118,7 +124,39 @@ def load_config(path: Path | None) -> dict[str, Any]:
             f"config file {path}: unknown settings {', '.join(unknown)}",
             fix=f"the settings are {', '.join(SETTINGS)}",
         )
+    for key, value in data.items():
+        _check_type(path, key, value)
     return data
+
+
+_MAX_CONFIG_BYTES = 1024 * 1024
+_NUMBERS = {"timeout"}
+_INTEGERS = {"batch_size", "concurrency"}
+_BOOLEANS = {"allow_insecure_http"}
+_LISTS = {"header"}
+
+
+def _check_type(path: Path, key: str, value: Any) -> None:
+    """A value of the kind the setting takes (TOML has dates, tables and arrays too)."""
+    if key in _BOOLEANS:
+        ok, kind = isinstance(value, bool), "true or false"
+    elif key in _INTEGERS:
+        ok, kind = isinstance(value, int) and not isinstance(value, bool), "a whole number"
+    elif key in _NUMBERS:
+        ok = isinstance(value, int | float) and not isinstance(value, bool)
+        ok = ok and math.isfinite(value) and value > 0
+        kind = "a number of seconds above 0"
+    elif key in _LISTS:
+        ok = isinstance(value, list) and all(isinstance(v, str) for v in value)
+        kind = "a list of strings"
+    else:
+        ok, kind = isinstance(value, str), "a string"
+    if not ok:
+        raise ConfigurationError(
+            f"config file {path}: {key} = {value!r:.60} is not {kind}",
+            setting=key,
+            fix="fix the value",
+        )
 
 
 def auth_from(options: dict[str, Any]) -> httpx.Auth | None:

@@ -666,8 +666,16 @@ def bundle_outcomes(response: httpx.Response, kind: str) -> list[Outcome]:
             response=response,
         )
     outcomes = []
-    for entry in data.get("entry") or []:
-        answer = entry.get("response") or {}
+    entries = data.get("entry") or []
+    for entry in entries if isinstance(entries, list) else [entries]:
+        if not isinstance(entry, dict):
+            raise InvalidResponseError(
+                f"{describe_request(response.request)}: an entry that is not an object",
+                request=response.request,
+                response=response,
+            )
+        answer = entry.get("response")
+        answer = answer if isinstance(answer, dict) else {}
         status_text = str(answer.get("status", ""))
         try:
             status = int(status_text.split()[0])
@@ -681,20 +689,29 @@ def bundle_outcomes(response: httpx.Response, kind: str) -> list[Outcome]:
         outcomes.append(
             Outcome(
                 status=status,
-                location=answer.get("location"),
-                etag=answer.get("etag"),
-                last_modified=answer.get("lastModified"),
-                resource=to_model(resource, response) if resource else None,
-                outcome=answer.get("outcome"),
+                location=_text(answer.get("location")),
+                etag=_text(answer.get("etag")),
+                last_modified=_text(answer.get("lastModified")),
+                resource=to_model(resource, response) if isinstance(resource, dict) else None,
+                outcome=answer.get("outcome") if isinstance(answer.get("outcome"), dict) else None,
             )
         )
     return outcomes
 
 
+def objects(value: Any) -> list[JSON]:
+    """The objects of a JSON array from a server; anything else there is not looked at."""
+    return [item for item in value if isinstance(item, dict)] if isinstance(value, list) else []
+
+
+def _text(value: Any) -> str | None:
+    return value if isinstance(value, str) else None
+
+
 def next_link(bundle: JSON) -> str | None:
     """Return the ``next`` link of a Bundle, if any."""
-    for link in bundle.get("link") or []:
-        if link.get("relation") == "next" and link.get("url"):
+    for link in objects(bundle.get("link")):
+        if link.get("relation") == "next" and isinstance(link.get("url"), str) and link["url"]:
             return str(link["url"])
     return None
 
@@ -702,14 +719,17 @@ def next_link(bundle: JSON) -> str | None:
 def outcome_message(outcome: JSON | None) -> str:
     """Summarise an OperationOutcome: severity, code, diagnostics and expression per issue."""
     parts = []
-    for issue in (outcome or {}).get("issue") or []:
+    for issue in objects((outcome if isinstance(outcome, dict) else {}).get("issue")):
         text = f"{issue.get('severity', '?')} {issue.get('code', '?')}"
-        detail = issue.get("diagnostics") or (issue.get("details") or {}).get("text")
+        details = issue.get("details")
+        detail = issue.get("diagnostics") or (
+            details.get("text") if isinstance(details, dict) else None
+        )
         if detail:
             text += f": {detail}"
         where = issue.get("expression") or issue.get("location")
-        if where:
-            text += f" (at {', '.join(where)})"
+        if isinstance(where, list) and where:
+            text += f" (at {', '.join(str(w) for w in where)})"
         parts.append(text)
     return "; ".join(parts)
 

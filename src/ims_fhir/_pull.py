@@ -20,7 +20,7 @@ from ._exceptions import MappingError
 from ._from_fhir import MappingReport, from_fhir
 from ._http import ClientOptions
 from ._identity import Ext, Profile
-from ._sync import run_blocking
+from ._sync import refuse_own_http_client, run_blocking
 
 __all__ = ["DEFAULT_PAGE_SIZE", "pull", "pull_all"]
 
@@ -139,6 +139,7 @@ def pull_all(
     running event loop too (see :func:`~ims_fhir.push`); for many encounters, iterate
     :func:`pull` instead, which holds one page at a time.
     """
+    refuse_own_http_client(client_options, "pull_all")
 
     async def run() -> MappingReport:
         report = MappingReport()

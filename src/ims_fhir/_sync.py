@@ -1226,6 +1226,7 @@ def push(
     (it then runs in a worker thread and blocks the caller until done: in async code, iterate
     ``Pusher.push`` instead, which also yields results as they come).
     """
+    refuse_own_http_client(client_options, "push")
 
     async def run() -> list[PushResult]:
         async with AsyncFhirClient(base_url, **(client_options or {})) as client:
@@ -1241,6 +1242,16 @@ def push(
             return [result async for result in pusher.push(records)]
 
     return run_blocking(run)
+
+
+def refuse_own_http_client(client_options: ClientOptions | None, name: str) -> None:
+    """The blocking calls run their own event loop; an ``httpx.AsyncClient`` belongs to one."""
+    if client_options and client_options.get("http_client") is not None:
+        raise ValueError(
+            f"{name}() runs its own event loop, and an httpx.AsyncClient works only in the loop "
+            "it was made in: pass http_client to AsyncFhirClient and use the async API "
+            "(Pusher.push, pull) instead"
+        )
 
 
 def run_blocking(make: Callable[[], Coroutine[Any, Any, T]]) -> T:
