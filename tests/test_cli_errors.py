@@ -242,6 +242,9 @@ def _bad_setups() -> dict[str, Case]:
             [*check, "--header", "Authorization: Bearer x"], names=("Authorization",)
         ),
         "since-yesterday": Case(["pull", "--server", BASE, "--since", "yesterday"]),
+        # An unset variable in a script must not pull every patient's encounters.
+        "patient-empty": Case(["pull", "--server", BASE, "--patient", ""], names=("--patient",)),
+        "patient-not-an-id": Case(["pull", "--server", BASE, "--patient", "Patient/a b"]),
         "since-without-zone": Case(["pull", "--server", BASE, "--since", "2026-11-01T08:00:00"]),
         "batch-size-zero": Case([*push, "--batch-size", "0"]),
         "timeout-zero": Case([*check, "--timeout", "0"]),

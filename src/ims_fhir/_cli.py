@@ -576,6 +576,16 @@ def convert(paths: Sequence[Path], output: Path | None, single: bool, source: st
     sys.exit(EXIT_SOME_FAILED if failed else EXIT_OK)
 
 
+def _patient(value: str | None) -> str | None:
+    """``--patient``: a Patient id; empty is an error, not "every patient"."""
+    if value is not None and not _PATIENT.fullmatch(value.strip().removeprefix("Patient/")):
+        raise click.BadParameter(f"{value!r} is not a Patient id, e.g. Patient/123")
+    return value
+
+
+_PATIENT = re.compile(r"[A-Za-z0-9\-.]{1,64}")
+
+
 def _say_skipped(path: Path, reason: str) -> None:
     """Tell the user about a file of a directory that is not read (the reader's one rule)."""
     _stderr().print(f"[yellow]skipped[/yellow] {escape(str(path))}: {reason}")
@@ -811,7 +821,11 @@ def _entered_in_error(reason: str) -> bool:
 
 @cli.command(name="pull")
 @server_options
-@click.option("--patient", help="Only this patient's encounters (server id, e.g. Patient/123).")
+@click.option(
+    "--patient",
+    callback=lambda _ctx, _param, value: _patient(value),
+    help="Only this patient's encounters (server id, e.g. Patient/123).",
+)
 @click.option(
     "--since",
     callback=lambda _ctx, _param, value: parse_since(value),

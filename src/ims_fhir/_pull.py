@@ -38,8 +38,12 @@ def pull_params(
 ) -> dict[str, Any]:
     """The Encounter search that finds IMS encounters and includes their resources."""
     params: dict[str, Any] = {"_profile": Profile.ENCOUNTER.url, "_count": str(page_size)}
-    if patient:
-        params["subject"] = patient if "/" in patient else f"Patient/{patient}"
+    if patient is not None:
+        # An empty patient (a script's unset variable) must not widen the pull to everyone.
+        ref = patient.strip().removeprefix("Patient/")
+        if not _ID.fullmatch(ref):
+            raise ValueError(f"patient {patient!r} is not a Patient id (e.g. Patient/123)")
+        params["subject"] = f"Patient/{ref}"
     if since is not None:
         params["_lastUpdated"] = "ge" + (
             since.isoformat() if isinstance(since, dt.datetime) else since
