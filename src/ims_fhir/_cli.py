@@ -49,7 +49,7 @@ from ._exceptions import (
     UnsafeServerError,
 )
 from ._package import PACKAGE_NAME, build_package, package_resources
-from ._pull import DEFAULT_PAGE_SIZE, pull
+from ._pull import DEFAULT_PAGE_SIZE, patient_reference, pull
 from ._reader import ReadRecord, read_records
 from ._record import Encounter
 from ._schema import record_json_schema_text
@@ -578,12 +578,12 @@ def convert(paths: Sequence[Path], output: Path | None, single: bool, source: st
 
 def _patient(value: str | None) -> str | None:
     """``--patient``: a Patient id; empty is an error, not "every patient"."""
-    if value is not None and not _PATIENT.fullmatch(value.strip().removeprefix("Patient/")):
-        raise click.BadParameter(f"{value!r} is not a Patient id, e.g. Patient/123")
+    if value is not None:
+        try:
+            patient_reference(value)
+        except ValueError as exc:
+            raise click.BadParameter(str(exc)) from exc
     return value
-
-
-_PATIENT = re.compile(r"[A-Za-z0-9\-.]{1,64}")
 
 
 def _say_skipped(path: Path, reason: str) -> None:

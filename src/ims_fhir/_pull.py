@@ -33,17 +33,26 @@ _ID = re.compile(r"[A-Za-z0-9\-.]{1,64}")
 _PARTS = {"Observation": "encounter", "Procedure": "encounter", "Condition": "encounter"}
 
 
+def patient_reference(patient: str) -> str:
+    """``Patient/<id>`` for a patient given as ``123`` or ``Patient/123``.
+
+    Raises:
+        ValueError: not a FHIR id. An empty one (a script's unset variable) must not widen a
+            pull to every patient.
+    """
+    ref = patient.strip().removeprefix("Patient/")
+    if not _ID.fullmatch(ref):
+        raise ValueError(f"{patient!r} is not a Patient id, e.g. Patient/123")
+    return f"Patient/{ref}"
+
+
 def pull_params(
     *, patient: str | None = None, since: str | dt.datetime | None = None, page_size: int
 ) -> dict[str, Any]:
     """The Encounter search that finds IMS encounters and includes their resources."""
     params: dict[str, Any] = {"_profile": Profile.ENCOUNTER.url, "_count": str(page_size)}
     if patient is not None:
-        # An empty patient (a script's unset variable) must not widen the pull to everyone.
-        ref = patient.strip().removeprefix("Patient/")
-        if not _ID.fullmatch(ref):
-            raise ValueError(f"patient {patient!r} is not a Patient id (e.g. Patient/123)")
-        params["subject"] = f"Patient/{ref}"
+        params["subject"] = patient_reference(patient)
     if since is not None:
         params["_lastUpdated"] = "ge" + (
             since.isoformat() if isinstance(since, dt.datetime) else since

@@ -57,7 +57,7 @@ from ._exceptions import (
     StatusError,
     UnsafeServerError,
 )
-from ._http import ClientOptions, _entries_repeatable
+from ._http import ClientOptions, _entries_repeatable, objects
 from ._identity import identifier_query, search_escape
 from ._reader import ReadRecord
 from ._record import Encounter
@@ -295,12 +295,10 @@ class Pusher:
                 f"{where}: the server speaks FHIR {version or 'of an unknown version'}; "
                 "ims-fhir writes FHIR R4 (4.0.x): use the server's R4 endpoint"
             )
-        for rest in statement.get("rest") or []:
-            if not isinstance(rest, dict) or rest.get("mode") != "server":
+        for rest in objects(statement.get("rest")):
+            if rest.get("mode") != "server":
                 continue
-            interactions = {
-                i.get("code") for i in rest.get("interaction") or [] if isinstance(i, dict)
-            }
+            interactions = {i.get("code") for i in objects(rest.get("interaction"))}
             if interactions and "transaction" not in interactions:
                 raise UnsafeServerError(
                     f"{where}: the server does not support transactions, which ims-fhir needs "
@@ -308,10 +306,8 @@ class Pusher:
                 )
             refusing = sorted(
                 str(r.get("type"))
-                for r in rest.get("resource") or []
-                if isinstance(r, dict)
-                and r.get("type") in _CONDITIONAL_TYPES
-                and r.get("conditionalCreate") is False
+                for r in objects(rest.get("resource"))
+                if r.get("type") in _CONDITIONAL_TYPES and r.get("conditionalCreate") is False
             )
             if refusing:
                 # Without it a create repeated after a lost answer would make a duplicate.
