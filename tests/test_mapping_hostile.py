@@ -527,6 +527,13 @@ def _set(suffix: str, **values: Any) -> Any:
             "Observation.performer",
             id="other-performer",
         ),
+        pytest.param(  # once an "internal" error: a list is not hashable
+            lambda b: _find(b, "/diagnosis")["verificationStatus"]["coding"][0].update(
+                system=["x"]
+            ),
+            "Condition.verificationStatus",
+            id="coding-system-a-list",
+        ),
         pytest.param(
             _set("/finding/f1", effectiveDateTime="1999-01-01T00:00:00Z"),
             "Observation.effectiveDateTime",

@@ -1204,7 +1204,7 @@ def _normal(value: Any, key: Callable[[str], str], systems: set[str], depth: int
                     {
                         f"{c.get('system')}|{c.get('code')}"
                         for c in v
-                        if not isinstance(c, Mapping) or c.get("system") in systems
+                        if not isinstance(c, Mapping) or _str(c.get("system")) in systems
                     }
                     if all(isinstance(c, Mapping) for c in v)
                     else {json.dumps(v, default=str)}
