@@ -15,6 +15,7 @@ from __future__ import annotations
 import asyncio
 import random
 import threading
+import time
 from collections import Counter
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -55,6 +56,7 @@ class FaultProxy:
         self.plan = plan
         self.faults: Counter[str] = Counter()
         self.requests = 0
+        self.in_flight = 0  # connections being served (a killed client's may outlive it)
         self._rng = random.Random(plan.seed)
         self._loop = asyncio.new_event_loop()
         self._ready = threading.Event()
@@ -66,6 +68,15 @@ class FaultProxy:
         """The proxied FHIR base URL."""
         path = httpx.URL(self.upstream).path
         return f"http://127.0.0.1:{self.port}{path}"
+
+    def wait_idle(self, timeout: float = 120.0) -> None:
+        """Wait until no connection is being served: a killed client's last request may still
+        be on its way to the server, and its hooks would otherwise fire during the next run."""
+        deadline = time.monotonic() + timeout
+        while self.in_flight:
+            if time.monotonic() > deadline:
+                raise TimeoutError(f"{self.in_flight} proxied requests still open")
+            time.sleep(0.05)
 
     def __enter__(self) -> FaultProxy:
         self._thread.start()
@@ -111,6 +122,7 @@ class FaultProxy:
         return None
 
     async def _handle(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        self.in_flight += 1
         try:
             await self._serve(reader, writer)
         except (asyncio.CancelledError, ConnectionError, httpx.HTTPError):
@@ -122,6 +134,7 @@ class FaultProxy:
                 await writer.wait_closed()
             except (ConnectionError, asyncio.CancelledError):
                 pass
+            self.in_flight -= 1
 
     async def _serve(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         try:

@@ -106,6 +106,7 @@ def test_kill_9_at_every_point_of_a_change_push_then_rerun(
             current["first"] = proxy.requests + 1
             process.wait(timeout=600)
             killed += process.returncode == -signal.SIGKILL
+            proxy.wait_idle()
         assert killed == len(kill_points)
         current.clear()
         current["plan"] = ("never", 0)
