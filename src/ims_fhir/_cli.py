@@ -25,6 +25,7 @@ from typing import Any, NoReturn, TypeVar
 
 import click
 from click.core import ParameterSource
+from pydantic import ValidationError
 from rich.console import Console
 from rich.markup import escape
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
@@ -62,7 +63,7 @@ from ._sync import (
     PushSummary,
 )
 from ._synthetic import synthetic_encounter
-from ._to_fhir import to_fhir_json, to_transaction
+from ._to_fhir import bundle_dict, bundle_json, transaction_json
 from ._version import __version__
 
 EXIT_OK = 0
@@ -456,7 +457,7 @@ async def _server_validate(
     server = str(client.base_url).rstrip("/")
     async with client:
         for record in records:
-            for entry in json.loads(to_fhir_json(record))["entry"]:
+            for entry in bundle_dict(record, checked=True)["entry"]:
                 resource = entry["resource"]
                 profile = resource["meta"]["profile"][0]
                 try:
@@ -505,6 +506,13 @@ def package(output: Path) -> None:
     click.echo(f"{path} ({len(package_resources())} resources)")
 
 
+def _model_issues(error: ValidationError) -> str:
+    """A model validation error's paths and reasons, never the values (they hold patient data)."""
+    issues = [".".join(map(str, e["loc"])) + ": " + e["msg"] for e in error.errors()]
+    more = f" (and {len(issues) - 3} more)" if len(issues) > 3 else ""
+    return escape("; ".join(issues[:3]) + more)
+
+
 def _error_json(error: RecordError) -> dict[str, Any]:
     return {
         "file": error.location.file,
@@ -533,7 +541,14 @@ def _error_json(error: RecordError) -> dict[str, Any]:
     show_default=True,
     help="What the inputs hold.",
 )
-def convert(paths: Sequence[Path], output: Path | None, single: bool, source: str) -> None:
+@click.option(
+    "--validate",
+    is_flag=True,
+    help="IMS in: also check each Bundle against the FHIR R4 models (about 20x slower).",
+)
+def convert(
+    paths: Sequence[Path], output: Path | None, single: bool, source: str, validate: bool
+) -> None:
     """Convert IMS records to FHIR transaction Bundles (NDJSON), or FHIR back to IMS records.
 
     IMS records in: one Bundle per encounter, one per line (or one Bundle with --single).
@@ -553,11 +568,22 @@ def convert(paths: Sequence[Path], output: Path | None, single: bool, source: st
                 elif single:
                     good.append(item.record)
                 else:
-                    out.write(to_fhir_json(item.record) + "\n")
+                    try:
+                        text = bundle_json(item.record, validate=validate, checked=True)
+                    except ValidationError as exc:
+                        failed += 1
+                        where = escape(str(item.location))
+                        err.print(f"[red]not valid FHIR[/red] {where}: {_model_issues(exc)}")
+                        continue
+                    out.write(text + "\n")
                     converted += 1
             if single:
-                out.write(to_transaction(good).model_dump_json() + "\n")
-                converted = len(good)
+                try:
+                    out.write(transaction_json(good, validate=validate) + "\n")
+                    converted = len(good)
+                except ValidationError as exc:
+                    failed += len(good)
+                    err.print(f"[red]not valid FHIR[/red] the Bundle: {_model_issues(exc)}")
         else:
             for result in read_fhir(paths, on_skip=_say_skipped):
                 if isinstance(result, RecordError):
@@ -922,7 +948,7 @@ async def _profiles_check(client: AsyncFhirClient) -> Check:
     name = "ims-fhir profiles for $validate"
     patient = next(
         e["resource"]
-        for e in json.loads(to_fhir_json(synthetic_encounter()))["entry"]
+        for e in bundle_dict(synthetic_encounter())["entry"]
         if e["resource"]["resourceType"] == "Patient"
     )
     profile = patient["meta"]["profile"][0]

@@ -46,7 +46,7 @@ from ._reader import decode_json
 from ._record import Encounter
 from ._signature import literal
 from ._terminology import Terminology, terminology
-from ._to_fhir import _bundle as _forward_bundle
+from ._to_fhir import bundle_dict
 
 __all__ = ["MappingReport", "SkippedResource", "from_fhir"]
 
@@ -750,7 +750,7 @@ class _Rebuild:
         finds a source that says something the record would not: a procedure ``not-done``, a
         diagnosis ``refuted``, another performer, links to other parts.
         """
-        forward = _forward_bundle(record)["entry"]
+        forward = bundle_dict(record, checked=True)["entry"]
         keys = {e["fullUrl"]: _key_of(e["resource"]) for e in forward}
         systems = self.t.systems()
         mine = {_key_of(r.data): r for r in self.used | set(self.provenances)}

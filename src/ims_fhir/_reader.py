@@ -22,6 +22,7 @@ from ._record import Encounter
 __all__ = [
     "MAX_RECORD_BYTES",
     "ReadRecord",
+    "check_record",
     "decode_json",
     "json_values",
     "read_records",
@@ -191,6 +192,21 @@ def validate_record(data: Any, location: RecordLocation) -> ReadRecord | RecordE
         return ReadRecord(location, Encounter.model_validate(data))
     except ValidationError as exc:
         return RecordError(location, [_issue(error) for error in exc.errors()])
+
+
+def check_record(record: Encounter, where: str = "<record built in code>") -> Encounter:
+    """Validate a record again and return it; raise :class:`RecordError` naming each bad field.
+
+    A record built in code (e.g. by ``model_copy(update=...)``) may have skipped validation.
+    """
+    if not isinstance(record, Encounter):
+        location = RecordLocation(where)
+        raise RecordError(location, [FieldIssue("<record>", "not an ims_fhir.Encounter")])
+    try:
+        return Encounter.model_validate(record)
+    except ValidationError as exc:
+        location = RecordLocation(where, record_id=str(record.id)[:64])
+        raise RecordError(location, [_issue(error) for error in exc.errors()]) from None
 
 
 def _issue(error: Any) -> FieldIssue:

@@ -152,7 +152,9 @@ def _check_segment_order(value: list[str]) -> list[str]:
 
 
 class _Model(BaseModel):
-    model_config = ConfigDict(frozen=True, extra="forbid", str_strip_whitespace=True)
+    model_config = ConfigDict(
+        frozen=True, extra="forbid", str_strip_whitespace=True, revalidate_instances="always"
+    )
 
 
 # Typed as strings, not SpinalLevelCode: a range such as "L4-L5" is input too (it is stored as

@@ -53,6 +53,7 @@ from ._exceptions import (
     InvalidResponseError,
     NotFoundError,
     PermissionDeniedError,
+    RecordError,
     StateError,
     StatusError,
     UnsafeServerError,
@@ -64,7 +65,7 @@ from ._record import Encounter
 from ._signature import References, identifier_key, identifier_keys, literal, signature
 from ._state import RecordState, ResourceState, StateStore
 from ._terminology import CANONICAL, terminology
-from ._to_fhir import _bundle
+from ._to_fhir import bundle_dict
 
 __all__ = ["SYNC_TAG_SYSTEM", "Action", "PushResult", "PushSummary", "Pusher", "push"]
 
@@ -351,7 +352,15 @@ class Pusher:
                         record, source = given.record, str(given.location)
                     else:
                         record, source = given, f"record #{number} ({given.id})"
-                    key, item = self._prepare(record)
+                    try:
+                        key, item = self._prepare(record)
+                    except RecordError as exc:
+                        # A record built in code that skipped validation: nothing is written.
+                        message = "; ".join(str(issue) for issue in exc.issues)
+                        await results.put(
+                            PushResult(str(record.id), "failed", message=f"{source}: {message}")
+                        )
+                        continue
                     if key in seen:
                         await results.put(
                             PushResult(
@@ -428,7 +437,7 @@ class Pusher:
 
     def _prepare(self, record: Encounter) -> tuple[str, _Item | None]:
         """Map one encounter and compare it with the state; no item when nothing is to be done."""
-        bundle = _bundle(record)
+        bundle = bundle_dict(record)
         digest = content_hash(bundle)
         entries = bundle["entry"]
         encounter = next(e for e in entries if e["resource"]["resourceType"] == "Encounter")

@@ -26,6 +26,7 @@ from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
+import orjson
 from fhir.resources.R4B.bundle import Bundle
 from fhir.resources.R4B.resource import Resource
 
@@ -42,10 +43,19 @@ from ._identity import (
     provenance_id,
     system,
 )
+from ._reader import check_record
 from ._record import Encounter, Finding, HumanName, NeedledSite, PainScore, Treatment
 from ._terminology import Terminology, terminology
 
-__all__ = ["to_fhir", "to_fhir_json", "to_resources", "to_transaction"]
+__all__ = [
+    "bundle_dict",
+    "bundle_json",
+    "to_fhir",
+    "to_fhir_json",
+    "to_resources",
+    "to_transaction",
+    "transaction_json",
+]
 
 JSON = dict[str, Any]
 
@@ -60,29 +70,55 @@ class _Entry:
 
 
 def to_fhir(record: Encounter) -> Bundle:
-    """Map one encounter to a FHIR R4 transaction Bundle of conditional requests."""
-    return Bundle.model_validate(_bundle(record))
+    """Map one encounter to a FHIR R4 transaction Bundle of conditional requests.
+
+    The Bundle is a validated fhir.resources model. To write JSON, :func:`to_fhir_json` is
+    some 20 times faster and gives the same content.
+
+    Raises:
+        RecordError: the record is not valid (one built in code skipped validation).
+    """
+    return Bundle.model_validate(bundle_dict(record))
 
 
 def to_transaction(records: Iterable[Encounter]) -> Bundle:
-    """Map several encounters to one transaction Bundle.
+    """Map several encounters to one transaction Bundle (a validated model).
 
     Resources shared by the encounters (the clinic, a patient seen twice, the practitioner) are
     listed once: a transaction may not hold two requests for the same resource.
     """
-    entries: dict[str, JSON] = {}
-    for record in records:
-        for entry in _bundle(record)["entry"]:
-            entries.setdefault(entry["fullUrl"], entry)
-    return Bundle.model_validate(
-        {"resourceType": "Bundle", "type": "transaction", "entry": list(entries.values())}
-    )
+    return Bundle.model_validate(_transaction(records))
 
 
-def to_fhir_json(record: Encounter) -> str:
-    """Map one encounter to the JSON text of its transaction Bundle (deterministic)."""
-    text: str = to_fhir(record).model_dump_json()
-    return text
+def to_fhir_json(record: Encounter, *, validate: bool = False) -> str:
+    """Map one encounter to the JSON text of its transaction Bundle (deterministic, compact).
+
+    The JSON is written straight from the mapped data; it holds the same content as
+    ``to_fhir(record).model_dump_json()`` (the tests prove it for generated records), with
+    elements in the mapping's order. ``validate=True`` also checks the Bundle against the
+    fhir.resources R4B models first (some 20 times slower) and raises if it does not conform.
+
+    Raises:
+        RecordError: the record is not valid (one built in code skipped validation).
+        pydantic.ValidationError: with ``validate=True``, the Bundle does not conform.
+    """
+    return bundle_json(record, validate=validate)
+
+
+def bundle_json(record: Encounter, *, validate: bool = False, checked: bool = False) -> str:
+    """:func:`to_fhir_json`, with :func:`bundle_dict`'s ``checked``."""
+    bundle = bundle_dict(record, checked=checked)
+    if validate:
+        Bundle.model_validate(bundle)
+    return orjson.dumps(bundle).decode()
+
+
+def transaction_json(records: Iterable[Encounter], *, validate: bool = False) -> str:
+    """The JSON text of :func:`to_transaction`'s Bundle, written as :func:`to_fhir_json` is."""
+    bundle = _transaction(records)
+    if validate:
+        Bundle.model_validate(bundle)
+    return orjson.dumps(bundle).decode()
 
 
 def to_resources(record: Encounter) -> list[Resource]:
@@ -91,8 +127,21 @@ def to_resources(record: Encounter) -> list[Resource]:
     return [entry.resource for entry in bundle.entry or []]
 
 
-def _bundle(record: Encounter) -> JSON:
-    builder = _Builder(record, terminology())
+def _transaction(records: Iterable[Encounter]) -> JSON:
+    entries: dict[str, JSON] = {}
+    for record in records:
+        for entry in bundle_dict(record)["entry"]:
+            entries.setdefault(entry["fullUrl"], entry)
+    return {"resourceType": "Bundle", "type": "transaction", "entry": list(entries.values())}
+
+
+def bundle_dict(record: Encounter, *, checked: bool = False) -> JSON:
+    """Map one encounter to its transaction Bundle as plain JSON data.
+
+    The record is validated again first (one built in code, e.g. by ``model_copy``, skipped
+    validation), unless ``checked`` says the caller has just validated it.
+    """
+    builder = _Builder(record if checked else check_record(record), terminology())
     entries = builder.build()
     return {
         "resourceType": "Bundle",
@@ -110,7 +159,9 @@ def _bundle(record: Encounter) -> JSON:
 
 
 def _instant(value: dt.datetime) -> str:
-    return value.isoformat()
+    # UTC as "Z", as fhir.resources writes it (the fast path gives what the validated one does).
+    text = value.isoformat()
+    return text[:-6] + "Z" if text.endswith("+00:00") else text
 
 
 def _div(*lines: str) -> JSON:
