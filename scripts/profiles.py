@@ -19,11 +19,20 @@ import urllib.request
 from pathlib import Path
 from typing import Any
 
-CANON = "https://ims-fhir.org/fhir"
+from ims_fhir._spec import (
+    BODY_SITE_EXTENSION,
+    PROCEDURE_EXTENSION,
+    Slot,
+    spec,
+)
+from ims_fhir._terminology import CANONICAL
+from ims_fhir._version import __version__
+
+CANON = CANONICAL
 LOCAL = f"{CANON}/CodeSystem/ims-local"
 SCT, LOINC, UCUM = "http://snomed.info/sct", "http://loinc.org", "http://unitsofmeasure.org"
 MAPPINGS = Path(__file__).resolve().parents[1] / "mappings"
-VERSION = "0.1.0"
+VERSION = __version__
 JSON = dict[str, Any]
 
 
@@ -66,20 +75,8 @@ def value_sets() -> list[JSON]:
                         (group["target"], target["code"], target["display"])
                     )
     out = []
-    for id_, title, group in [
-        ("ims-signs", "Gunn's signs of neuropathy", "sign"),
-        ("ims-muscles", "Muscles", "muscle"),
-        ("ims-laterality", "Laterality", "side"),
-        ("ims-spinal-levels", "Spinal segmental levels", "spinal-level"),
-        ("ims-site-roles", "Needled site roles", "site-role"),
-        ("ims-needle-responses", "Needle responses", "needle-response"),
-        ("ims-adverse-events", "Adverse events", "adverse-event"),
-        ("ims-severity", "Adverse event severity", "severity"),
-        ("ims-diagnoses", "Diagnoses", "diagnosis"),
-        ("ims-visit-types", "Visit types", "visit-type"),
-        ("ims-pain-timing", "Pain score timing", "pain-timing"),
-        ("ims-trophedema-tests", "Trophedema tests", "trophedema-test"),
-    ]:
+    for vocabulary in spec().vocabularies:
+        id_, title, group = vocabulary.value_set, vocabulary.title, vocabulary.group
         include = [
             {
                 "system": LOCAL,
@@ -174,36 +171,33 @@ def extension(
     )
 
 
-def electrical_stimulation() -> JSON:
-    id_ = "electrical-stimulation"
+def complex_extension(slot: Slot) -> JSON:
+    """An extension of sub-extensions (electrical-stimulation), from its spec rule."""
     elements: list[JSON] = [
         {
             "id": "Extension",
             "path": "Extension",
-            "short": "Electrical stimulation through the needle",
-            "definition": "Electrical stimulation applied through the needle at this site.",
+            "short": slot.short,
+            "definition": slot.definition,
             "min": 0,
-            "max": "1",
+            "max": slot.max,
         },
         {
             "id": "Extension.extension",
             "path": "Extension.extension",
-            "min": 3,
+            "min": len(slot.parts),
             "slicing": {"discriminator": [{"type": "value", "path": "url"}], "rules": "closed"},
         },
     ]
-    for name, unit, short in [
-        ("frequency", "Hz", "Frequency (Hz)"),
-        ("intensity", "mA", "Intensity (mA)"),
-        ("duration", "min", "Duration (min)"),
-    ]:
+    for part in slot.parts:
+        name = part.url
         base = f"Extension.extension:{name}"
         elements += [
             {
                 "id": base,
                 "path": "Extension.extension",
                 "sliceName": name,
-                "short": short,
+                "short": part.short,
                 "min": 1,
                 "max": "1",
             },
@@ -213,7 +207,7 @@ def electrical_stimulation() -> JSON:
                 "id": f"{base}.value[x]",
                 "path": "Extension.extension.value[x]",
                 "min": 1,
-                "type": [{"code": "Quantity"}],
+                "type": [{"code": part.type}],
             },
             {
                 "id": f"{base}.value[x].system",
@@ -225,127 +219,69 @@ def electrical_stimulation() -> JSON:
                 "id": f"{base}.value[x].code",
                 "path": "Extension.extension.value[x].code",
                 "min": 1,
-                "fixedCode": unit,
+                "fixedCode": part.unit,
             },
         ]
     elements += [
-        {
-            "id": "Extension.url",
-            "path": "Extension.url",
-            "fixedUri": f"{CANON}/StructureDefinition/{id_}",
-        },
+        {"id": "Extension.url", "path": "Extension.url", "fixedUri": slot.url},
         {"id": "Extension.value[x]", "path": "Extension.value[x]", "max": "0"},
     ]
+    assert slot.short is not None and slot.definition is not None
     return structure(
-        id_,
-        "Electrical stimulation",
-        f"Electrical stimulation through the needle: frequency, intensity and duration. {EXT_SOURCE}",
+        slot.key,
+        slot.short,
+        f"{slot.definition} {EXT_SOURCE}",
         "Extension",
         elements,
         base="http://hl7.org/fhir/StructureDefinition/Extension",
-        contexts=["Procedure"],
+        contexts=[slot.context],
         kind="complex-type",
     )
 
 
+def spec_extensions() -> list[JSON]:
+    """The extensions the mapping spec's slot rules name (the project's own)."""
+    out = []
+    for slot in spec().slots:
+        if not slot.is_extension or "://" in slot.key:
+            continue
+        if slot.type == "complex":
+            out.append(complex_extension(slot))
+            continue
+        assert slot.short is not None and slot.definition is not None, slot.path
+        value_set = spec().value_set(slot.vocabulary) if slot.vocabulary else None
+        out.append(
+            extension(
+                slot.key,
+                slot.short,
+                slot.definition,
+                [slot.context],
+                slot.type,
+                repeats=slot.repeats,
+                unit=slot.unit,
+                value_set=value_set,
+            )
+        )
+    return out
+
+
+def spec_slices(path: str, profile: str, container: str) -> list[JSON]:
+    """The extension slices of one element of a profile, from the spec's slot rules."""
+    slots = spec().slots_of(profile, container)
+    return ext_slices(path, [(s.slice or s.key, s.key, s.min, s.max) for s in slots])
+
+
 def extensions() -> list[JSON]:
-    p = ["Procedure"]
     return [
-        extension(
-            "spinal-segment",
-            "Spinal segment",
-            "A spinal segmental level (C1..S5) of a needled site; repeats per level.",
-            p,
-            "CodeableConcept",
-            repeats=True,
-            value_set="ims-spinal-levels",
-        ),
-        extension(
-            "site-role",
-            "Needled site role",
-            "Paraspinal (posterior primary ramus) or peripheral (anterior primary ramus).",
-            p,
-            "CodeableConcept",
-            value_set="ims-site-roles",
-        ),
-        extension(
-            "needle-diameter",
-            "Needle diameter",
-            "Diameter of the needle, in millimetres.",
-            p,
-            "Quantity",
-            unit="mm",
-        ),
-        extension(
-            "needle-length",
-            "Needle length",
-            "Length of the needle, in millimetres.",
-            p,
-            "Quantity",
-            unit="mm",
-        ),
-        extension(
-            "insertions",
-            "Number of insertions",
-            "How many times the needle was inserted at this site.",
-            p,
-            "positiveInt",
-        ),
-        extension(
-            "max-depth",
-            "Maximum depth",
-            "The deepest insertion at this site, in millimetres.",
-            p,
-            "Quantity",
-            unit="mm",
-        ),
-        extension(
-            "dwell-time",
-            "Dwell time",
-            "How long the needle stayed in, in seconds.",
-            p,
-            "Quantity",
-            unit="s",
-        ),
-        extension(
-            "needle-response",
-            "Needle response",
-            "The muscle's response to the needle: grasp, twitch or none.",
-            p,
-            "CodeableConcept",
-            value_set="ims-needle-responses",
-        ),
-        extension(
-            "bodysite-laterality",
-            "Body site laterality",
-            "Laterality of a Procedure.bodySite (instead of the US-realm mCODE extension, per TERMINOLOGY.md).",
-            ["Procedure.bodySite"],
-            "CodeableConcept",
-            value_set="ims-laterality",
-        ),
-        extension(
-            "adverse-event-severity",
-            "Adverse event severity",
-            "Severity of an adverse event recorded as Procedure.complication.",
-            ["Procedure.complication"],
-            "CodeableConcept",
-            value_set="ims-severity",
-        ),
+        *spec_extensions(),
+        # Not a record field: the link from the session to its Consent.
         extension(
             "session-consent",
             "Consent of the session",
             "The Consent to this IMS session. FHIR R4 (4.0.1) allows the core workflow-supportingInfo extension, which TERMINOLOGY.md names, only on DiagnosticReport, Observation and CommunicationRequest, so R4 validators reject it on a Procedure.",
-            p,
+            ["Procedure"],
             "Reference",
         ),
-        extension(
-            "adverse-event-note",
-            "Adverse event note",
-            "The clinician's note on an adverse event recorded as Procedure.complication.",
-            ["Procedure.complication"],
-            "string",
-        ),
-        electrical_stimulation(),
     ]
 
 
@@ -684,20 +620,7 @@ def profiles() -> list[JSON]:
             [
                 e("Procedure", short="IMS needled site"),
                 *identified("Procedure"),
-                *ext_slices(
-                    "Procedure",
-                    [
-                        ("role", "site-role", 1, "1"),
-                        ("segment", "spinal-segment", 0, "*"),
-                        ("diameter", "needle-diameter", 1, "1"),
-                        ("length", "needle-length", 1, "1"),
-                        ("insertions", "insertions", 1, "1"),
-                        ("depth", "max-depth", 1, "1"),
-                        ("dwell", "dwell-time", 1, "1"),
-                        ("response", "needle-response", 1, "1"),
-                        ("stimulation", "electrical-stimulation", 0, "1"),
-                    ],
-                ),
+                *spec_slices("Procedure", "ims-needled-site", PROCEDURE_EXTENSION),
                 e("Procedure.partOf", min=1, type=ref("Procedure")),
                 e("Procedure.code", min=1, **local("ims-needled-site")),
                 *proc_common,
@@ -708,7 +631,7 @@ def profiles() -> list[JSON]:
                     **bound("ims-muscles"),
                     constraint=[local_code("ims-muscle-1", "muscle", "the muscle")],
                 ),
-                *ext_slices("Procedure.bodySite", [("laterality", "bodysite-laterality", 1, "1")]),
+                *spec_slices("Procedure.bodySite", "ims-needled-site", BODY_SITE_EXTENSION),
             ],
         ),
         structure(

@@ -1,10 +1,10 @@
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 from ims_fhir import Encounter
 from ims_fhir._docs import render_mapping_doc
+from ims_fhir._spec import spec
 
 
 def test_mapping_doc_is_current(root: Path) -> None:
@@ -37,10 +37,9 @@ def _leaf_fields(model: type, prefix: str = "") -> set[str]:
 
 
 def test_every_record_field_has_a_mapping_rule(root: Path) -> None:
-    rules = json.loads((root / "mappings" / "Parameters-field-map.json").read_text())
     documented = set()
-    for rule in rules["parameter"]:
-        field = next(p["valueString"] for p in rule["part"] if p["name"] == "field")
+    for rule in spec().rules:
+        field = rule["field"]
         stem = field.rsplit(".", 1)[0] + "." if "." in field else ""
         for part in field.split(", "):
             documented.add(part if "." in part or not stem else stem + part)

@@ -22,7 +22,8 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from ims_fhir import Encounter, MappingError, from_fhir, terminology, to_fhir_json
-from ims_fhir._identity import ESTIM_DURATION, ESTIM_FREQUENCY, ESTIM_INTENSITY, Ext
+from ims_fhir._identity import Ext
+from ims_fhir._spec import spec
 from ims_fhir._terminology import LOCAL_SYSTEM
 
 from .conftest import FIXTURES
@@ -241,7 +242,11 @@ def _meanings() -> dict[tuple[Any, Any], str]:
 
 
 _MEANING = _meanings()
-_OUR_EXTENSIONS = {e.url for e in Ext} | {ESTIM_FREQUENCY, ESTIM_INTENSITY, ESTIM_DURATION}
+_OUR_EXTENSIONS = (
+    {e.url for e in Ext}
+    | {s.url for s in spec().slots if s.is_extension}
+    | {p.url for s in spec().slots for p in s.parts}
+)
 
 
 def _strip(value: Any, key: str | None = None) -> Any:

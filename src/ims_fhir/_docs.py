@@ -9,6 +9,7 @@ from __future__ import annotations
 import json
 from typing import Any
 
+from ._spec import spec
 from ._terminology import mappings_dir
 
 
@@ -21,9 +22,35 @@ def _cell(text: str) -> str:
     return text.replace("|", "\\|").replace("\n", " ")
 
 
+def _element(rule: dict[str, Any]) -> str:
+    """A rule's FHIR element in words; a slot rule's from its machine-readable parts."""
+    if "slot" not in rule:
+        return str(rule["element"])
+    kind = rule["type"] + (f" {rule['unit']}" if "unit" in rule else "")
+    if "vocabulary" in rule:
+        kind += f" from {spec().value_set(rule['vocabulary'])}"
+    if rule.get("parts"):
+        kind += ": " + ", ".join(
+            f"{p['slot']} ({p['type']} {p['unit']})" if "unit" in p else p["slot"]
+            for p in rule["parts"]
+        )
+    text = f"{rule['profile']}: `{rule['slot']}` ({kind}; {rule['min']}..{rule['max']})"
+    return text + (f"; {rule['note']}" if "note" in rule else "")
+
+
+def _codes(rule: dict[str, Any]) -> str:
+    """A rule's codes; a slot rule's follow from its slot, vocabulary and units."""
+    if "slot" not in rule:
+        return str(rule.get("codes", ""))
+    codes = [] if "extension:" in rule["slot"] else [f"local:{rule['slot'].rsplit(':', 1)[1]}"]
+    if "vocabulary" in rule:
+        codes.append(f"group:{rule['vocabulary']}")
+    codes += [f"convention:unit-{r['unit']}" for r in [rule, *rule.get("parts", [])] if "unit" in r]
+    return "; ".join(codes)
+
+
 def render_mapping_doc() -> str:
     """Return the Markdown text of ``docs/mapping.md``."""
-    field_map = _load("Parameters-field-map.json")
     code_system = _load("CodeSystem-ims-local.json")
     concept_map = _load("ConceptMap-ims-to-standard.json")
     conventions = _load("Parameters-conventions.json")
@@ -49,11 +76,10 @@ def render_mapping_doc() -> str:
         "| record field | FHIR element | codes | source |",
         "|---|---|---|---|",
     ]
-    for rule in field_map["parameter"]:
-        parts = {p["name"]: p["valueString"] for p in rule["part"]}
+    for rule in spec().rules:
         lines.append(
-            f"| `{_cell(parts['field'])}` | {_cell(parts['element'])} | "
-            f"{_cell(parts.get('codes', ''))} | {_cell(parts['source'])} |"
+            f"| `{_cell(rule['field'])}` | {_cell(_element(rule))} | "
+            f"{_cell(_codes(rule))} | {_cell(rule['source'])} |"
         )
     lines += ["", "## Codes", ""]
     for group in code_system["concept"]:

@@ -31,9 +31,6 @@ from pydantic import ValidationError
 
 from ._exceptions import MappingError
 from ._identity import (
-    ESTIM_DURATION,
-    ESTIM_FREQUENCY,
-    ESTIM_INTENSITY,
     Ext,
     Kind,
     Profile,
@@ -45,6 +42,14 @@ from ._identity import system as _system  # `system` is a common local name here
 from ._reader import decode_json
 from ._record import Encounter
 from ._signature import literal
+from ._spec import (
+    BODY_SITE_EXTENSION,
+    COMPLICATION_EXTENSION,
+    COMPONENT,
+    PROCEDURE_EXTENSION,
+    Slot,
+    spec,
+)
 from ._terminology import Terminology, terminology
 from ._to_fhir import bundle_dict
 
@@ -859,13 +864,65 @@ class _Rebuild:
             out["licence"] = licences[0]
         return out
 
-    def _segments(self, node: _Node, components: list[_Node], code: str) -> list[str]:
-        out = []
-        for comp in components:
-            if self.optional_code(comp.obj("code"), "observation-element") == code:
-                value = comp.obj("valueCodeableConcept")
-                out.append(self.code(value, "spinal-level", comp, "valueCodeableConcept"))
-        return out
+    def read_slots(
+        self, parent: _Node, element: str, profile: Profile, container: str, out: JSON, what: str
+    ) -> None:
+        """Read the fields the mapping spec keeps in ``parent``'s extensions or components.
+
+        Another system's extensions are left alone; a component ims-fhir does not write, a
+        second value of a field that holds one, or a missing required one is an error.
+        """
+        slots = spec().slots_of(profile.value, container)
+        extension = element == "extension"
+        by_key = {slot.url if extension else slot.key: slot for slot in slots}
+        for node in parent.objs(element):
+            key = (
+                node.need_string("url")
+                if extension
+                else self.optional_code(node.obj("code"), "observation-element")
+            )
+            slot = by_key.get(key or "")
+            if slot is None:
+                if extension:
+                    continue
+                raise node.fail("code", f"not a component ims-fhir writes on {what}")
+            value = self.slot_value(slot, node)
+            if slot.repeats:
+                out.setdefault(slot.field, []).append(value)
+            else:
+                self.once(out, slot.field, node)
+                out[slot.field] = value
+        for slot in slots:
+            if slot.min and slot.field not in out:
+                raise parent.fail(element, f"no {slot.key}")
+
+    def slot_value(self, slot: Slot, node: _Node) -> Any:
+        key = slot.value_key
+        if slot.type == "complex":
+            parts: dict[str, _Node] = {}
+            for sub in node.objs("extension"):
+                name = sub.need_string("url")
+                if name in parts:
+                    raise sub.fail("url", f"a second {name}")
+                parts[name] = sub
+            out: JSON = {}
+            for part in slot.parts:
+                if part.url not in parts:
+                    raise node.fail("extension", f"no {part.url}")
+                out[part.field] = self.slot_value(part, parts[part.url])
+            return out
+        if slot.type == "Quantity":
+            assert slot.unit is not None
+            return self.quantity(node, key, slot.unit)
+        if slot.type == "CodeableConcept":
+            assert slot.vocabulary is not None
+            return self.code(node.obj(key), slot.vocabulary, node, key)
+        if slot.type == "string":
+            return node.need_string(key)
+        value = node.integer(key)
+        if value is None:
+            raise node.fail(key, "missing")
+        return value
 
     def ours(self, res: _Res) -> _Node:
         """A part of the encounter, about the encounter's patient."""
@@ -903,36 +960,7 @@ class _Rebuild:
                         f["side"] = self.code(
                             ext.obj("valueCodeableConcept"), "side", ext, "valueCodeableConcept"
                         )
-            components = obs.objs("component")
-            segments = self._segments(obs, components, "spinal-segment")
-            if segments:
-                f["segments"] = segments
-            for comp in components:
-                code = self.optional_code(comp.obj("code"), "observation-element")
-                if code == "grade":
-                    self.once(f, "grade", comp)
-                    f["grade"] = comp.integer("valueInteger")
-                    if f["grade"] is None:
-                        raise comp.fail("valueInteger", "missing")
-                elif code == "trophedema-test-used":
-                    self.once(f, "test", comp)
-                    f["test"] = self.code(
-                        comp.obj("valueCodeableConcept"),
-                        "trophedema-test",
-                        comp,
-                        "valueCodeableConcept",
-                    )
-                elif code == "rom-joint":
-                    self.once(f, "joint", comp)
-                    f["joint"] = comp.need_string("valueString")
-                elif code == "rom-movement":
-                    self.once(f, "movement", comp)
-                    f["movement"] = comp.need_string("valueString")
-                elif code == "rom-degrees":
-                    self.once(f, "degrees", comp)
-                    f["degrees"] = self.quantity(comp, "valueQuantity", "deg")
-                elif code != "spinal-segment":
-                    raise comp.fail("code", "not a component ims-fhir writes on a finding")
+            self.read_slots(obs, "component", Profile.FINDING, COMPONENT, f, "a finding")
             note = obs.only("note")
             if note is not None:
                 f["note"] = note.need_string("text")
@@ -975,13 +1003,7 @@ class _Rebuild:
         if missing:
             raise panel.fail("hasMember", f"findings {missing} are not members")
         a: JSON = {"findings": sorted(findings, key=lambda f: order[f["id"]])}
-        components = panel.objs("component")
-        for comp in components:
-            if self.optional_code(comp.obj("code"), "observation-element") != "suspected-levels":
-                raise comp.fail("code", "not a component ims-fhir writes on the panel")
-        levels = self._segments(panel, components, "suspected-levels")
-        if levels:
-            a["suspected_levels"] = levels
+        self.read_slots(panel, "component", Profile.ASSESSMENT_PANEL, COMPONENT, a, "the panel")
         note = panel.only("note")
         if note is not None:
             a["notes"] = note.need_string("text")
@@ -1011,21 +1033,12 @@ class _Rebuild:
                 continue
             obs = self.ours(res)
             self.expect(obs, "pain-score")
-            timing = None
-            for comp in obs.objs("component"):
-                if self.optional_code(comp.obj("code"), "observation-element") != "score-timing":
-                    raise comp.fail("code", "not a component ims-fhir writes on a pain score")
-                if timing is not None:
-                    raise comp.fail(None, "a second score-timing")
-                timing = self.code(
-                    comp.obj("valueCodeableConcept"), "pain-timing", comp, "valueCodeableConcept"
-                )
-            if timing is None:
-                raise obs.fail("component", "no pain-timing component")
+            p: JSON = {"id": pid}
+            self.read_slots(obs, "component", Profile.PAIN_SCORE, COMPONENT, p, "a pain score")
             nrs = self.quantity(obs, "valueQuantity", "score")
             if nrs != int(nrs):
                 raise obs.fail("valueQuantity.value", "NRS must be a whole number")
-            p: JSON = {"id": pid, "timing": timing, "nrs": int(nrs)}
+            p["nrs"] = int(nrs)
             site = obs.obj("bodySite")
             if site is not None:  # where the patient feels it, in their words
                 p["location"] = site.need_string("text")
@@ -1064,16 +1077,9 @@ class _Rebuild:
         events = []
         for comp in session.objs("complication"):
             e: JSON = {"kind": self.code(comp, "adverse-event", session, "complication")}
-            for ext in comp.objs("extension"):
-                url = ext.need_string("url")
-                if url == Ext.ADVERSE_EVENT_SEVERITY.url:
-                    self.once(e, "severity", ext)
-                    e["severity"] = self.code(
-                        ext.obj("valueCodeableConcept"), "severity", ext, "valueCodeableConcept"
-                    )
-                elif url == Ext.ADVERSE_EVENT_NOTE.url:
-                    self.once(e, "note", ext)
-                    e["note"] = ext.need_string("valueString")
+            self.read_slots(
+                comp, "extension", Profile.SESSION, COMPLICATION_EXTENSION, e, "a complication"
+            )
             events.append(e)
         if events:
             t["adverse_events"] = events
@@ -1115,50 +1121,11 @@ class _Rebuild:
         if body_site is None:
             raise proc.fail("bodySite", "a needled site needs a muscle")
         s: JSON = {"id": sid, "muscle": self.code(body_site, "muscle", proc, "bodySite")}
-        for ext in body_site.objs("extension"):
-            if ext.need_string("url") == Ext.BODYSITE_LATERALITY.url:
-                self.once(s, "side", ext)
-                s["side"] = self.code(
-                    ext.obj("valueCodeableConcept"), "side", ext, "valueCodeableConcept"
-                )
-        segments = []
-        for ext in proc.objs("extension"):
-            url = ext.need_string("url")
-            concept = ext.obj("valueCodeableConcept")
-            key = _SITE_EXTENSIONS.get(url or "")
-            if key is not None and key != "segments":
-                self.once(s, key, ext)
-            if url == Ext.SITE_ROLE.url:
-                s["role"] = self.code(concept, "site-role", ext, "valueCodeableConcept")
-            elif url == Ext.SPINAL_SEGMENT.url:
-                segments.append(self.code(concept, "spinal-level", ext, "valueCodeableConcept"))
-            elif url == Ext.NEEDLE_DIAMETER.url:
-                s["needle_diameter_mm"] = self.quantity(ext, "valueQuantity", "mm")
-            elif url == Ext.NEEDLE_LENGTH.url:
-                s["needle_length_mm"] = self.quantity(ext, "valueQuantity", "mm")
-            elif url == Ext.INSERTIONS.url:
-                s["insertions"] = ext.integer("valuePositiveInt")
-            elif url == Ext.MAX_DEPTH.url:
-                s["max_depth_mm"] = self.quantity(ext, "valueQuantity", "mm")
-            elif url == Ext.DWELL_TIME.url:
-                s["dwell_time_s"] = self.quantity(ext, "valueQuantity", "s")
-            elif url == Ext.NEEDLE_RESPONSE.url:
-                s["response"] = self.code(concept, "needle-response", ext, "valueCodeableConcept")
-            elif url == Ext.ELECTRICAL_STIMULATION.url:
-                parts: dict[str, _Node] = {}
-                for sub in ext.objs("extension"):
-                    name = sub.need_string("url")
-                    if name in parts:
-                        raise sub.fail("url", f"a second {name}")
-                    parts[name] = sub
-                estim: JSON = {}
-                for name, unit, field_name in _ESTIM:
-                    if name not in parts:
-                        raise ext.fail("extension", f"no {name}")
-                    estim[field_name] = self.quantity(parts[name], "valueQuantity", unit)
-                s["electrical_stimulation"] = estim
-        if segments:
-            s["segments"] = segments
+        site = Profile.NEEDLED_SITE
+        self.read_slots(body_site, "extension", site, BODY_SITE_EXTENSION, s, "a body site")
+        self.read_slots(
+            proc, "extension", Profile.NEEDLED_SITE, PROCEDURE_EXTENSION, s, "a needled site"
+        )
         if isinstance(s.get("dwell_time_s"), float) and s["dwell_time_s"].is_integer():
             s["dwell_time_s"] = int(s["dwell_time_s"])
         return s
@@ -1246,21 +1213,3 @@ def _key_of(resource: Mapping[str, Any]) -> str:
         and split_system(ident["system"]) is not None
     )
     return " ".join(keys) if keys else f"{resource.get('resourceType')}?"
-
-
-_SITE_EXTENSIONS = {
-    Ext.SITE_ROLE.url: "role",
-    Ext.SPINAL_SEGMENT.url: "segments",
-    Ext.NEEDLE_DIAMETER.url: "needle_diameter_mm",
-    Ext.NEEDLE_LENGTH.url: "needle_length_mm",
-    Ext.INSERTIONS.url: "insertions",
-    Ext.MAX_DEPTH.url: "max_depth_mm",
-    Ext.DWELL_TIME.url: "dwell_time_s",
-    Ext.NEEDLE_RESPONSE.url: "response",
-    Ext.ELECTRICAL_STIMULATION.url: "electrical_stimulation",
-}
-_ESTIM = (
-    (ESTIM_FREQUENCY, "Hz", "frequency_hz"),
-    (ESTIM_INTENSITY, "mA", "intensity_ma"),
-    (ESTIM_DURATION, "min", "minutes"),
-)

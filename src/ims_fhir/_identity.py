@@ -101,20 +101,8 @@ class Profile(StrEnum):
 
 
 class Ext(StrEnum):
-    """Extensions: the project's own (defined in ``mappings/``) and the core ones used."""
+    """Extensions the mapping uses besides the spec's slots (``_spec.py``)."""
 
-    SPINAL_SEGMENT = "spinal-segment"
-    SITE_ROLE = "site-role"
-    NEEDLE_DIAMETER = "needle-diameter"
-    NEEDLE_LENGTH = "needle-length"
-    INSERTIONS = "insertions"
-    MAX_DEPTH = "max-depth"
-    DWELL_TIME = "dwell-time"
-    NEEDLE_RESPONSE = "needle-response"
-    ELECTRICAL_STIMULATION = "electrical-stimulation"
-    BODYSITE_LATERALITY = "bodysite-laterality"
-    ADVERSE_EVENT_SEVERITY = "adverse-event-severity"
-    ADVERSE_EVENT_NOTE = "adverse-event-note"
     # Links the session Procedure to its Consent. TERMINOLOGY.md names the core
     # workflow-supportingInfo extension, but FHIR R4 (4.0.1) allows that one only on
     # DiagnosticReport, Observation and CommunicationRequest, so R4 validators reject it on a
@@ -128,9 +116,3 @@ class Ext(StrEnum):
     def url(self) -> str:
         """The extension's canonical URL."""
         return self.value if "://" in self.value else f"{EXTENSION_BASE}/{self.value}"
-
-
-# Sub-extensions of electrical-stimulation.
-ESTIM_FREQUENCY = "frequency"
-ESTIM_INTENSITY = "intensity"
-ESTIM_DURATION = "duration"

@@ -31,9 +31,6 @@ from fhir.resources.R4B.bundle import Bundle
 from fhir.resources.R4B.resource import Resource
 
 from ._identity import (
-    ESTIM_DURATION,
-    ESTIM_FREQUENCY,
-    ESTIM_INTENSITY,
     Ext,
     Kind,
     Profile,
@@ -45,6 +42,14 @@ from ._identity import (
 )
 from ._reader import check_record
 from ._record import Encounter, Finding, HumanName, NeedledSite, PainScore, Treatment
+from ._spec import (
+    BODY_SITE_EXTENSION,
+    COMPLICATION_EXTENSION,
+    COMPONENT,
+    PROCEDURE_EXTENSION,
+    Slot,
+    spec,
+)
 from ._terminology import Terminology, terminology
 
 __all__ = [
@@ -206,6 +211,33 @@ class _Builder:
             "system": coding.system,
             "code": coding.code,
         }
+
+    def slots(self, profile: Profile, container: str, source: object) -> list[JSON]:
+        """The extensions or components of ``source``'s fields, as the mapping spec says."""
+        out = []
+        for slot in spec().slots_of(profile.value, container):
+            value = getattr(source, slot.field)
+            if value is None:
+                continue
+            for item in value if slot.repeats else [value]:
+                head = {"url": slot.url} if slot.is_extension else {"code": self.concept(slot.key)}
+                out.append(head | self.slot_value(slot, item))
+        return out
+
+    def slot_value(self, slot: Slot, value: Any) -> JSON:
+        if slot.type == "complex":
+            return {
+                "extension": [
+                    {"url": part.url} | self.slot_value(part, getattr(value, part.field))
+                    for part in slot.parts
+                ]
+            }
+        if slot.type == "Quantity":
+            assert slot.unit is not None
+            return {slot.value_key: self.quantity(value, slot.unit)}
+        if slot.type == "CodeableConcept":
+            return {slot.value_key: self.concept(value)}
+        return {slot.value_key: value}
 
     def identifier(self, kind: Kind, value: str) -> JSON:
         return {"use": "official", "system": system(self.ns, kind), "value": value}
@@ -389,28 +421,7 @@ class _Builder:
             body_site["coding"] = [c.as_fhir() for c in t.codings(f.muscle)]
         if f.region is not None:
             body_site["text"] = f.region
-        components: list[JSON] = []
-        if f.grade is not None:
-            components.append({"code": self.concept("grade"), "valueInteger": f.grade})
-        components += self._segments(f.segments)
-        if f.test is not None:
-            components.append(
-                {
-                    "code": self.concept("trophedema-test-used"),
-                    "valueCodeableConcept": self.concept(f.test),
-                }
-            )
-        if f.joint is not None:
-            components.append({"code": self.concept("rom-joint"), "valueString": f.joint})
-        if f.movement is not None:
-            components.append({"code": self.concept("rom-movement"), "valueString": f.movement})
-        if f.degrees is not None:
-            components.append(
-                {
-                    "code": self.concept("rom-degrees"),
-                    "valueQuantity": self.quantity(f.degrees, "deg"),
-                }
-            )
+        components = self.slots(Profile.FINDING, COMPONENT, f)
         body: JSON = {
             **self._observation_common("observation-category-exam"),
             "code": self.concept(f.sign),
@@ -453,11 +464,9 @@ class _Builder:
         }
         if members:
             body["hasMember"] = [{"reference": m} for m in members]
-        if a.suspected_levels:
-            body["component"] = [
-                {"code": self.concept("suspected-levels"), "valueCodeableConcept": self.concept(lv)}
-                for lv in a.suspected_levels
-            ]
+        components = self.slots(Profile.ASSESSMENT_PANEL, COMPONENT, a)
+        if components:
+            body["component"] = components
         if a.notes is not None:
             body["note"] = [{"text": a.notes}]
         present = sum(1 for f in a.findings if f.present)
@@ -511,12 +520,7 @@ class _Builder:
             "code": self.concept("pain-score"),
             **self._context(performer=self.patient),
             "valueQuantity": self.quantity(score.nrs, "score"),
-            "component": [
-                {
-                    "code": self.concept("score-timing"),
-                    "valueCodeableConcept": self.concept(score.timing),
-                }
-            ],
+            "component": self.slots(Profile.PAIN_SCORE, COMPONENT, score),
         }
         if score.timing == "after-treatment":
             body["effectiveDateTime"] = _instant(self.r.end)
@@ -597,19 +601,7 @@ class _Builder:
         if treatment.adverse_events:
             body["complication"] = [
                 self.concept(event.kind)
-                | {
-                    "extension": [
-                        {
-                            "url": Ext.ADVERSE_EVENT_SEVERITY.url,
-                            "valueCodeableConcept": self.concept(event.severity),
-                        }
-                    ]
-                    + (
-                        [{"url": Ext.ADVERSE_EVENT_NOTE.url, "valueString": event.note}]
-                        if event.note is not None
-                        else []
-                    )
-                }
+                | {"extension": self.slots(Profile.SESSION, COMPLICATION_EXTENSION, event)}
                 for event in treatment.adverse_events
             ]
         if treatment.notes is not None:
@@ -627,43 +619,7 @@ class _Builder:
 
     def site(self, s: NeedledSite) -> str:
         t = self.t
-        extensions: list[JSON] = [
-            {"url": Ext.SITE_ROLE.url, "valueCodeableConcept": self.concept(s.role)},
-            *(
-                {"url": Ext.SPINAL_SEGMENT.url, "valueCodeableConcept": self.concept(level)}
-                for level in s.segments
-            ),
-            {
-                "url": Ext.NEEDLE_DIAMETER.url,
-                "valueQuantity": self.quantity(s.needle_diameter_mm, "mm"),
-            },
-            {
-                "url": Ext.NEEDLE_LENGTH.url,
-                "valueQuantity": self.quantity(s.needle_length_mm, "mm"),
-            },
-            {"url": Ext.INSERTIONS.url, "valuePositiveInt": s.insertions},
-            {"url": Ext.MAX_DEPTH.url, "valueQuantity": self.quantity(s.max_depth_mm, "mm")},
-            {"url": Ext.DWELL_TIME.url, "valueQuantity": self.quantity(s.dwell_time_s, "s")},
-            {"url": Ext.NEEDLE_RESPONSE.url, "valueCodeableConcept": self.concept(s.response)},
-        ]
-        if s.electrical_stimulation is not None:
-            e = s.electrical_stimulation
-            extensions.append(
-                {
-                    "url": Ext.ELECTRICAL_STIMULATION.url,
-                    "extension": [
-                        {
-                            "url": ESTIM_FREQUENCY,
-                            "valueQuantity": self.quantity(e.frequency_hz, "Hz"),
-                        },
-                        {
-                            "url": ESTIM_INTENSITY,
-                            "valueQuantity": self.quantity(e.intensity_ma, "mA"),
-                        },
-                        {"url": ESTIM_DURATION, "valueQuantity": self.quantity(e.minutes, "min")},
-                    ],
-                }
-            )
+        extensions = self.slots(Profile.NEEDLED_SITE, PROCEDURE_EXTENSION, s)
         body: JSON = {
             "extension": extensions,
             "partOf": [{"reference": self.session_url}],
@@ -672,12 +628,7 @@ class _Builder:
             **self._procedure_common(),
             "bodySite": [
                 {
-                    "extension": [
-                        {
-                            "url": Ext.BODYSITE_LATERALITY.url,
-                            "valueCodeableConcept": self.concept(s.side),
-                        }
-                    ],
+                    "extension": self.slots(Profile.NEEDLED_SITE, BODY_SITE_EXTENSION, s),
                     "coding": [c.as_fhir() for c in t.codings(s.muscle)],
                 }
             ],

@@ -1,0 +1,208 @@
+"""The mapping spec: ``mappings/Parameters-field-map.json`` read into rules.
+
+The spec has one rule per record field: the FHIR element that holds it, and the source (a
+TERMINOLOGY.md row or an R4 spec page) that justifies it. A field held in an extension or an
+Observation component is a *slot* rule: it also gives the profile, the slot
+(``Procedure.extension:needle-length``, ``Observation.component:grade``), the value type, the
+UCUM unit, the vocabulary (a group of the local CodeSystem) and the cardinality. Slot rules
+are what the forward mapping writes, what the reverse mapping reads, what
+``scripts/profiles.py`` defines the extensions and slices from and what ``docs/mapping.md``
+lists, so each of those facts is written once. The spec also names the ValueSet of each
+vocabulary.
+"""
+
+from __future__ import annotations
+
+import functools
+import json
+from dataclasses import dataclass
+from typing import Any
+
+from ._terminology import EXTENSION_BASE, mappings_dir
+
+__all__ = [
+    "BODY_SITE_EXTENSION",
+    "COMPLICATION_EXTENSION",
+    "COMPONENT",
+    "PROCEDURE_EXTENSION",
+    "SPEC_FILE",
+    "Slot",
+    "Spec",
+    "Vocabulary",
+    "parse_spec",
+    "spec",
+]
+
+SPEC_FILE = "Parameters-field-map.json"
+# The containers slot rules name.
+COMPONENT = "Observation.component"
+PROCEDURE_EXTENSION = "Procedure.extension"
+BODY_SITE_EXTENSION = "Procedure.bodySite.extension"
+COMPLICATION_EXTENSION = "Procedure.complication.extension"
+
+_TYPES = frozenset({"CodeableConcept", "Quantity", "integer", "positiveInt", "string", "complex"})
+
+
+@dataclass(frozen=True, slots=True)
+class Slot:
+    """A record field held in an extension or a component."""
+
+    path: str  # the record field, e.g. "treatment.sites[].needle_length_mm"
+    profile: str  # the profile of the resource that holds it, e.g. "ims-needled-site"
+    container: str  # e.g. "Procedure.extension", "Observation.component"
+    key: str  # the extension's id (its URL's tail) or the component's local code
+    type: str  # the FHIR value type, or "complex" for an extension of extensions
+    unit: str | None  # UCUM code of a Quantity
+    vocabulary: str | None  # the local CodeSystem group of a CodeableConcept
+    min: int
+    max: str
+    slice: str | None  # the slice name in the profile
+    short: str | None  # an extension's title
+    definition: str | None  # an extension's definition
+    parts: tuple[Slot, ...]  # a complex extension's sub-extensions
+
+    @property
+    def field(self) -> str:
+        """The record attribute (the last step of the path)."""
+        return self.path.rsplit(".", 1)[-1].removesuffix("[]")
+
+    @property
+    def repeats(self) -> bool:
+        """Whether the field is a list, one extension or component per item."""
+        return self.max == "*"
+
+    @property
+    def is_extension(self) -> bool:
+        """Whether the slot is an extension (else a component)."""
+        return self.container.endswith("extension") or not self.container
+
+    @property
+    def url(self) -> str:
+        """An extension's URL (a sub-extension's is its bare name, as R4 wants)."""
+        if not self.container or "://" in self.key:
+            return self.key
+        return f"{EXTENSION_BASE}/{self.key}"
+
+    @property
+    def value_key(self) -> str:
+        """The JSON key of the value: ``valueQuantity``, ``valuePositiveInt``, ..."""
+        return "value" + self.type[0].upper() + self.type[1:]
+
+    @property
+    def context(self) -> str:
+        """Where an extension may appear (its container without ``.extension``)."""
+        return self.container.removesuffix(".extension")
+
+
+@dataclass(frozen=True, slots=True)
+class Vocabulary:
+    """A group of the local CodeSystem and the ValueSet that holds it."""
+
+    group: str
+    value_set: str
+    title: str
+
+
+@dataclass(frozen=True, slots=True, eq=False)  # hashed by identity: one instance, cached
+class Spec:
+    """The rules of the mapping spec."""
+
+    rules: tuple[dict[str, Any], ...]  # every rule's parts by name (slot rules too)
+    slots: tuple[Slot, ...]
+    vocabularies: tuple[Vocabulary, ...]
+
+    def slots_of(self, profile: str, container: str) -> tuple[Slot, ...]:
+        """The slots of one container of one profile, in the order they are written."""
+        return _slots_of(self, profile, container)
+
+    def value_set(self, group: str) -> str:
+        """The id of the ValueSet of a vocabulary group."""
+        return next(v.value_set for v in self.vocabularies if v.group == group)
+
+
+@functools.cache
+def _slots_of(spec_: Spec, profile: str, container: str) -> tuple[Slot, ...]:
+    return tuple(s for s in spec_.slots if s.profile == profile and s.container == container)
+
+
+@functools.cache
+def spec() -> Spec:
+    """The mapping spec, read once from ``mappings/``."""
+    path = mappings_dir() / SPEC_FILE
+    data = json.loads(path.read_text(encoding="utf-8"))
+    try:
+        return parse_spec(data)
+    except (KeyError, TypeError, ValueError) as exc:
+        raise ValueError(f"{path}: not a valid mapping spec ({exc!r})") from exc
+
+
+def _parts(parameter: dict[str, Any]) -> tuple[dict[str, Any], list[dict[str, Any]]]:
+    values: dict[str, Any] = {}
+    nested = []
+    for part in parameter["part"]:
+        if part["name"] == "part":
+            nested.append(part)
+            continue
+        if part["name"] in values:
+            raise ValueError(f"{part['name']} twice in a rule")
+        (value,) = (v for k, v in part.items() if k.startswith("value"))
+        values[part["name"]] = value
+    return values, nested
+
+
+def _slot(values: dict[str, Any], nested: list[dict[str, Any]], container: str) -> Slot:
+    if values["type"] not in _TYPES:
+        raise ValueError(f"{values['field']}: unknown type {values['type']!r}")
+    if values["type"] == "Quantity" and not values.get("unit"):
+        raise ValueError(f"{values['field']}: a Quantity needs a unit")
+    if values["type"] == "CodeableConcept" and not values.get("vocabulary"):
+        raise ValueError(f"{values['field']}: a CodeableConcept needs a vocabulary")
+    parts = []
+    for part in nested:
+        sub, deeper = _parts(part)
+        if deeper:
+            raise ValueError(f"{values['field']}: sub-extensions nest one level only")
+        parts.append(_slot(sub | {"profile": values.get("profile", "")}, [], ""))
+    if (values["type"] == "complex") != bool(parts):
+        raise ValueError(f"{values['field']}: a complex extension, and only one, has parts")
+    key = values["slot"].rsplit(":", 1)[-1]
+    return Slot(
+        path=values["field"],
+        profile=values.get("profile", ""),
+        container=container,
+        key=key,
+        type=values["type"],
+        unit=values.get("unit"),
+        vocabulary=values.get("vocabulary"),
+        min=int(values.get("min", 0)),
+        max=str(values.get("max", "1")),
+        slice=values.get("slice"),
+        short=values.get("short"),
+        definition=values.get("definition"),
+        parts=tuple(parts),
+    )
+
+
+def parse_spec(data: dict[str, Any]) -> Spec:
+    """Read the spec from its Parameters resource; raise ValueError naming what is wrong."""
+    if data.get("resourceType") != "Parameters":
+        raise ValueError("not a Parameters resource")
+    rules: list[dict[str, Any]] = []
+    slots: list[Slot] = []
+    vocabularies: list[Vocabulary] = []
+    for parameter in data["parameter"]:
+        values, nested = _parts(parameter)
+        if parameter["name"] == "vocabulary":
+            vocabularies.append(Vocabulary(values["group"], values["valueSet"], values["title"]))
+        elif parameter["name"] == "rule":
+            rules.append(values | ({"parts": [_parts(p)[0] for p in nested]} if nested else {}))
+            if "slot" in values:
+                container, _, _ = values["slot"].rpartition(":")
+                slots.append(_slot(values, nested, container))
+        else:
+            raise ValueError(f"unknown parameter {parameter['name']!r}")
+    groups = {v.group for v in vocabularies}
+    for slot in slots:
+        if slot.vocabulary is not None and slot.vocabulary not in groups:
+            raise ValueError(f"{slot.path}: vocabulary {slot.vocabulary!r} has no ValueSet")
+    return Spec(tuple(rules), tuple(slots), tuple(vocabularies))
