@@ -1,5 +1,5 @@
 #!/usr/bin/env python3
-"""Write src/ims_fhir/_codes.py from the local CodeSystem (``--check``: fail if stale).
+"""Write src/ims_fhir/record/codes.py from the local CodeSystem (``--check``: fail if stale).
 
 The record model's coded fields are typed with ``Literal`` types of the CodeSystem's codes, so a
 typo in user code is a type error, not a run-time one. The codes stay data: this script reads
@@ -15,11 +15,11 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "src"))
 
-from ims_fhir._terminology import terminology  # noqa: E402
+from ims_fhir.record.terminology import terminology  # noqa: E402
 
-TARGET = ROOT / "src" / "ims_fhir" / "_codes.py"
+TARGET = ROOT / "src" / "ims_fhir" / "record" / "codes.py"
 
-# Record type name -> CodeSystem group, in the order _record.py uses them.
+# Record type name -> CodeSystem group, in the order record/model.py uses them.
 GROUPS = {
     "SignCode": "sign",
     "MuscleCode": "muscle",
@@ -37,13 +37,13 @@ GROUPS = {
 
 
 def generate() -> str:
-    """Return the text of _codes.py."""
+    """Return the text of record/codes.py."""
     lines = [
         '"""The codes of the record vocabulary as ``Literal`` types, for type checkers.',
         "",
         "Generated from ``mappings/CodeSystem-ims-local.json`` by ``scripts/codes.py``: edit the",
         "CodeSystem, then run ``python scripts/codes.py``. A test fails when this file is stale.",
-        "Validation reads the CodeSystem itself (``_record._Vocabulary``); these only type.",
+        "Validation reads the CodeSystem itself (``model._Vocabulary``); these only type.",
         '"""',
         "",
         "from typing import Literal",
@@ -70,7 +70,7 @@ def main() -> int:
     produced = generate()
     if "--check" in sys.argv[1:]:
         if not TARGET.exists() or TARGET.read_text(encoding="utf-8") != produced:
-            print("src/ims_fhir/_codes.py is stale: run python scripts/codes.py")
+            print("src/ims_fhir/record/codes.py is stale: run python scripts/codes.py")
             return 1
         return 0
     TARGET.write_text(produced, encoding="utf-8")

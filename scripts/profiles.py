@@ -19,14 +19,14 @@ import urllib.request
 from pathlib import Path
 from typing import Any
 
-from ims_fhir._spec import (
+from ims_fhir._version import __version__
+from ims_fhir.mapping.spec import (
     BODY_SITE_EXTENSION,
     PROCEDURE_EXTENSION,
     Slot,
     spec,
 )
-from ims_fhir._terminology import CANONICAL
-from ims_fhir._version import __version__
+from ims_fhir.record.terminology import CANONICAL
 
 CANON = CANONICAL
 LOCAL = f"{CANON}/CodeSystem/ims-local"

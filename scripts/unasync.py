@@ -1,5 +1,5 @@
 #!/usr/bin/env python3
-"""Write src/ims_fhir/_sync_client.py from _async_client.py (``--check``: fail if stale).
+"""Write src/ims_fhir/client/blocking.py from client/asynchronous.py (``--check``: fail if stale).
 
 The synchronous client is generated, never edited by hand, so the two cannot drift apart.
 """
@@ -11,12 +11,12 @@ import subprocess
 import sys
 from pathlib import Path
 
-SRC = Path(__file__).resolve().parents[1] / "src" / "ims_fhir"
-ASYNC, SYNC = SRC / "_async_client.py", SRC / "_sync_client.py"
+SRC = Path(__file__).resolve().parents[1] / "src" / "ims_fhir" / "client"
+ASYNC, SYNC = SRC / "asynchronous.py", SRC / "blocking.py"
 
 HEADER = (
     '"""The synchronous FHIR client.\n\n'
-    "Generated from ``_async_client.py`` by ``scripts/unasync.py``: edit that file, then run\n"
+    "Generated from ``asynchronous.py`` by ``scripts/unasync.py``: edit that file, then run\n"
     "``python scripts/unasync.py``. A test fails when this file is stale.\n"
     '"""\n'
 )
@@ -64,7 +64,7 @@ def main() -> int:
     produced = generate()
     if "--check" in sys.argv[1:]:
         if SYNC.read_text(encoding="utf-8") != produced:
-            print("src/ims_fhir/_sync_client.py is stale: run python scripts/unasync.py")
+            print("src/ims_fhir/client/blocking.py is stale: run python scripts/unasync.py")
             return 1
         return 0
     SYNC.write_text(produced, encoding="utf-8")

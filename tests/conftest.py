@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from ims_fhir._package import build_package
+from ims_fhir.mapping.package import build_package
 
 from .pgcluster import INSTALL_HINT, PgCluster, find_bindir
 

@@ -11,7 +11,7 @@ import pytest
 from click.testing import CliRunner
 
 from ims_fhir import Encounter, to_fhir_json
-from ims_fhir._cli import cli
+from ims_fhir.cli.commands import cli
 
 from .conftest import FIXTURES
 

@@ -19,7 +19,7 @@ import pytest
 import respx
 from click.testing import CliRunner, Result
 
-from ims_fhir._cli import cli
+from ims_fhir.cli.commands import cli
 
 BASE = "https://fhir.example.org/r4"
 ROOT = Path(__file__).resolve().parents[1]
@@ -457,7 +457,7 @@ P = "https://ims-fhir.org/fhir/StructureDefinition/ims-patient"
     ],
 )
 def test_an_unknown_profile_is_told_from_other_issues(diagnostics: str, unknown: bool) -> None:
-    from ims_fhir._cli import unknown_profile
+    from ims_fhir.cli.commands import unknown_profile
 
     outcome = {"issue": [{"severity": "error", "diagnostics": diagnostics}]}
     assert unknown_profile(outcome, P) is unknown

@@ -13,7 +13,7 @@ from click.testing import CliRunner
 from rich.console import Console
 
 from ims_fhir import PushResult
-from ims_fhir._cli import _progress, cli, parse_since
+from ims_fhir.cli.commands import _progress, cli, parse_since
 
 BASE = "https://fhir.example.org/r4"
 EMPTY = {"resourceType": "Bundle", "type": "searchset", "entry": []}
@@ -108,7 +108,7 @@ class _ConflictingPusher:
 def test_a_conflict_says_how_to_resolve_it(
     root: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    monkeypatch.setattr("ims_fhir._cli.Pusher", _ConflictingPusher)
+    monkeypatch.setattr("ims_fhir.cli.commands.Pusher", _ConflictingPusher)
     record = root / "fixtures" / "encounters" / "01-lumbar-l5-initial.json"
     result = CliRunner().invoke(
         cli, ["push", str(record), "--server", BASE, "--state", str(tmp_path / "s")]

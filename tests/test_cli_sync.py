@@ -12,7 +12,7 @@ import respx
 from click.testing import CliRunner
 
 from ims_fhir import StateStore, check_capabilities
-from ims_fhir._cli import cli
+from ims_fhir.cli.commands import cli
 
 BASE = "https://fhir.example.org/r4"
 
@@ -198,7 +198,7 @@ def test_check_capabilities_lists_missing_conditional_update() -> None:
 
 
 def test_state_store_round_trip(tmp_path: Path) -> None:
-    from ims_fhir._state import ResourceState
+    from ims_fhir.sync.state import ResourceState
 
     path = tmp_path / "state.sqlite3"
     with StateStore(path) as state:

@@ -5,7 +5,7 @@ from pathlib import Path
 
 from click.testing import CliRunner
 
-from ims_fhir._cli import cli
+from ims_fhir.cli.commands import cli
 
 
 def test_validate_fixtures_succeeds(root: Path) -> None:

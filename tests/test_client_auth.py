@@ -17,7 +17,7 @@ from joserfc.jwk import ECKey, RSAKey
 
 import ims_fhir
 from ims_fhir import BearerAuth, FhirClient, RetryPolicy, SmartBackendAuth
-from ims_fhir._constants import TOKEN_REFRESH_MARGIN
+from ims_fhir.client.constants import TOKEN_REFRESH_MARGIN
 
 BASE = "https://fhir.example.org/r4"
 TOKEN_URL = "https://auth.example.org/token"

@@ -32,7 +32,7 @@ from fhir.resources.R4B.patient import Patient
 
 import ims_fhir
 from ims_fhir import AsyncFhirClient, ClientCredentialsAuth, FhirClient
-from ims_fhir._cli import cli
+from ims_fhir.cli.commands import cli
 
 BASE = "https://fhir.example.org/r4"
 TOKEN_URL = "https://auth.example.org/token"
@@ -165,7 +165,7 @@ def test_without_the_ca_bundle_the_certificate_is_refused(https_base: str) -> No
 
 
 def test_a_ca_bundle_keeps_the_usual_roots_and_verification() -> None:
-    context = ims_fhir._http.tls_context(None)
+    context = ims_fhir.client.http.tls_context(None)
     assert context.verify_mode == ssl.CERT_REQUIRED and context.check_hostname
     assert context.cert_store_stats()["x509_ca"] > 10  # the usual roots are still trusted
 

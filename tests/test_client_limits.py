@@ -28,8 +28,8 @@ from joserfc.jwk import RSAKey
 
 import ims_fhir
 from ims_fhir import AsyncFhirClient, FhirClient, RetryPolicy, SmartBackendAuth
-from ims_fhir import _constants as constants
-from ims_fhir._http import (
+from ims_fhir.client import constants
+from ims_fhir.client.http import (
     DEADLINE,
     Deadline,
     decode_body,

@@ -13,8 +13,8 @@ import respx
 
 import ims_fhir
 from ims_fhir import FhirClient, RetryPolicy
-from ims_fhir import _constants as constants
-from ims_fhir._http import Call, parse_retry_after
+from ims_fhir.client import constants
+from ims_fhir.client.http import Call, parse_retry_after
 
 BASE = "https://fhir.example.org/r4"
 NOW = dt.datetime(2026, 11, 26, 12, 0, 0, tzinfo=dt.UTC)
@@ -106,7 +106,7 @@ class FakeClock:
 @pytest.fixture
 def clock(monkeypatch: pytest.MonkeyPatch) -> Iterator[FakeClock]:
     fake = FakeClock()
-    monkeypatch.setattr("ims_fhir._sync_client.time", fake)
+    monkeypatch.setattr("ims_fhir.client.blocking.time", fake)
     yield fake
 
 

@@ -3,14 +3,14 @@ from __future__ import annotations
 from pathlib import Path
 
 from ims_fhir import Encounter
-from ims_fhir._docs import render_mapping_doc
-from ims_fhir._spec import spec
+from ims_fhir.mapping.docs import render_mapping_doc
+from ims_fhir.mapping.spec import spec
 
 
 def test_mapping_doc_is_current(root: Path) -> None:
     committed = (root / "docs" / "mapping.md").read_text(encoding="utf-8")
     assert committed == render_mapping_doc(), (
-        "regenerate: python -m ims_fhir._docs > docs/mapping.md"
+        "regenerate: python -m ims_fhir.mapping.docs > docs/mapping.md"
     )
 
 

@@ -19,8 +19,8 @@ from fhir.resources.R4B.bundle import Bundle
 from hypothesis import HealthCheck, given, settings
 
 from ims_fhir import Encounter, RecordError, push, to_fhir, to_fhir_json, to_transaction
-from ims_fhir._state import StateStore
-from ims_fhir._to_fhir import transaction_json
+from ims_fhir.mapping.to_fhir import transaction_json
+from ims_fhir.sync.state import StateStore
 
 from .conftest import ENCOUNTER_FILES, ROOT
 from .strategies import encounters

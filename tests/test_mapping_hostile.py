@@ -22,9 +22,9 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from ims_fhir import Encounter, MappingError, from_fhir, terminology, to_fhir_json
-from ims_fhir._identity import Ext
-from ims_fhir._spec import spec
-from ims_fhir._terminology import LOCAL_SYSTEM
+from ims_fhir.mapping.identity import Ext
+from ims_fhir.mapping.spec import spec
+from ims_fhir.record.terminology import LOCAL_SYSTEM
 
 from .conftest import FIXTURES
 from .strategies import encounters

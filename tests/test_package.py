@@ -10,8 +10,8 @@ from pathlib import Path
 
 from click.testing import CliRunner
 
-from ims_fhir._cli import cli
-from ims_fhir._package import PACKAGE_NAME, build_package
+from ims_fhir.cli.commands import cli
+from ims_fhir.mapping.package import PACKAGE_NAME, build_package
 
 
 def test_package_layout(tmp_path: Path) -> None:
@@ -75,7 +75,7 @@ def test_artifacts_match_their_generator(root: Path) -> None:
 
 
 def test_profiles_name_what_the_mapper_writes(root: Path) -> None:
-    from ims_fhir._identity import Profile
+    from ims_fhir.mapping.identity import Profile
 
     urls = {
         json.loads(p.read_text(encoding="utf-8"))["url"]

@@ -121,7 +121,7 @@ def test_broken_resources_are_rejected_naming_the_element(
 def test_validate_command_reports_server_issues(fhir_base_url: str) -> None:
     from click.testing import CliRunner
 
-    from ims_fhir._cli import cli
+    from ims_fhir.cli.commands import cli
 
     result = CliRunner().invoke(
         cli, ["validate", "--json", "--server", fhir_base_url, str(ENCOUNTER_FILES[0])]

@@ -6,7 +6,7 @@ from pathlib import Path
 import pytest
 
 from ims_fhir import Encounter, ReadRecord, RecordError, read_records
-from ims_fhir._reader import MAX_RECORD_BYTES
+from ims_fhir.record.reader import MAX_RECORD_BYTES
 
 from .conftest import ENCOUNTER_FILES, INVALID_FILES
 

@@ -236,7 +236,7 @@ def test_a_100_mb_line_is_skipped_in_bounded_memory(tmp_path: Path) -> None:
 def test_invalid_fixtures_are_never_written(path: Path, tmp_path: Path) -> None:
     from click.testing import CliRunner
 
-    from ims_fhir._cli import cli
+    from ims_fhir.cli.commands import cli
 
     result = CliRunner().invoke(
         cli,

@@ -5,8 +5,8 @@ from pathlib import Path
 
 from click.testing import CliRunner
 
-from ims_fhir._cli import cli
-from ims_fhir._schema import record_json_schema, record_json_schema_text
+from ims_fhir.cli.commands import cli
+from ims_fhir.record.schema import record_json_schema, record_json_schema_text
 
 
 def test_committed_schema_is_current(root: Path) -> None:

@@ -19,8 +19,8 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 
 from ims_fhir import Encounter, from_fhir, to_fhir_json
-from ims_fhir._spec import Slot, parse_spec, spec
-from ims_fhir._terminology import LOCAL_SYSTEM
+from ims_fhir.mapping.spec import Slot, parse_spec, spec
+from ims_fhir.record.terminology import LOCAL_SYSTEM
 
 from .conftest import ENCOUNTER_FILES, ROOT
 from .strategies import encounters

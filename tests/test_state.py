@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 
 from ims_fhir import StateError, StateStore
-from ims_fhir._state import ResourceState
+from ims_fhir.sync.state import ResourceState
 
 from .conftest import ROOT
 

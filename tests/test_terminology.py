@@ -10,8 +10,8 @@ from typing import Any
 import pytest
 
 from ims_fhir import terminology, to_fhir_json
-from ims_fhir._identity import Ext, Profile
-from ims_fhir._terminology import LOCAL_SYSTEM
+from ims_fhir.mapping.identity import Ext, Profile
+from ims_fhir.record.terminology import LOCAL_SYSTEM
 
 from .conftest import ENCOUNTER_FILES, ROOT
 

@@ -1,22 +1,5 @@
 """ims-fhir: IMS encounters to FHIR R4 and back, and in sync with FHIR servers."""
 
-from ._async_client import AsyncFhirClient
-from ._auth import BearerAuth, ClientCredentialsAuth, SmartBackendAuth, TokenAuth
-from ._check import Check, check_capabilities
-from ._codes import (
-    AdverseEventCode,
-    DiagnosisCode,
-    MuscleCode,
-    NeedleResponseCode,
-    PainTimingCode,
-    SeverityCode,
-    SideCode,
-    SignCode,
-    SiteRoleCode,
-    SpinalLevelCode,
-    TrophedemaTestCode,
-    VisitTypeCode,
-)
 from ._exceptions import (
     AuthenticationError,
     BadRequestError,
@@ -44,11 +27,28 @@ from ._exceptions import (
     UnsafeServerError,
     VersionConflictError,
 )
-from ._from_fhir import MappingReport, SkippedResource, from_fhir
-from ._http import ClientOptions, Outcome, RetryPolicy
-from ._pull import pull, pull_all
-from ._reader import ReadRecord, read_records, validate_record
-from ._record import (
+from ._version import __version__
+from .client.asynchronous import AsyncFhirClient
+from .client.auth import BearerAuth, ClientCredentialsAuth, SmartBackendAuth, TokenAuth
+from .client.blocking import FhirClient
+from .client.http import ClientOptions, Outcome, RetryPolicy
+from .mapping.from_fhir import MappingReport, SkippedResource, from_fhir
+from .mapping.to_fhir import to_fhir, to_fhir_json, to_resources, to_transaction
+from .record.codes import (
+    AdverseEventCode,
+    DiagnosisCode,
+    MuscleCode,
+    NeedleResponseCode,
+    PainTimingCode,
+    SeverityCode,
+    SideCode,
+    SignCode,
+    SiteRoleCode,
+    SpinalLevelCode,
+    TrophedemaTestCode,
+    VisitTypeCode,
+)
+from .record.model import (
     AdverseEvent,
     Assessment,
     Clinic,
@@ -65,14 +65,14 @@ from ._record import (
     Practitioner,
     Treatment,
 )
-from ._schema import record_json_schema
-from ._state import StateStore
-from ._sync import Pusher, PushResult, PushSummary, push
-from ._sync_client import FhirClient
-from ._synthetic import synthetic_encounters
-from ._terminology import CANONICAL, Terminology, terminology
-from ._to_fhir import to_fhir, to_fhir_json, to_resources, to_transaction
-from ._version import __version__
+from .record.reader import ReadRecord, read_records, validate_record
+from .record.schema import record_json_schema
+from .record.synthetic import synthetic_encounters
+from .record.terminology import CANONICAL, Terminology, terminology
+from .sync.capabilities import Check, check_capabilities
+from .sync.pull import pull, pull_all
+from .sync.push import Pusher, PushResult, PushSummary, push
+from .sync.state import StateStore
 
 __all__ = [
     "CANONICAL",

@@ -1,5 +1,5 @@
 """``python -m ims_fhir``: the command line."""
 
-from ._cli import main
+from .cli.commands import main
 
 main()

@@ -44,8 +44,7 @@ from collections.abc import AsyncIterator, Callable, Coroutine, Iterable
 from dataclasses import dataclass, field, replace
 from typing import Any, Literal, TypeVar
 
-from ._async_client import AsyncFhirClient
-from ._exceptions import (
+from .._exceptions import (
     AuthenticationError,
     ConflictError,
     ConnectError,
@@ -58,14 +57,15 @@ from ._exceptions import (
     StatusError,
     UnsafeServerError,
 )
-from ._http import ClientOptions, _entries_repeatable, objects
-from ._identity import identifier_query, search_escape
-from ._reader import ReadRecord
-from ._record import Encounter
-from ._signature import References, identifier_key, identifier_keys, literal, signature
-from ._state import RecordState, ResourceState, StateStore
-from ._terminology import CANONICAL, terminology
-from ._to_fhir import bundle_dict
+from ..client.asynchronous import AsyncFhirClient
+from ..client.http import ClientOptions, _entries_repeatable, objects
+from ..mapping.identity import identifier_query, search_escape
+from ..mapping.to_fhir import bundle_dict
+from ..record.model import Encounter
+from ..record.reader import ReadRecord
+from ..record.terminology import CANONICAL, terminology
+from .signature import References, identifier_key, identifier_keys, literal, signature
+from .state import RecordState, ResourceState, StateStore
 
 __all__ = ["SYNC_TAG_SYSTEM", "Action", "PushResult", "PushSummary", "Pusher", "push"]
 

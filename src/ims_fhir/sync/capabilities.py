@@ -5,7 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any
 
-from ._http import objects
+from ..client.http import objects
 
 __all__ = ["Check", "check_capabilities"]
 

@@ -35,9 +35,9 @@ import httpx
 from joserfc import jwt
 from joserfc.jwk import ECKey, RSAKey
 
-from ._constants import CLIENT_ASSERTION_LIFETIME, MAX_AUTH_RESPONSE_BYTES, TOKEN_REFRESH_MARGIN
-from ._exceptions import ConfigurationError, InvalidResponseError, describe_request
-from ._http import BodyCounter, check_url, limits_for, make_status_error
+from .._exceptions import ConfigurationError, InvalidResponseError, describe_request
+from .constants import CLIENT_ASSERTION_LIFETIME, MAX_AUTH_RESPONSE_BYTES, TOKEN_REFRESH_MARGIN
+from .http import BodyCounter, check_url, limits_for, make_status_error
 
 __all__ = ["BearerAuth", "ClientCredentialsAuth", "SmartBackendAuth"]
 

@@ -12,8 +12,8 @@ import uuid
 from collections.abc import Iterator
 from typing import Any
 
-from ._record import Encounter
-from ._terminology import terminology
+from .model import Encounter
+from .terminology import terminology
 
 __all__ = ["synthetic_encounter", "synthetic_encounters"]
 

@@ -1,6 +1,6 @@
 """The synchronous FHIR client.
 
-Generated from ``_async_client.py`` by ``scripts/unasync.py``: edit that file, then run
+Generated from ``asynchronous.py`` by ``scripts/unasync.py``: edit that file, then run
 ``python scripts/unasync.py``. A test fails when this file is stale.
 """
 
@@ -21,10 +21,10 @@ from fhir.resources.R4B.bundle import Bundle
 from fhir.resources.R4B.capabilitystatement import CapabilityStatement
 from fhir.resources.R4B.resource import Resource
 
-from ._auth import TokenAuth
-from ._constants import DEFAULT_DEADLINE, DEFAULT_TIMEOUT, MAX_PAGES, MAX_RESPONSE_BYTES
-from ._exceptions import InvalidResponseError, describe_request
-from ._http import (
+from .._exceptions import InvalidResponseError, describe_request
+from .auth import TokenAuth
+from .constants import DEFAULT_DEADLINE, DEFAULT_TIMEOUT, MAX_PAGES, MAX_RESPONSE_BYTES
+from .http import (
     JSON,
     BodyCounter,
     Call,

@@ -30,11 +30,7 @@ from rich.console import Console
 from rich.markup import escape
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
-from ._async_client import AsyncFhirClient
-from ._check import Check, check_capabilities
-from ._config import SETTINGS, auth_from, default_config_path, load_config, where_to_set
-from ._convert import detect_input, read_fhir
-from ._exceptions import (
+from .._exceptions import (
     AuthenticationError,
     ConfigurationError,
     ConnectError,
@@ -49,22 +45,26 @@ from ._exceptions import (
     TimeoutException,
     UnsafeServerError,
 )
-from ._package import PACKAGE_NAME, build_package, package_resources
-from ._pull import DEFAULT_PAGE_SIZE, patient_reference, pull
-from ._reader import ReadRecord, read_records
-from ._record import Encounter
-from ._schema import record_json_schema_text
-from ._state import ResourceState, StateStore, default_state_path
-from ._sync import (
+from .._version import __version__
+from ..client.asynchronous import AsyncFhirClient
+from ..mapping.convert import detect_input, read_fhir
+from ..mapping.package import PACKAGE_NAME, build_package, package_resources
+from ..mapping.to_fhir import bundle_dict, bundle_json, transaction_json
+from ..record.model import Encounter
+from ..record.reader import ReadRecord, read_records
+from ..record.schema import record_json_schema_text
+from ..record.synthetic import synthetic_encounter
+from ..sync.capabilities import Check, check_capabilities
+from ..sync.pull import DEFAULT_PAGE_SIZE, patient_reference, pull
+from ..sync.push import (
     DEFAULT_BATCH_SIZE,
     DEFAULT_CONCURRENCY,
     Pusher,
     PushResult,
     PushSummary,
 )
-from ._synthetic import synthetic_encounter
-from ._to_fhir import bundle_dict, bundle_json, transaction_json
-from ._version import __version__
+from ..sync.state import ResourceState, StateStore, default_state_path
+from .config import SETTINGS, auth_from, default_config_path, load_config, where_to_set
 
 EXIT_OK = 0
 EXIT_SOME_FAILED = 1

@@ -31,7 +31,7 @@ from typing import IO, ParamSpec, TypeVar
 
 import platformdirs
 
-from ._exceptions import StateError
+from .._exceptions import StateError
 
 __all__ = ["RecordState", "ResourceState", "StateStore", "default_state_path"]
 

@@ -13,7 +13,7 @@ import uuid
 from enum import StrEnum
 from urllib.parse import quote
 
-from ._terminology import CANONICAL, EXTENSION_BASE, PROFILE_BASE
+from ..record.terminology import CANONICAL, EXTENSION_BASE, PROFILE_BASE
 
 DEFAULT_NAMESPACE_BASE = f"{CANONICAL}/sid"
 

@@ -15,12 +15,12 @@ import re
 from collections.abc import AsyncIterator
 from typing import Any
 
-from ._async_client import AsyncFhirClient
-from ._exceptions import MappingError
-from ._from_fhir import MappingReport, from_fhir
-from ._http import ClientOptions
-from ._identity import Ext, Profile
-from ._sync import refuse_own_http_client, run_blocking
+from .._exceptions import MappingError
+from ..client.asynchronous import AsyncFhirClient
+from ..client.http import ClientOptions
+from ..mapping.from_fhir import MappingReport, from_fhir
+from ..mapping.identity import Ext, Profile
+from .push import refuse_own_http_client, run_blocking
 
 __all__ = ["DEFAULT_PAGE_SIZE", "pull", "pull_all"]
 

@@ -16,8 +16,8 @@ import tarfile
 from pathlib import Path
 from typing import Any
 
-from ._terminology import CANONICAL, mappings_dir
-from ._version import __version__
+from .._version import __version__
+from ..record.terminology import CANONICAL, mappings_dir
 
 __all__ = ["PACKAGE_NAME", "build_package", "package_resources"]
 

@@ -29,8 +29,12 @@ from typing import Any
 
 from pydantic import ValidationError
 
-from ._exceptions import MappingError
-from ._identity import (
+from .._exceptions import MappingError
+from ..record.model import Encounter
+from ..record.reader import decode_json
+from ..record.terminology import Terminology, terminology
+from ..sync.signature import literal
+from .identity import (
     Ext,
     Kind,
     Profile,
@@ -38,11 +42,8 @@ from ._identity import (
     provenance_id,
     split_system,
 )
-from ._identity import system as _system  # `system` is a common local name here
-from ._reader import decode_json
-from ._record import Encounter
-from ._signature import literal
-from ._spec import (
+from .identity import system as _system  # `system` is a common local name here
+from .spec import (
     BODY_SITE_EXTENSION,
     COMPLICATION_EXTENSION,
     COMPONENT,
@@ -50,8 +51,7 @@ from ._spec import (
     Slot,
     spec,
 )
-from ._terminology import Terminology, terminology
-from ._to_fhir import bundle_dict
+from .to_fhir import bundle_dict
 
 __all__ = ["MappingReport", "SkippedResource", "from_fhir"]
 

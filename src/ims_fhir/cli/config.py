@@ -30,8 +30,8 @@ from typing import Any
 import httpx
 import platformdirs
 
-from ._auth import BearerAuth, ClientCredentialsAuth, SmartBackendAuth
-from ._exceptions import ConfigurationError
+from .._exceptions import ConfigurationError
+from ..client.auth import BearerAuth, ClientCredentialsAuth, SmartBackendAuth
 
 __all__ = ["SETTINGS", "Setting", "auth_from", "default_config_path", "load_config", "where_to_set"]
 

@@ -9,8 +9,8 @@ from __future__ import annotations
 import json
 from typing import Any
 
-from ._spec import spec
-from ._terminology import mappings_dir
+from ..record.terminology import mappings_dir
+from .spec import spec
 
 
 def _load(name: str) -> dict[str, Any]:
@@ -162,6 +162,6 @@ def render_profiles_doc() -> str:
 if __name__ == "__main__":
     import pathlib
 
-    docs = pathlib.Path(__file__).resolve().parents[2] / "docs"
+    docs = pathlib.Path(__file__).resolve().parents[3] / "docs"
     (docs / "mapping.md").write_text(render_mapping_doc(), encoding="utf-8")
     (docs / "profiles.md").write_text(render_profiles_doc(), encoding="utf-8")

@@ -2,7 +2,7 @@
 
 Generated from ``mappings/CodeSystem-ims-local.json`` by ``scripts/codes.py``: edit the
 CodeSystem, then run ``python scripts/codes.py``. A test fails when this file is stale.
-Validation reads the CodeSystem itself (``_record._Vocabulary``); these only type.
+Validation reads the CodeSystem itself (``model._Vocabulary``); these only type.
 """
 
 from typing import Literal

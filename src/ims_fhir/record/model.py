@@ -29,8 +29,8 @@ from pydantic import (
 from pydantic.json_schema import JsonSchemaValue
 from pydantic_core import PydanticCustomError, core_schema
 
-from . import _codes as codes
-from ._terminology import terminology
+from . import codes
+from .terminology import terminology
 
 __all__ = [
     "AdverseEvent",

@@ -16,8 +16,8 @@ from typing import Any, BinaryIO
 
 from pydantic import ValidationError
 
-from ._exceptions import FieldIssue, RecordError, RecordLocation
-from ._record import Encounter
+from .._exceptions import FieldIssue, RecordError, RecordLocation
+from .model import Encounter
 
 __all__ = [
     "MAX_RECORD_BYTES",

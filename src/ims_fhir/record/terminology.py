@@ -56,7 +56,7 @@ def mappings_dir() -> Path:
     packaged = resources.files("ims_fhir").joinpath("mappings")
     if packaged.is_dir():
         return Path(str(packaged))
-    checkout = Path(__file__).resolve().parents[2] / "mappings"
+    checkout = Path(__file__).resolve().parents[3] / "mappings"
     if checkout.is_dir():
         return checkout
     raise FileNotFoundError("ims-fhir mapping artifacts not found (mappings/ is missing)")

@@ -30,7 +30,10 @@ import orjson
 from fhir.resources.R4B.bundle import Bundle
 from fhir.resources.R4B.resource import Resource
 
-from ._identity import (
+from ..record.model import Encounter, Finding, HumanName, NeedledSite, PainScore, Treatment
+from ..record.reader import check_record
+from ..record.terminology import Terminology, terminology
+from .identity import (
     Ext,
     Kind,
     Profile,
@@ -40,9 +43,7 @@ from ._identity import (
     provenance_id,
     system,
 )
-from ._reader import check_record
-from ._record import Encounter, Finding, HumanName, NeedledSite, PainScore, Treatment
-from ._spec import (
+from .spec import (
     BODY_SITE_EXTENSION,
     COMPLICATION_EXTENSION,
     COMPONENT,
@@ -50,7 +51,6 @@ from ._spec import (
     Slot,
     spec,
 )
-from ._terminology import Terminology, terminology
 
 __all__ = [
     "bundle_dict",

@@ -6,9 +6,9 @@ from collections.abc import Callable, Iterable, Iterator
 from pathlib import Path
 from typing import Any, Literal
 
-from ._exceptions import FieldIssue, RecordError
-from ._from_fhir import MappingReport, from_fhir
-from ._reader import json_values, walk
+from .._exceptions import FieldIssue, RecordError
+from ..record.reader import json_values, walk
+from .from_fhir import MappingReport, from_fhir
 
 __all__ = ["detect_input", "read_fhir"]
 

@@ -5,9 +5,9 @@ from __future__ import annotations
 import json
 from typing import Any
 
-from ._record import Encounter
-from ._terminology import CANONICAL
-from ._version import __version__
+from .._version import __version__
+from .model import Encounter
+from .terminology import CANONICAL
 
 __all__ = ["record_json_schema", "record_json_schema_text"]
 

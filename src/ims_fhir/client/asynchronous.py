@@ -1,8 +1,8 @@
 """The asynchronous FHIR client.
 
-This file is the source of the synchronous client: ``scripts/unasync.py`` writes
-``_sync_client.py`` from it, and a test fails when the two differ. Request building and response
-parsing live in ``_http.py`` (I/O-free); this class only sends.
+This file is the source of the blocking client: ``scripts/unasync.py`` writes ``blocking.py``
+from it, and a test fails when the two differ. Request building and response parsing live in
+``http.py`` (I/O-free); this class only sends.
 """
 
 from __future__ import annotations
@@ -23,10 +23,10 @@ from fhir.resources.R4B.bundle import Bundle
 from fhir.resources.R4B.capabilitystatement import CapabilityStatement
 from fhir.resources.R4B.resource import Resource
 
-from ._auth import TokenAuth
-from ._constants import DEFAULT_DEADLINE, DEFAULT_TIMEOUT, MAX_PAGES, MAX_RESPONSE_BYTES
-from ._exceptions import InvalidResponseError, describe_request
-from ._http import (
+from .._exceptions import InvalidResponseError, describe_request
+from .auth import TokenAuth
+from .constants import DEFAULT_DEADLINE, DEFAULT_TIMEOUT, MAX_PAGES, MAX_RESPONSE_BYTES
+from .http import (
     JSON,
     BodyCounter,
     Call,

@@ -18,7 +18,7 @@ import json
 from dataclasses import dataclass
 from typing import Any
 
-from ._terminology import EXTENSION_BASE, mappings_dir
+from ..record.terminology import EXTENSION_BASE, mappings_dir
 
 __all__ = [
     "BODY_SITE_EXTENSION",

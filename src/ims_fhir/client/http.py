@@ -24,16 +24,7 @@ import httpx
 from fhir.resources.R4B import get_fhir_model_class
 from fhir.resources.R4B.resource import Resource
 
-from ._constants import (
-    DEFAULT_MAX_RETRIES,
-    FHIR_JSON,
-    INITIAL_RETRY_DELAY,
-    MAX_RETRY_AFTER,
-    MAX_RETRY_DELAY,
-    RETRY_JITTER,
-    RETRY_STATUSES,
-)
-from ._exceptions import (
+from .._exceptions import (
     AuthenticationError,
     BadRequestError,
     ConfigurationError,
@@ -52,6 +43,15 @@ from ._exceptions import (
     UnprocessableEntityError,
     VersionConflictError,
     describe_request,
+)
+from .constants import (
+    DEFAULT_MAX_RETRIES,
+    FHIR_JSON,
+    INITIAL_RETRY_DELAY,
+    MAX_RETRY_AFTER,
+    MAX_RETRY_DELAY,
+    RETRY_JITTER,
+    RETRY_STATUSES,
 )
 
 __all__ = ["Call", "ClientOptions", "Outcome", "RetryPolicy"]
