@@ -515,10 +515,10 @@ def bundle_call(bundle: Resource | Mapping[str, Any], kind: str) -> Call:
     data = json.loads(bundle.model_dump_json()) if isinstance(bundle, Resource) else bundle
     if data.get("resourceType") != "Bundle" or data.get("type") != kind:
         raise ConfigurationError(f"expected a Bundle of type {kind!r}")
-    return Call("POST", "", body=_body(data), retry_safe=_entries_repeatable(data))
+    return Call("POST", "", body=_body(data), retry_safe=entries_repeatable(data))
 
 
-def _entries_repeatable(bundle: Mapping[str, Any]) -> bool:
+def entries_repeatable(bundle: Mapping[str, Any]) -> bool:
     """A transaction may be retried when every entry is idempotent or conditional."""
     for entry in bundle.get("entry") or []:
         request = entry.get("request") or {}

@@ -33,12 +33,12 @@ from .._exceptions import MappingError
 from ..record.model import Encounter
 from ..record.reader import decode_json
 from ..record.terminology import Terminology, terminology
-from ..sync.signature import literal
 from .identity import (
     Ext,
     Kind,
     Profile,
     default_namespace,
+    literal,
     provenance_id,
     split_system,
 )

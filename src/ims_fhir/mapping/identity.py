@@ -1,4 +1,4 @@
-"""Names shared by both mapping directions: identifiers, profiles and extensions.
+"""Names shared by both mapping directions: identifiers, references, profiles and extensions.
 
 Every resource ims-fhir writes carries a business identifier derived from the record's stable
 source ids: the system is ``{namespace}/{kind}`` where the namespace is the clinic's (configurable
@@ -70,6 +70,14 @@ def split_system(value: str) -> tuple[str, Kind] | None:
 def full_url(identifier_system: str, value: str) -> str:
     """Return the deterministic ``urn:uuid`` fullUrl of the resource with this identifier."""
     return f"urn:uuid:{uuid.uuid5(uuid.NAMESPACE_URL, f'{identifier_system}|{value}')}"
+
+
+def literal(reference: str) -> str:
+    """``Type/id`` of a literal reference, relative or absolute, with any ``_history`` dropped."""
+    parts = reference.split("?")[0].rstrip("/").split("/")
+    if "_history" in parts:
+        parts = parts[: parts.index("_history")]
+    return "/".join(parts[-2:]) if len(parts) >= 2 else reference
 
 
 def provenance_id(namespace: str, encounter_id: str) -> str:

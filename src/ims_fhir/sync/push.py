@@ -58,13 +58,13 @@ from .._exceptions import (
     UnsafeServerError,
 )
 from ..client.asynchronous import AsyncFhirClient
-from ..client.http import ClientOptions, _entries_repeatable, objects
-from ..mapping.identity import identifier_query, search_escape
+from ..client.http import ClientOptions, entries_repeatable, objects
+from ..mapping.identity import identifier_query, literal, search_escape
 from ..mapping.to_fhir import bundle_dict
 from ..record.model import Encounter
 from ..record.reader import ReadRecord
 from ..record.terminology import CANONICAL, terminology
-from .signature import References, identifier_key, identifier_keys, literal, signature
+from .signature import References, identifier_key, identifier_keys, signature
 from .state import RecordState, ResourceState, StateStore
 
 __all__ = ["SYNC_TAG_SYSTEM", "Action", "PushResult", "PushSummary", "Pusher", "push"]
@@ -956,7 +956,7 @@ class Pusher:
         if entries:
             bundle = {"resourceType": "Bundle", "type": "transaction", "entry": entries}
             response = await self.client.request_json(
-                "POST", "", json_body=bundle, retry_safe=_entries_repeatable(bundle)
+                "POST", "", json_body=bundle, retry_safe=entries_repeatable(bundle)
             )
             answers = self._check_answer(response, entries)
         written: list[ResourceState] = []

@@ -23,6 +23,8 @@ from collections.abc import Iterable, Mapping
 from decimal import Decimal
 from typing import Any
 
+from ..mapping.identity import literal
+
 __all__ = ["References", "identifier_key", "identifier_keys", "signature"]
 
 JSON = dict[str, Any]
@@ -49,14 +51,6 @@ def identifier_keys(resource: Mapping[str, Any]) -> set[str]:
         if isinstance(item, dict):
             keys.add(f"{item.get('system')}|{item.get('value')}")
     return keys
-
-
-def literal(reference: str) -> str:
-    """``Type/id`` of a literal reference, relative or absolute, with any ``_history`` dropped."""
-    parts = reference.split("?")[0].rstrip("/").split("/")
-    if "_history" in parts:
-        parts = parts[: parts.index("_history")]
-    return "/".join(parts[-2:]) if len(parts) >= 2 else reference
 
 
 class References:
