@@ -13,6 +13,7 @@ from click.testing import CliRunner
 
 from ims_fhir import StateStore, check_capabilities
 from ims_fhir.cli.commands import cli
+from ims_fhir.sync.capabilities import needs
 
 BASE = "https://fhir.example.org/r4"
 
@@ -139,9 +140,8 @@ def _statement(**changes: Any) -> dict[str, Any]:
             "interaction": [{"code": c} for c in ("read", "create", "update", "search-type")],
             "conditionalCreate": True,
             "conditionalUpdate": True,
-            "searchParam": [
-                {"name": n} for n in ("identifier", "encounter", "subject", "target", "patient")
-            ],
+            # What push and pull search by, from the one list of them.
+            "searchParam": [{"name": n} for n in sorted(needs()[name][1])],
             "operation": [{"name": "validate"}],
         }
 
@@ -188,6 +188,23 @@ def test_check_capabilities_accepts_a_complete_server() -> None:
 def test_check_capabilities_names_what_is_missing(change: dict[str, Any], failing: str) -> None:
     checks = {c.name: c for c in check_capabilities(_statement(**change))}
     assert not checks[failing].ok
+
+
+@pytest.mark.parametrize(
+    ("resource_type", "param"),
+    [
+        pytest.param("Encounter", "subject", id="pull-one-patient"),
+        pytest.param("Observation", "encounter", id="pull-an-encounters-observations"),
+        pytest.param("Provenance", "target", id="pull-an-encounters-provenance"),
+        pytest.param("Patient", "identifier", id="push-conditional-create"),
+    ],
+)
+def test_check_capabilities_names_a_missing_search_param(resource_type: str, param: str) -> None:
+    statement = _statement()
+    (resource,) = [r for r in statement["rest"][0]["resource"] if r["type"] == resource_type]
+    resource["searchParam"] = [p for p in resource["searchParam"] if p["name"] != param]
+    (check,) = [c for c in check_capabilities(statement) if c.name == resource_type]
+    assert not check.ok and f"search parameter {param}" in check.detail
 
 
 def test_check_capabilities_lists_missing_conditional_update() -> None:

@@ -6,23 +6,39 @@ from dataclasses import dataclass
 from typing import Any
 
 from ..client.http import objects
+from .pull import search_params
 
-__all__ = ["Check", "check_capabilities"]
+__all__ = ["Check", "check_capabilities", "needs"]
 
-# What push and pull use, by resource type: conditional create or update, and search params.
-_NEEDS: dict[str, tuple[str, set[str]]] = {
-    "Patient": ("create", {"identifier"}),
-    "Practitioner": ("create", {"identifier"}),
-    "Organization": ("create", {"identifier"}),
-    "Encounter": ("update", {"identifier", "subject", "_profile", "_lastUpdated"}),
-    "Observation": ("update", {"identifier", "encounter"}),
-    "Condition": ("update", {"identifier", "encounter"}),
-    "Procedure": ("update", {"identifier", "encounter"}),
-    "Consent": ("update", {"identifier", "_id"}),
-    "Provenance": ("update", {"target"}),
+# How push writes each resource type: a conditional create or a conditional update on the
+# business identifier it then also searches by (the Provenance, which R4 gives no identifier,
+# is written to a client-chosen id).
+_WRITES = {
+    "Patient": "create",
+    "Practitioner": "create",
+    "Organization": "create",
+    "Encounter": "update",
+    "Observation": "update",
+    "Condition": "update",
+    "Procedure": "update",
+    "Consent": "update",
+    "Provenance": "update",
 }
 # Parameters every server supports on every type (FHIR R4 search.html#all).
 _ALWAYS = {"_id", "_lastUpdated", "_profile", "_tag", "_security", "_source"}
+
+
+def needs() -> dict[str, tuple[str, frozenset[str]]]:
+    """What push and pull use, by resource type: the kind of write, and the search parameters."""
+    pulled = search_params()
+    return {
+        resource_type: (
+            write,
+            frozenset(() if resource_type == "Provenance" else ("identifier",))
+            | pulled.get(resource_type, frozenset()),
+        )
+        for resource_type, write in _WRITES.items()
+    }
 
 
 @dataclass(frozen=True, slots=True)
@@ -45,7 +61,7 @@ def check_capabilities(statement: dict[str, Any]) -> list[Check]:
     system = {i.get("code") for i in objects(rest.get("interaction"))}
     checks.append(Check("transactions", "transaction" in system, ""))
     resources = {str(r.get("type")): r for r in objects(rest.get("resource"))}
-    for resource_type, (write, params) in _NEEDS.items():
+    for resource_type, (write, params) in needs().items():
         resource = resources.get(resource_type)
         if resource is None:
             checks.append(Check(resource_type, False, "not supported"))

@@ -22,15 +22,33 @@ from ..mapping.from_fhir import MappingReport, from_fhir
 from ..mapping.identity import Ext, Profile
 from .push import refuse_own_http_client, run_blocking
 
-__all__ = ["DEFAULT_PAGE_SIZE", "pull", "pull_all"]
+__all__ = ["DEFAULT_PAGE_SIZE", "pull", "pull_all", "search_params"]
 
 DEFAULT_PAGE_SIZE = 50
 
 # FHIR R4 id (datatypes.html#id): what may go into a search for it.
 _ID = re.compile(r"[A-Za-z0-9\-.]{1,64}")
 
-# Resource type -> the search parameter that points at the encounter.
-_PARTS = {"Observation": "encounter", "Procedure": "encounter", "Condition": "encounter"}
+# Every search parameter pull relies on is named here, and only here: check_capabilities asks
+# a server for each of them (see search_params).
+_PROFILE, _PATIENT, _SINCE, _BY_ID = "_profile", "subject", "_lastUpdated", "_id"
+# The resources that make an encounter up, by type: the parameter that points at the Encounter.
+_PARTS = {
+    "Observation": "encounter",
+    "Procedure": "encounter",
+    "Condition": "encounter",
+    "Provenance": "target",
+}
+# What encounters and their sessions refer to, fetched by id.
+_REFERRED = ("Patient", "Practitioner", "Organization", "Consent")
+
+
+def search_params() -> dict[str, frozenset[str]]:
+    """Resource type -> the search parameters pull uses on it."""
+    params = {"Encounter": frozenset({_PROFILE, _PATIENT, _SINCE})}
+    params |= {resource_type: frozenset({param}) for resource_type, param in _PARTS.items()}
+    params |= {resource_type: frozenset({_BY_ID}) for resource_type in _REFERRED}
+    return params
 
 
 def patient_reference(patient: str) -> str:
@@ -49,14 +67,12 @@ def patient_reference(patient: str) -> str:
 def pull_params(
     *, patient: str | None = None, since: str | dt.datetime | None = None, page_size: int
 ) -> dict[str, Any]:
-    """The Encounter search that finds IMS encounters and includes their resources."""
-    params: dict[str, Any] = {"_profile": Profile.ENCOUNTER.url, "_count": str(page_size)}
+    """The Encounter search that finds IMS encounters (of one patient, changed since a time)."""
+    params: dict[str, Any] = {_PROFILE: Profile.ENCOUNTER.url, "_count": str(page_size)}
     if patient is not None:
-        params["subject"] = patient_reference(patient)
+        params[_PATIENT] = patient_reference(patient)
     if since is not None:
-        params["_lastUpdated"] = "ge" + (
-            since.isoformat() if isinstance(since, dt.datetime) else since
-        )
+        params[_SINCE] = "ge" + (since.isoformat() if isinstance(since, dt.datetime) else since)
     return params
 
 
@@ -94,7 +110,6 @@ async def pull(
         resources: list[Any] = list(encounters)
         for resource_type, param in _PARTS.items():
             resources += await _all(client, resource_type, {param: refs})
-        resources += await _all(client, "Provenance", {"target": refs})
         wanted = {
             "Patient": {_ref_id(e.get("subject")) for e in encounters},
             "Practitioner": {
@@ -112,10 +127,10 @@ async def pull(
                 and ext.get("url") in (Ext.SESSION_CONSENT.url, Ext.SUPPORTING_INFO.url)
             },
         }
-        for resource_type, ids in wanted.items():
-            found = sorted(i for i in ids if i is not None)
+        for resource_type in _REFERRED:
+            found = sorted(i for i in wanted[resource_type] if i is not None)
             if found:
-                resources += await _all(client, resource_type, {"_id": ",".join(found)})
+                resources += await _all(client, resource_type, {_BY_ID: ",".join(found)})
         report = from_fhir(resources)
         report.errors[:0] = malformed
         yield report
