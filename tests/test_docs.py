@@ -9,9 +9,7 @@ from ims_fhir.mapping.spec import spec
 
 def test_mapping_doc_is_current(root: Path) -> None:
     committed = (root / "docs" / "mapping.md").read_text(encoding="utf-8")
-    assert committed == render_mapping_doc(), (
-        "regenerate: python -m ims_fhir.mapping.docs > docs/mapping.md"
-    )
+    assert committed == render_mapping_doc(), "regenerate: python -m ims_fhir.mapping.docs"
 
 
 def _leaf_fields(model: type, prefix: str = "") -> set[str]:

@@ -1,8 +1,8 @@
 """The reverse mapping is total: any JSON in, a report out, and no record that hides a change.
 
-The promise (see ``_from_fhir``): for any input, :func:`from_fhir` returns a report; each IMS
-encounter is either a record that says what its resources say, or a MappingError naming the
-resource and element path. These tests feed it every resource type of FHIR R4, arbitrary JSON,
+The promise (see ``mapping/from_fhir.py``): for any input, :func:`from_fhir` returns a report;
+each IMS encounter is either a record that says what its resources say, or a MappingError naming
+the resource and element path. These tests feed it every resource type of FHIR R4, arbitrary JSON,
 and ims-fhir's own Bundles with one element broken in every way hypothesis finds.
 """
 

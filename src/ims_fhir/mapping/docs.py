@@ -1,7 +1,7 @@
 """Render ``docs/mapping.md`` from the artifacts in ``mappings/``.
 
-Run ``python -m ims_fhir._docs`` (writes ``docs/mapping.md`` and ``docs/profiles.md``); a test
-keeps the committed copies current.
+Run ``python -m ims_fhir.mapping.docs`` (writes ``docs/mapping.md`` and ``docs/profiles.md``);
+a test keeps the committed copies current.
 """
 
 from __future__ import annotations
@@ -68,7 +68,7 @@ def render_mapping_doc() -> str:
     lines = [
         "# How an IMS record maps to FHIR R4",
         "",
-        "Generated from `mappings/` by `python -m ims_fhir._docs`; do not edit by hand.",
+        "Generated from `mappings/` by `python -m ims_fhir.mapping.docs`; do not edit by hand.",
         "`{ns}` is the clinic's identifier namespace. Codes: `group:` a group of the local",
         f"CodeSystem `{code_system['url']}` (listed below with their standard codes),",
         "`local:` one local code, `convention:` a fixed coding of `Parameters-conventions.json`.",
@@ -114,9 +114,10 @@ def render_profiles_doc() -> str:
     lines = [
         "# Profiles",
         "",
-        "Generated from the StructureDefinitions in `mappings/` by `python -m ims_fhir._docs`;",
-        "do not edit by hand. Each table lists the elements a profile constrains (its",
-        "differential); the snapshot in the same file holds the full definition.",
+        "Generated from the StructureDefinitions in `mappings/` by",
+        "`python -m ims_fhir.mapping.docs`; do not edit by hand. Each table lists the elements a",
+        "profile constrains (its differential); the snapshot in the same file holds the full",
+        "definition.",
         "",
     ]
     for path in sorted(mappings_dir().glob("StructureDefinition-*.json")):

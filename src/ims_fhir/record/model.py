@@ -94,7 +94,7 @@ SourceId = Annotated[
 Text = Annotated[str, StringConstraints(min_length=1, max_length=10_000)]
 ShortText = Annotated[str, StringConstraints(min_length=1, max_length=200)]
 
-# Typed as the CodeSystem's codes (generated into _codes.py), so a type checker finds a typo;
+# Typed as the CodeSystem's codes (generated into codes.py), so a type checker finds a typo;
 # validated against the CodeSystem itself, with the record vocabulary's own error message.
 Sign = Annotated[codes.SignCode, _Vocabulary("sign")]
 Muscle = Annotated[codes.MuscleCode, _Vocabulary("muscle")]

@@ -6,7 +6,7 @@ For each encounter (see ``README.md``, "Guarantees"):
   with ``batch_size``), so a server never holds half an encounter. A server that answers a
   transaction with success while some entries failed is not atomic: the push stops.
 - **Incremental.** The state store (:class:`~ims_fhir.StateStore`) keeps each encounter's content
-  hash and, for each resource written, its server id, version and signature (``_signature.py``).
+  hash and, for each resource written, its server id, version and signature (``signature.py``).
   Unchanged encounters cost no request at all; a changed one sends only the resources that
   changed, in its own transaction.
 - **Changes on the clinic side.** A finding, pain score or needled site gone from the record makes
@@ -72,7 +72,7 @@ __all__ = ["SYNC_TAG_SYSTEM", "Action", "PushResult", "PushSummary", "Pusher", "
 logger = logging.getLogger("ims_fhir.sync")
 
 SYNC_TAG_SYSTEM = f"{CANONICAL}/CodeSystem/ims-sync-hash"
-"""``meta.tag`` system of the signature each resource is written with (see ``_signature.py``)."""
+"""``meta.tag`` system of the signature each resource is written with (see ``signature.py``)."""
 
 T = TypeVar("T")
 

@@ -2,7 +2,7 @@
 
 For each encounter pushed to a server it holds the content hash last written and the hash of a
 write in flight (``pending``); for each resource written, its server id, its version and its
-*signature* (a hash of its content with server-assigned parts left out, see ``_signature.py``);
+*signature* (a hash of its content with server-assigned parts left out, see ``signature.py``);
 for each resource of a write in flight, the signature it was sent with. A write is marked pending
 before it is sent and recorded after it succeeds, so a push killed at any point (even
 ``kill -9``) leaves a state from which a re-run recognises its own earlier writes by content and
