@@ -109,7 +109,7 @@ class Profile(StrEnum):
 
 
 class Ext(StrEnum):
-    """Extensions the mapping uses besides the spec's slots (``_spec.py``)."""
+    """Extensions the mapping uses besides the spec's slots (``spec.py``)."""
 
     # Links the session Procedure to its Consent. TERMINOLOGY.md names the core
     # workflow-supportingInfo extension, but FHIR R4 (4.0.1) allows that one only on
