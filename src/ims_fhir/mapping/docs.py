@@ -42,7 +42,7 @@ def _codes(rule: dict[str, Any]) -> str:
     """A rule's codes; a slot rule's follow from its slot, vocabulary and units."""
     if "slot" not in rule:
         return str(rule.get("codes", ""))
-    codes = [] if "extension:" in rule["slot"] else [f"local:{rule['slot'].rsplit(':', 1)[1]}"]
+    codes = [] if "extension:" in rule["slot"] else [f"local:{rule['slot'].partition(':')[2]}"]
     if "vocabulary" in rule:
         codes.append(f"group:{rule['vocabulary']}")
     codes += [f"convention:unit-{r['unit']}" for r in [rule, *rule.get("parts", [])] if "unit" in r]

@@ -47,6 +47,7 @@ from .spec import (
     BODY_SITE_EXTENSION,
     COMPLICATION_EXTENSION,
     COMPONENT,
+    OBSERVATION_BODY_SITE_EXTENSION,
     PROCEDURE_EXTENSION,
     Slot,
     spec,
@@ -61,6 +62,7 @@ _CONSENT_LINKS = frozenset({Ext.SESSION_CONSENT.url, Ext.SUPPORTING_INFO.url})
 _PART_KINDS = frozenset({Kind.OBSERVATION, Kind.CONDITION, Kind.PROCEDURE, Kind.CONSENT})
 # FHIR R4 integer: a signed 32-bit value (datatypes.html#integer).
 _INT_MIN, _INT_MAX = -(2**31), 2**31 - 1
+_LEAVES = (str, int, float, type(None))
 
 
 @dataclass(frozen=True, slots=True)
@@ -528,6 +530,22 @@ class _Node:
 
     def no_modifiers(self) -> None:
         """No ``modifierExtension`` anywhere in it: one changes what the element means."""
+        # A quick look first (no paths built); the path is found only for what it finds.
+        stack: list[tuple[Any, int]] = [(self.data, 0)]
+        while stack:
+            value, depth = stack.pop()
+            if isinstance(value, dict) or (
+                not isinstance(value, _LEAVES) and isinstance(value, Mapping)
+            ):
+                if depth > 64 or value.get("modifierExtension") is not None:
+                    return self._no_modifiers()
+                stack += [(v, depth + 1) for v in value.values()]
+            elif isinstance(value, list):
+                if depth > 64:
+                    return self._no_modifiers()
+                stack += [(v, depth + 1) for v in value]
+
+    def _no_modifiers(self) -> None:
         stack: list[tuple[Any, str, int]] = [(self.data, self.path, 0)]
         while stack:
             value, path, depth = stack.pop()
@@ -954,12 +972,8 @@ class _Rebuild:
                 text = site.string("text")
                 if text and not (muscle and text == self.t.local(muscle).display):
                     f["region"] = text
-                for ext in site.objs("extension"):
-                    if ext.need_string("url") == Ext.STRUCTURE_LATERALITY.url:
-                        self.once(f, "side", ext)
-                        f["side"] = self.code(
-                            ext.obj("valueCodeableConcept"), "side", ext, "valueCodeableConcept"
-                        )
+                extensions = OBSERVATION_BODY_SITE_EXTENSION
+                self.read_slots(site, "extension", Profile.FINDING, extensions, f, "a body site")
             self.read_slots(obs, "component", Profile.FINDING, COMPONENT, f, "a finding")
             note = obs.only("note")
             if note is not None:

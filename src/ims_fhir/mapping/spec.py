@@ -24,6 +24,7 @@ __all__ = [
     "BODY_SITE_EXTENSION",
     "COMPLICATION_EXTENSION",
     "COMPONENT",
+    "OBSERVATION_BODY_SITE_EXTENSION",
     "PROCEDURE_EXTENSION",
     "SPEC_FILE",
     "Slot",
@@ -36,6 +37,7 @@ __all__ = [
 SPEC_FILE = "Parameters-field-map.json"
 # The containers slot rules name.
 COMPONENT = "Observation.component"
+OBSERVATION_BODY_SITE_EXTENSION = "Observation.bodySite.extension"
 PROCEDURE_EXTENSION = "Procedure.extension"
 BODY_SITE_EXTENSION = "Procedure.bodySite.extension"
 COMPLICATION_EXTENSION = "Procedure.complication.extension"
@@ -165,7 +167,10 @@ def _slot(values: dict[str, Any], nested: list[dict[str, Any]], container: str) 
         parts.append(_slot(sub | {"profile": values.get("profile", "")}, [], ""))
     if (values["type"] == "complex") != bool(parts):
         raise ValueError(f"{values['field']}: a complex extension, and only one, has parts")
-    key = values["slot"].rsplit(":", 1)[-1]
+    # "Procedure.extension:needle-length" -> needle-length (the first colon: a key may be a
+    # URL); a sub-extension's slot is its bare name.
+    container_, colon, key = values["slot"].partition(":")
+    key = key if colon else container_
     return Slot(
         path=values["field"],
         profile=values.get("profile", ""),
@@ -197,7 +202,7 @@ def parse_spec(data: dict[str, Any]) -> Spec:
         elif parameter["name"] == "rule":
             rules.append(values | ({"parts": [_parts(p)[0] for p in nested]} if nested else {}))
             if "slot" in values:
-                container, _, _ = values["slot"].rpartition(":")
+                container, _, _ = values["slot"].partition(":")
                 slots.append(_slot(values, nested, container))
         else:
             raise ValueError(f"unknown parameter {parameter['name']!r}")

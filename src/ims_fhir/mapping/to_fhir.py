@@ -47,6 +47,7 @@ from .spec import (
     BODY_SITE_EXTENSION,
     COMPLICATION_EXTENSION,
     COMPONENT,
+    OBSERVATION_BODY_SITE_EXTENSION,
     PROCEDURE_EXTENSION,
     Slot,
     spec,
@@ -413,10 +414,9 @@ class _Builder:
     def finding(self, f: Finding) -> str:
         t = self.t
         body_site: JSON = {}
-        if f.side is not None:
-            body_site["extension"] = [
-                {"url": Ext.STRUCTURE_LATERALITY.url, "valueCodeableConcept": self.concept(f.side)}
-            ]
+        laterality = self.slots(Profile.FINDING, OBSERVATION_BODY_SITE_EXTENSION, f)
+        if laterality:
+            body_site["extension"] = laterality
         if f.muscle is not None:
             body_site["coding"] = [c.as_fhir() for c in t.codings(f.muscle)]
         if f.region is not None:
