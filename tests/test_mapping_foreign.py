@@ -78,7 +78,7 @@ def test_foreign_resources_are_skipped_and_reported() -> None:
             lambda b: _find(b, lambda r: _identifier(r).endswith("/site/s1")).pop("bodySite"),
             "Procedure",
             "Procedure.bodySite",
-            "needs a muscle",
+            "missing (the record's treatment.sites[].muscle)",
             id="site-without-muscle",
         ),
         pytest.param(
@@ -87,7 +87,7 @@ def test_foreign_resources_are_skipped_and_reported() -> None:
             ),
             "Observation",
             "Observation.valueBoolean",
-            "boolean",
+            "missing (the record's assessment.findings[].present)",
             id="finding-without-value",
         ),
         pytest.param(

@@ -10,6 +10,7 @@ test_docs that docs/mapping.md is the spec's rendering; profiles.py --check that
 
 from __future__ import annotations
 
+import datetime as dt
 import json
 from collections import Counter
 from pathlib import Path
@@ -19,7 +20,7 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 
 from ims_fhir import Encounter, from_fhir, to_fhir_json
-from ims_fhir.mapping.spec import Slot, parse_spec, spec
+from ims_fhir.mapping.spec import Element, Slot, parse_spec, spec
 from ims_fhir.record.terminology import LOCAL_SYSTEM
 
 from .conftest import ENCOUNTER_FILES, ROOT
@@ -95,10 +96,64 @@ def _fhir_text(slot: Slot, node: dict[str, Any]) -> str:
     return str(value)
 
 
+def _element_record_values(record: Encounter, rule: Element) -> Counter[str]:
+    nodes: list[Any] = [record]
+    for step in rule.path.split("."):
+        nodes = [getattr(n, step.removesuffix("[]")) for n in nodes if n is not None]
+        if step.endswith("[]"):
+            nodes = [item for n in nodes for item in n]
+    return Counter(_element_text(rule, n) for n in nodes if n is not None)
+
+
+def _element_text(rule: Element, value: Any) -> str:
+    if rule.type == "dateTime":
+        if isinstance(value, str):
+            value = dt.datetime.fromisoformat(value.replace("Z", "+00:00"))
+        return repr(value.timestamp())
+    if rule.type == "date":
+        return value if isinstance(value, str) else value.isoformat()
+    if rule.type == "Quantity":
+        value = value["value"] if isinstance(value, dict) else value
+        return repr(float(value))
+    return str(value)
+
+
+def _element_fhir_values(bundle: dict[str, Any], rule: Element) -> Counter[str]:
+    found: Counter[str] = Counter()
+    for entry in bundle["entry"]:
+        resource = entry["resource"]
+        if not resource["meta"]["profile"][0].endswith("/" + rule.profile):
+            continue
+        node: Any = resource
+        for name, first in rule.steps:
+            node = node.get(name) if isinstance(node, dict) else None
+            if first and node is not None:
+                assert isinstance(node, list) and len(node) >= 1, (rule.path, node)
+                node = node[0]
+        if node is None:
+            continue
+        if rule.type == "CodeableConcept":
+            (node,) = _local_codes(node)
+        if rule.type == "Quantity":
+            assert node["code"] == spec_unit_code(rule), (rule.path, node)
+        found[_element_text(rule, node)] += 1
+    return found
+
+
+def spec_unit_code(rule: Element) -> str:
+    from ims_fhir.record.terminology import terminology
+
+    assert rule.unit is not None
+    return terminology().convention(f"unit-{rule.unit}").code
+
+
 def _agrees_with_spec(record: Encounter) -> None:
     bundle = json.loads(to_fhir_json(record))
     for slot in spec().slots:
         assert _fhir_values(bundle, slot) == _record_values(record, slot), slot.path
+    for rule in spec().elements:
+        expected = _element_record_values(record, rule)
+        assert _element_fhir_values(bundle, rule) == expected, rule.path
 
 
 @pytest.mark.parametrize("path", ENCOUNTER_FILES, ids=lambda p: p.stem)
@@ -113,13 +168,14 @@ def test_generated_bundles_hold_each_field_where_the_spec_says(record: Encounter
     assert from_fhir(to_fhir_json(record)).records == [record]
 
 
-def test_the_fixtures_use_every_slot() -> None:
+def test_the_fixtures_use_every_slot_and_element() -> None:
     # Otherwise a slot could be wrong in both directions and no fixture would show it.
     used = set()
     for path in ENCOUNTER_FILES:
         record = Encounter.model_validate_json(path.read_text(encoding="utf-8"))
         used |= {s.path for s in spec().slots if _record_values(record, s)}
-    assert used == {s.path for s in spec().slots}
+        used |= {e.path for e in spec().elements if _element_record_values(record, e)}
+    assert used == {s.path for s in spec().slots} | {e.path for e in spec().elements}
 
 
 def _definition(name: str) -> dict[str, Any]:
@@ -205,6 +261,10 @@ def _rule(**parts: Any) -> dict[str, Any]:
         ),
         (_rule(field="a.b", slot="Procedure.extension:x", type="complex"), "has parts"),
         ({"name": "other", "part": []}, "unknown parameter"),
+        (_rule(field="a.b", profile="p", at="x", type="Quantity"), "has a unit"),
+        (_rule(field="a.b", profile="p", at="x", type="CodeableConcept"), "has a vocabulary"),
+        (_rule(field="a.b", profile="p", at="x[0]", type="string"), "array's first"),
+        (_rule(field="a.b", profile="p", at="x", type="Period"), "unknown type"),
     ],
 )
 def test_a_malformed_spec_is_refused(rule: dict[str, Any], reason: str) -> None:

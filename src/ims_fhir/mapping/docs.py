@@ -23,8 +23,8 @@ def _cell(text: str) -> str:
 
 
 def _element(rule: dict[str, Any]) -> str:
-    """A rule's FHIR element in words; a slot rule's from its machine-readable parts."""
-    if "slot" not in rule:
+    """A rule's FHIR element in words; a slot or element rule's from its machine parts."""
+    if "slot" not in rule and "at" not in rule:
         return str(rule["element"])
     kind = rule["type"] + (f" {rule['unit']}" if "unit" in rule else "")
     if "vocabulary" in rule:
@@ -34,15 +34,17 @@ def _element(rule: dict[str, Any]) -> str:
             f"{p['slot']} ({p['type']} {p['unit']})" if "unit" in p else p["slot"]
             for p in rule["parts"]
         )
-    text = f"{rule['profile']}: `{rule['slot']}` ({kind}; {rule['min']}..{rule['max']})"
+    where = rule.get("slot") or rule["at"]
+    text = f"{rule['profile']}: `{where}` ({kind}; {rule['min']}..{rule.get('max', '1')})"
     return text + (f"; {rule['note']}" if "note" in rule else "")
 
 
 def _codes(rule: dict[str, Any]) -> str:
-    """A rule's codes; a slot rule's follow from its slot, vocabulary and units."""
-    if "slot" not in rule:
+    """A rule's codes; a slot or element rule's follow from its slot, vocabulary and units."""
+    if "slot" not in rule and "at" not in rule:
         return str(rule.get("codes", ""))
-    codes = [] if "extension:" in rule["slot"] else [f"local:{rule['slot'].partition(':')[2]}"]
+    slot = rule.get("slot", "extension:")
+    codes = [] if "extension:" in slot else [f"local:{slot.partition(':')[2]}"]
     if "vocabulary" in rule:
         codes.append(f"group:{rule['vocabulary']}")
     codes += [f"convention:unit-{r['unit']}" for r in [rule, *rule.get("parts", [])] if "unit" in r]

@@ -49,6 +49,7 @@ from .spec import (
     COMPONENT,
     OBSERVATION_BODY_SITE_EXTENSION,
     PROCEDURE_EXTENSION,
+    Element,
     Slot,
     spec,
 )
@@ -717,8 +718,8 @@ class _Rebuild:
             "practitioner": self.practitioner(),
             "start": period.need_string("start"),
             "end": period.need_string("end"),
-            "visit_type": self.code(enc.only("type"), "visit-type", enc, "type"),
         }
+        self.read_fields(enc, Profile.ENCOUNTER, data)
         if enc.string("status") == "entered-in-error":
             data["retracted"] = True
         observations = self.of_type("Observation")
@@ -815,7 +816,7 @@ class _Rebuild:
         node = _Node(org, "Organization", org.data)
         if ours is None:
             raise node.fail("identifier", "no ims-fhir organization identifier")
-        out: JSON = {"id": ours[1], "name": node.need_string("name")}
+        out = self.read_fields(node, Profile.ORGANIZATION, {"id": ours[1]})
         if self.ns != default_namespace(ours[1]):
             out["namespace"] = self.ns
         return out
@@ -859,13 +860,12 @@ class _Rebuild:
         node = _Node(p, "Patient", p.data)
         if ours is None:
             raise node.fail("identifier", "no ims-fhir patient identifier")
-        return {
+        out = {
             "id": ours[1],
             "identifiers": self.foreign_identifiers(node, Kind.PATIENT),
             "name": self.human_name(node),
-            "birth_date": node.need_string("birthDate"),
-            "sex": node.need_string("gender"),
         }
+        return self.read_fields(node, Profile.PATIENT, out)
 
     def practitioner(self) -> JSON:
         participant = self.enc.only("participant")
@@ -881,6 +881,41 @@ class _Rebuild:
         if licences:
             out["licence"] = licences[0]
         return out
+
+    def read_fields(self, node: _Node, profile: Profile, out: JSON) -> JSON:
+        """Read the fields the mapping spec keeps in ``node``'s plain elements into ``out``.
+
+        A required one that is missing is an error, and so is a container (``note``,
+        ``bodySite``) without the value the record keeps in it.
+        """
+        for rule in spec().elements_of(profile.value):
+            parent: _Node | None = node
+            *containers, (key, listed) = rule.steps
+            for name, first in containers:
+                assert parent is not None
+                parent = parent.only(name) if first else parent.obj(name)
+                if parent is None:
+                    break
+            value = None if parent is None else self.element_value(rule, parent, key, listed)
+            if value is None:
+                if rule.min or (containers and parent is not None):
+                    where = key if parent else rule.at
+                    raise (parent or node).fail(where, f"missing (the record's {rule.path})")
+                continue
+            out[rule.field] = value
+        return out
+
+    def element_value(self, rule: Element, node: _Node, key: str, listed: bool) -> Any:
+        if rule.type == "CodeableConcept":
+            assert rule.vocabulary is not None
+            concept = node.only(key) if listed else node.obj(key)
+            return None if concept is None else self.code(concept, rule.vocabulary, node, key)
+        if rule.type == "Quantity":
+            assert rule.unit is not None
+            return None if node.obj(key) is None else self.quantity(node, key, rule.unit)
+        if rule.type == "boolean":
+            return node.boolean(key)
+        return node.string(key)
 
     def read_slots(
         self, parent: _Node, element: str, profile: Profile, container: str, out: JSON, what: str
@@ -959,11 +994,7 @@ class _Rebuild:
             if not fid or self.is_retired(res):
                 continue
             obs = self.ours(res)
-            sign = self.code(obs.obj("code"), "sign", obs, "code")
-            present = obs.boolean("valueBoolean")
-            if present is None:
-                raise obs.fail("valueBoolean", "a finding needs a boolean value")
-            f: JSON = {"id": fid, "sign": sign, "present": present}
+            f = self.read_fields(obs, Profile.FINDING, {"id": fid})
             site = obs.obj("bodySite")
             if site is not None:
                 muscle = self.optional_code(site, "muscle")
@@ -975,9 +1006,6 @@ class _Rebuild:
                 extensions = OBSERVATION_BODY_SITE_EXTENSION
                 self.read_slots(site, "extension", Profile.FINDING, extensions, f, "a body site")
             self.read_slots(obs, "component", Profile.FINDING, COMPONENT, f, "a finding")
-            note = obs.only("note")
-            if note is not None:
-                f["note"] = note.need_string("text")
             out.append(f)
         return out
 
@@ -1018,9 +1046,7 @@ class _Rebuild:
             raise panel.fail("hasMember", f"findings {missing} are not members")
         a: JSON = {"findings": sorted(findings, key=lambda f: order[f["id"]])}
         self.read_slots(panel, "component", Profile.ASSESSMENT_PANEL, COMPONENT, a, "the panel")
-        note = panel.only("note")
-        if note is not None:
-            a["notes"] = note.need_string("text")
+        self.read_fields(panel, Profile.ASSESSMENT_PANEL, a)
         conditions = [
             c
             for c in self.of_type("Condition")
@@ -1032,11 +1058,7 @@ class _Rebuild:
             )
         for res in conditions:
             cond = self.ours(res)
-            d: JSON = {"code": self.code(cond.obj("code"), "diagnosis", cond, "code")}
-            cnote = cond.only("note")
-            if cnote is not None:
-                d["note"] = cnote.need_string("text")
-            a["diagnosis"] = d
+            a["diagnosis"] = self.read_fields(cond, Profile.DIAGNOSIS, {})
         return a
 
     def pain(self, observations: list[_Res]) -> list[JSON]:
@@ -1049,13 +1071,10 @@ class _Rebuild:
             self.expect(obs, "pain-score")
             p: JSON = {"id": pid}
             self.read_slots(obs, "component", Profile.PAIN_SCORE, COMPONENT, p, "a pain score")
-            nrs = self.quantity(obs, "valueQuantity", "score")
-            if nrs != int(nrs):
+            self.read_fields(obs, Profile.PAIN_SCORE, p)
+            if p["nrs"] != int(p["nrs"]):
                 raise obs.fail("valueQuantity.value", "NRS must be a whole number")
-            p["nrs"] = int(nrs)
-            site = obs.obj("bodySite")
-            if site is not None:  # where the patient feels it, in their words
-                p["location"] = site.need_string("text")
+            p["nrs"] = int(p["nrs"])
             out.append(p)
         return out
 
@@ -1097,10 +1116,7 @@ class _Rebuild:
             events.append(e)
         if events:
             t["adverse_events"] = events
-        note = session.only("note")
-        if note is not None:
-            t["notes"] = note.need_string("text")
-        return t
+        return self.read_fields(session, Profile.SESSION, t)
 
     def consent(self, consent: _Node) -> JSON:
         performer = consent.only("performer")
@@ -1118,7 +1134,7 @@ class _Rebuild:
         decision = provision.need_string("type")
         if decision not in ("permit", "deny"):
             raise provision.fail("type", "neither permit nor deny")
-        out: JSON = {"given": decision == "permit", "at": consent.need_string("dateTime"), "by": by}
+        out = self.read_fields(consent, Profile.CONSENT, {"given": decision == "permit", "by": by})
         source = consent.obj("sourceReference")
         if source is not None:
             # The signed form, by the clinic's form number (to_fhir.py consent()).
@@ -1131,10 +1147,9 @@ class _Rebuild:
         return out
 
     def site(self, proc: _Node, sid: str) -> JSON:
+        s = self.read_fields(proc, Profile.NEEDLED_SITE, {"id": sid})
         body_site = proc.only("bodySite")
-        if body_site is None:
-            raise proc.fail("bodySite", "a needled site needs a muscle")
-        s: JSON = {"id": sid, "muscle": self.code(body_site, "muscle", proc, "bodySite")}
+        assert body_site is not None  # the muscle, required, was read from it
         site = Profile.NEEDLED_SITE
         self.read_slots(body_site, "extension", site, BODY_SITE_EXTENSION, s, "a body site")
         self.read_slots(

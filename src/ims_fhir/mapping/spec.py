@@ -24,6 +24,7 @@ __all__ = [
     "BODY_SITE_EXTENSION",
     "COMPLICATION_EXTENSION",
     "COMPONENT",
+    "Element",
     "OBSERVATION_BODY_SITE_EXTENSION",
     "PROCEDURE_EXTENSION",
     "SPEC_FILE",
@@ -97,6 +98,31 @@ class Slot:
 
 
 @dataclass(frozen=True, slots=True)
+class Element:
+    """A record field held in a plain element of a resource (not an extension or component)."""
+
+    path: str  # the record field
+    profile: str
+    at: str  # the element within the resource: "name", "note[0].text", "type[0]"
+    type: str  # string, code, date, dateTime, boolean, CodeableConcept or Quantity
+    unit: str | None
+    vocabulary: str | None
+    min: int
+
+    @property
+    def field(self) -> str:
+        """The record attribute (the last step of the path)."""
+        return self.path.rsplit(".", 1)[-1].removesuffix("[]")
+
+    @property
+    def steps(self) -> tuple[tuple[str, bool], ...]:
+        """The element's steps: (name, whether it is the first of an array)."""
+        return tuple(
+            (step.removesuffix("[0]"), step.endswith("[0]")) for step in self.at.split(".")
+        )
+
+
+@dataclass(frozen=True, slots=True)
 class Vocabulary:
     """A group of the local CodeSystem and the ValueSet that holds it."""
 
@@ -111,11 +137,16 @@ class Spec:
 
     rules: tuple[dict[str, Any], ...]  # every rule's parts by name (slot rules too)
     slots: tuple[Slot, ...]
+    elements: tuple[Element, ...]
     vocabularies: tuple[Vocabulary, ...]
 
     def slots_of(self, profile: str, container: str) -> tuple[Slot, ...]:
         """The slots of one container of one profile, in the order they are written."""
         return _slots_of(self, profile, container)
+
+    def elements_of(self, profile: str) -> tuple[Element, ...]:
+        """The element rules of one profile, in the order they are written."""
+        return _elements_of(self, profile)
 
     def value_set(self, group: str) -> str:
         """The id of the ValueSet of a vocabulary group."""
@@ -125,6 +156,38 @@ class Spec:
 @functools.cache
 def _slots_of(spec_: Spec, profile: str, container: str) -> tuple[Slot, ...]:
     return tuple(s for s in spec_.slots if s.profile == profile and s.container == container)
+
+
+@functools.cache
+def _elements_of(spec_: Spec, profile: str) -> tuple[Element, ...]:
+    return tuple(e for e in spec_.elements if e.profile == profile)
+
+
+_ELEMENT_TYPES = frozenset(
+    {"string", "code", "date", "dateTime", "boolean", "CodeableConcept", "Quantity"}
+)
+
+
+def _element(values: dict[str, Any]) -> Element:
+    element = Element(
+        path=values["field"],
+        profile=values["profile"],
+        at=values["at"],
+        type=values["type"],
+        unit=values.get("unit"),
+        vocabulary=values.get("vocabulary"),
+        min=int(values.get("min", 0)),
+    )
+    if element.type not in _ELEMENT_TYPES:
+        raise ValueError(f"{element.path}: unknown type {element.type!r}")
+    if (element.type == "Quantity") != bool(element.unit):
+        raise ValueError(f"{element.path}: a Quantity, and only one, has a unit")
+    if (element.type == "CodeableConcept") != bool(element.vocabulary):
+        raise ValueError(f"{element.path}: a CodeableConcept, and only one, has a vocabulary")
+    *_, (_, listed) = element.steps
+    if listed and element.type != "CodeableConcept":
+        raise ValueError(f"{element.path}: only a CodeableConcept may be an array's first")
+    return element
 
 
 @functools.cache
@@ -194,6 +257,7 @@ def parse_spec(data: dict[str, Any]) -> Spec:
         raise ValueError("not a Parameters resource")
     rules: list[dict[str, Any]] = []
     slots: list[Slot] = []
+    elements: list[Element] = []
     vocabularies: list[Vocabulary] = []
     for parameter in data["parameter"]:
         values, nested = _parts(parameter)
@@ -204,10 +268,13 @@ def parse_spec(data: dict[str, Any]) -> Spec:
             if "slot" in values:
                 container, _, _ = values["slot"].partition(":")
                 slots.append(_slot(values, nested, container))
+            elif "at" in values:
+                elements.append(_element(values))
         else:
             raise ValueError(f"unknown parameter {parameter['name']!r}")
     groups = {v.group for v in vocabularies}
-    for slot in slots:
-        if slot.vocabulary is not None and slot.vocabulary not in groups:
-            raise ValueError(f"{slot.path}: vocabulary {slot.vocabulary!r} has no ValueSet")
-    return Spec(tuple(rules), tuple(slots), tuple(vocabularies))
+    coded: list[Slot | Element] = [*slots, *elements]
+    for rule in coded:
+        if rule.vocabulary is not None and rule.vocabulary not in groups:
+            raise ValueError(f"{rule.path}: vocabulary {rule.vocabulary!r} has no ValueSet")
+    return Spec(tuple(rules), tuple(slots), tuple(elements), tuple(vocabularies))

@@ -49,6 +49,7 @@ from .spec import (
     COMPONENT,
     OBSERVATION_BODY_SITE_EXTENSION,
     PROCEDURE_EXTENSION,
+    Element,
     Slot,
     spec,
 )
@@ -170,6 +171,18 @@ def _instant(value: dt.datetime) -> str:
     return text[:-6] + "Z" if text.endswith("+00:00") else text
 
 
+def _put(body: JSON, steps: tuple[tuple[str, bool], ...], value: Any) -> None:
+    """Set the element at ``steps`` (an array's first, where a step says so) in ``body``."""
+    node = body
+    for name, listed in steps[:-1]:
+        node = node.setdefault(name, [{}])[0] if listed else node.setdefault(name, {})
+    name, listed = steps[-1]
+    if listed:
+        node.setdefault(name, [{}])[0].update(value)
+    else:
+        node[name] = value
+
+
 def _div(*lines: str) -> JSON:
     body = "".join(f"<p>{html.escape(line, quote=False)}</p>" for line in lines)
     return {"status": "generated", "div": f'<div xmlns="http://www.w3.org/1999/xhtml">{body}</div>'}
@@ -212,6 +225,26 @@ class _Builder:
             "system": coding.system,
             "code": coding.code,
         }
+
+    def fields(self, profile: Profile, source: object, body: JSON) -> JSON:
+        """Put ``source``'s fields the mapping spec keeps in plain elements into ``body``."""
+        for rule in spec().elements_of(profile.value):
+            value = getattr(source, rule.field)
+            if value is not None:
+                _put(body, rule.steps, self.element_value(rule, value))
+        return body
+
+    def element_value(self, rule: Element, value: Any) -> Any:
+        if rule.type == "CodeableConcept":
+            return self.concept(value)
+        if rule.type == "Quantity":
+            assert rule.unit is not None
+            return self.quantity(value, rule.unit)
+        if rule.type == "dateTime":
+            return _instant(value)
+        if rule.type == "date":
+            return value.isoformat()
+        return value
 
     def slots(self, profile: Profile, container: str, source: object) -> list[JSON]:
         """The extensions or components of ``source``'s fields, as the mapping spec says."""
@@ -316,7 +349,7 @@ class _Builder:
             Kind.ORGANIZATION,
             clinic.id,
             Profile.ORGANIZATION,
-            {"active": True, "name": clinic.name},
+            self.fields(Profile.ORGANIZATION, clinic, {"active": True}),
             [f"Clinic: {clinic.name}"],
             create_only=True,
         )
@@ -336,13 +369,15 @@ class _Builder:
             Kind.PATIENT,
             p.id,
             Profile.PATIENT,
-            {
-                "identifier": extra,
-                "name": [_human_name(p.name)],
-                "gender": p.sex,
-                "birthDate": p.birth_date.isoformat(),
-                "managingOrganization": {"reference": self.org},
-            },
+            self.fields(
+                Profile.PATIENT,
+                p,
+                {
+                    "identifier": extra,
+                    "name": [_human_name(p.name)],
+                    "managingOrganization": {"reference": self.org},
+                },
+            ),
             [f"Patient {' '.join(p.name.given)} {p.name.family}, born {p.birth_date}, {p.sex}"],
             create_only=True,
         )
@@ -375,15 +410,18 @@ class _Builder:
             Kind.ENCOUNTER,
             r.id,
             Profile.ENCOUNTER,
-            {
-                "status": self.status("finished"),
-                "class": self.t.convention("encounter-class-ambulatory").as_fhir(),
-                "type": [self.concept(r.visit_type)],
-                "subject": {"reference": self.patient},
-                "participant": [{"individual": {"reference": self.practitioner}}],
-                "period": {"start": _instant(r.start), "end": _instant(r.end)},
-                "serviceProvider": {"reference": self.org},
-            },
+            self.fields(
+                Profile.ENCOUNTER,
+                r,
+                {
+                    "status": self.status("finished"),
+                    "class": self.t.convention("encounter-class-ambulatory").as_fhir(),
+                    "subject": {"reference": self.patient},
+                    "participant": [{"individual": {"reference": self.practitioner}}],
+                    "period": {"start": _instant(r.start), "end": _instant(r.end)},
+                    "serviceProvider": {"reference": self.org},
+                },
+            ),
             [
                 f"IMS visit ({self.t.local(r.visit_type).display}) at {r.clinic.name}",
                 f"{_instant(r.start)} to {_instant(r.end)}",
@@ -424,13 +462,10 @@ class _Builder:
         components = self.slots(Profile.FINDING, COMPONENT, f)
         body: JSON = {
             **self._observation_common("observation-category-exam"),
-            "code": self.concept(f.sign),
             **self._context(),
-            "valueBoolean": f.present,
             "bodySite": body_site,
         }
-        if f.note is not None:
-            body["note"] = [{"text": f.note}]
+        self.fields(Profile.FINDING, f, body)
         if components:
             body["component"] = components
         where = ", ".join(
@@ -467,8 +502,7 @@ class _Builder:
         components = self.slots(Profile.ASSESSMENT_PANEL, COMPONENT, a)
         if components:
             body["component"] = components
-        if a.notes is not None:
-            body["note"] = [{"text": a.notes}]
+        self.fields(Profile.ASSESSMENT_PANEL, a, body)
         present = sum(1 for f in a.findings if f.present)
         levels = ", ".join(a.suspected_levels) or "none stated"
         return self.add(
@@ -493,7 +527,6 @@ class _Builder:
                 else "condition-verification-confirmed"
             ),
             "category": [self.convention("condition-category-encounter-diagnosis")],
-            "code": self.concept(d.code),
             "subject": {"reference": self.patient},
             "encounter": {"reference": self.encounter},
             "recordedDate": _instant(self.r.start),
@@ -503,8 +536,7 @@ class _Builder:
             body["clinicalStatus"] = self.convention("condition-clinical-active")
         if evidence:
             body["evidence"] = [{"detail": [{"reference": e} for e in evidence]}]
-        if d.note is not None:
-            body["note"] = [{"text": d.note}]
+        self.fields(Profile.DIAGNOSIS, d, body)
         return self.add(
             "Condition",
             Kind.CONDITION,
@@ -519,15 +551,13 @@ class _Builder:
             **self._observation_common("observation-category-survey"),
             "code": self.concept("pain-score"),
             **self._context(performer=self.patient),
-            "valueQuantity": self.quantity(score.nrs, "score"),
             "component": self.slots(Profile.PAIN_SCORE, COMPONENT, score),
         }
         if score.timing == "after-treatment":
             body["effectiveDateTime"] = _instant(self.r.end)
             if session is not None:
                 body["partOf"] = [{"reference": session}]
-        if score.location is not None:
-            body["bodySite"] = {"text": score.location}
+        self.fields(Profile.PAIN_SCORE, score, body)
         where = f" ({score.location})" if score.location else ""
         return self.add(
             "Observation",
@@ -549,12 +579,12 @@ class _Builder:
             "scope": self.convention("consent-scope-treatment"),
             "category": [self.concept("ims-treatment-consent")],
             "patient": {"reference": self.patient},
-            "dateTime": _instant(c.at),
             "performer": [performer],
             "organization": [{"reference": self.org}],
             "policyRule": self.convention("consent-policy-opt-in"),
             "provision": {"type": "permit" if c.given else "deny"},
         }
+        self.fields(Profile.CONSENT, c, body)
         if c.form_reference is not None:
             body["sourceReference"] = {
                 "type": "DocumentReference",
@@ -604,8 +634,7 @@ class _Builder:
                 | {"extension": self.slots(Profile.SESSION, COMPLICATION_EXTENSION, event)}
                 for event in treatment.adverse_events
             ]
-        if treatment.notes is not None:
-            body["note"] = [{"text": treatment.notes}]
+        self.fields(Profile.SESSION, treatment, body)
         events = ", ".join(self.t.local(e.kind).display for e in treatment.adverse_events)
         return self.add(
             "Procedure",
@@ -626,14 +655,10 @@ class _Builder:
             "status": self.status("completed"),
             "code": self.concept("ims-needled-site"),
             **self._procedure_common(),
-            "bodySite": [
-                {
-                    "extension": self.slots(Profile.NEEDLED_SITE, BODY_SITE_EXTENSION, s),
-                    "coding": [c.as_fhir() for c in t.codings(s.muscle)],
-                }
-            ],
+            "bodySite": [{"extension": self.slots(Profile.NEEDLED_SITE, BODY_SITE_EXTENSION, s)}],
             "usedCode": [self.convention("device-needle")],
         }
+        self.fields(Profile.NEEDLED_SITE, s, body)
         return self.add(
             "Procedure",
             Kind.PROCEDURE,
