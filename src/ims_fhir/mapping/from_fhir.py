@@ -63,7 +63,7 @@ _CONSENT_LINKS = frozenset({Ext.SESSION_CONSENT.url, Ext.SUPPORTING_INFO.url})
 _PART_KINDS = frozenset({Kind.OBSERVATION, Kind.CONDITION, Kind.PROCEDURE, Kind.CONSENT})
 # FHIR R4 integer: a signed 32-bit value (datatypes.html#integer).
 _INT_MIN, _INT_MAX = -(2**31), 2**31 - 1
-_LEAVES = (str, int, float, type(None))
+_LEAVES = frozenset({str, int, float, bool, type(None)})
 
 
 @dataclass(frozen=True, slots=True)
@@ -531,20 +531,27 @@ class _Node:
 
     def no_modifiers(self) -> None:
         """No ``modifierExtension`` anywhere in it: one changes what the element means."""
-        # A quick look first (no paths built); the path is found only for what it finds.
+        # A quick look first (no paths built, only containers visited); the path is found
+        # only for what it finds, or for a value JSON would not give (another Mapping).
+        if type(self.data) is not dict:
+            return self._no_modifiers()
         stack: list[tuple[Any, int]] = [(self.data, 0)]
         while stack:
             value, depth = stack.pop()
-            if isinstance(value, dict) or (
-                not isinstance(value, _LEAVES) and isinstance(value, Mapping)
-            ):
-                if depth > 64 or value.get("modifierExtension") is not None:
+            if depth > 64:
+                return self._no_modifiers()
+            if type(value) is dict:
+                if value.get("modifierExtension") is not None:
                     return self._no_modifiers()
-                stack += [(v, depth + 1) for v in value.values()]
-            elif isinstance(value, list):
-                if depth > 64:
+                children = value.values()
+            else:
+                children = value
+            for child in children:
+                kind = type(child)
+                if kind is dict or kind is list:
+                    stack.append((child, depth + 1))
+                elif kind not in _LEAVES:
                     return self._no_modifiers()
-                stack += [(v, depth + 1) for v in value]
 
     def _no_modifiers(self) -> None:
         stack: list[tuple[Any, str, int]] = [(self.data, self.path, 0)]
