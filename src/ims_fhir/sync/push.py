@@ -40,6 +40,7 @@ import copy
 import hashlib
 import json
 import logging
+import sqlite3
 from collections.abc import AsyncIterator, Callable, Coroutine, Iterable
 from dataclasses import dataclass, field, replace
 from typing import Any, Literal, TypeVar
@@ -119,6 +120,26 @@ _CONDITIONAL_TYPES = frozenset(
 
 # Identifiers per search request (the URL stays well under servers' line limits).
 _SEARCH_CHUNK = 20
+
+
+class _Seen:
+    """The encounters met so far in one push, with where each came from.
+
+    Kept in a private temporary SQLite database (on disk, a small page cache in memory; closed
+    when the push is done with it), so a push of millions of encounters runs in flat memory.
+    """
+
+    def __init__(self) -> None:
+        self._db = sqlite3.connect("")
+        self._db.execute("CREATE TABLE seen (key TEXT PRIMARY KEY, source TEXT NOT NULL)")
+
+    def first(self, key: str, source: str) -> str | None:
+        """Where ``key`` was met before, or None (and it is remembered as met at ``source``)."""
+        row = self._db.execute("SELECT source FROM seen WHERE key = ?", (key,)).fetchone()
+        if row is not None:
+            return str(row[0])
+        self._db.execute("INSERT INTO seen VALUES (?, ?)", (key, source))
+        return None
 
 
 @dataclass(frozen=True, slots=True)
@@ -337,7 +358,7 @@ class Pusher:
         queue: asyncio.Queue[list[_Item] | None] = asyncio.Queue(maxsize=self.concurrency * 2)
         # Bounded: the producer waits for the consumer, so memory stays flat and results flow.
         results: asyncio.Queue[PushResult | BaseException | None] = asyncio.Queue(maxsize=256)
-        seen: dict[str, str] = {}
+        seen = _Seen()
 
         fatal: list[BaseException] = []
 
@@ -361,18 +382,18 @@ class Pusher:
                             PushResult(str(record.id), "failed", message=f"{source}: {message}")
                         )
                         continue
-                    if key in seen:
+                    first = seen.first(key, source)
+                    if first is not None:
                         await results.put(
                             PushResult(
                                 record.id,
                                 "failed",
                                 message=f"the encounter {key.partition('|')[2]!r} is in this "
-                                f"push twice: {seen[key]} and {source}; the second was not "
+                                f"push twice: {first} and {source}; the second was not "
                                 "pushed (remove one of them)",
                             )
                         )
                         continue
-                    seen[key] = source
                     if item is None:
                         await results.put(PushResult(record.id, "unchanged"))
                         continue
