@@ -9,7 +9,7 @@ from typing import Any
 
 import pytest
 
-from ims_fhir import terminology, to_fhir_json
+from ims_fhir import Encounter, terminology, to_fhir_json
 from ims_fhir.mapping.identity import Ext, Profile
 from ims_fhir.record.terminology import LOCAL_SYSTEM
 
@@ -173,3 +173,62 @@ def test_profiles_are_named_consistently() -> None:
     assert all(
         p.url.startswith("https://ims-fhir.org/fhir/StructureDefinition/ims-") for p in Profile
     )
+
+
+def _reference_displays() -> dict[str, set[str]]:
+    out: dict[str, set[str]] = {}
+    for tsv in (SHARED_DIR / "reference").glob("*.tsv"):
+        for line in tsv.read_text(encoding="utf-8").splitlines()[1:]:
+            code, _, display = line.partition("\t")
+            out.setdefault(code, set()).add(display)
+    return out
+
+
+def _terminology_names() -> dict[str, tuple[str, bool]]:
+    """The concept TERMINOLOGY.md names beside each verified code (its table's first column)."""
+    out = {}
+    for line in (SHARED_DIR / "TERMINOLOGY.md").read_text(encoding="utf-8").splitlines():
+        cells = [c.strip() for c in line.strip().strip("|").split("|")]
+        if len(cells) == 3 and cells[2][:1] == "V":
+            codes = re.findall(r"\b\d{3,6}-\d\b|\b\d{5,18}\b", cells[1])
+            # "Severity mild / moderate / severe | SCT 255604002 / 6736007 / 24484000": the
+            # names of a row of several codes, in the same order.
+            names = re.sub(r"\([^)]*\)", "", cells[0]).split(" / ")
+            several = len(codes) > 1 and len(names) == len(codes)
+            for n, code in enumerate(codes):
+                out[code] = (names[n] if several else cells[0], several)
+    return out
+
+
+def _words(text: str) -> str:
+    """A name without its parenthetical remark, case or punctuation."""
+    return re.sub(r"[^a-z0-9]", "", re.sub(r"\([^)]*\)", "", text.lower()))
+
+
+def test_every_emitted_display_is_the_one_the_reference_gives() -> None:
+    # A validator with a terminology server reports a display that is not the code's. Where a
+    # reference list has the code, its display exactly; else the concept TERMINOLOGY.md names.
+    references, names = _reference_displays(), _terminology_names()
+    emitted = {
+        (c.system, c.code, c.display)
+        for c in terminology().emitted_codings()
+        if c.system in {SCT, LOINC}
+    }
+    for path in ENCOUNTER_FILES:
+        record = Encounter.model_validate_json(path.read_text(encoding="utf-8"))
+        for coding in _codings(json.loads(to_fhir_json(record))):
+            if coding["system"] in {SCT, LOINC}:
+                emitted.add((coding["system"], coding["code"], coding.get("display")))
+    wrong = []
+    for _system, code, display in sorted(emitted, key=str):
+        if code in references:
+            if display not in references[code]:
+                wrong.append(f"{code} {display!r}: the reference list says {references[code]}")
+        else:
+            # One of several names in a row ("Severity mild / moderate / severe") may lack
+            # the row's first word.
+            name, several = names.get(code, ("", False))
+            words, given = _words(name), _words(str(display))
+            if not given or not (words == given or (several and words.endswith(given))):
+                wrong.append(f"{code} {display!r}: TERMINOLOGY.md names {name!r}")
+    assert not wrong, wrong
