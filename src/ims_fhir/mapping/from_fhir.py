@@ -1007,6 +1007,10 @@ class _Rebuild:
                 muscle = self.optional_code(site, "muscle")
                 if muscle:
                     f["muscle"] = muscle
+                elif site.objs("coding"):
+                    # Codings, none of them a muscle ims-fhir knows: the text alone (which
+                    # names the muscle too) must not turn a coded muscle into a region.
+                    raise site.fail("coding", "no muscle code ims-fhir knows")
                 text = site.string("text")
                 if text and not (muscle and text == self.t.local(muscle).display):
                     f["region"] = text

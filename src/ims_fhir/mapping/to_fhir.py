@@ -32,7 +32,7 @@ from fhir.resources.R4B.resource import Resource
 
 from ..record.model import Encounter, Finding, HumanName, NeedledSite, PainScore, Treatment
 from ..record.reader import check_record
-from ..record.terminology import Terminology, terminology
+from ..record.terminology import LOCAL_SYSTEM, Terminology, terminology
 from .identity import (
     Ext,
     Kind,
@@ -171,6 +171,10 @@ def _instant(value: dt.datetime) -> str:
     return text[:-6] + "Z" if text.endswith("+00:00") else text
 
 
+def _lower_first(text: str) -> str:
+    return text[:1].lower() + text[1:]
+
+
 def _put(body: JSON, steps: tuple[tuple[str, bool], ...], value: Any) -> None:
     """Set the element at ``steps`` (an array's first, where a step says so) in ``body``."""
     node = body
@@ -209,7 +213,15 @@ class _Builder:
     # -- helpers -------------------------------------------------------------------------------
 
     def concept(self, code: str, text: str | None = None) -> JSON:
-        out: JSON = {"coding": [c.as_fhir() for c in self.t.codings(code)]}
+        """A CodeableConcept of the code's codings.
+
+        One of local codings only has the local display as ``text`` too, so a system that
+        knows none of them still has words to show (R4 datatypes.html#CodeableConcept).
+        """
+        codings = self.t.codings(code)
+        out: JSON = {"coding": [c.as_fhir() for c in codings]}
+        if text is None and all(c.system == LOCAL_SYSTEM for c in codings):
+            text = self.t.local(code).display
         if text is not None:
             out["text"] = text
         return out
@@ -459,6 +471,8 @@ class _Builder:
             body_site["coding"] = [c.as_fhir() for c in t.codings(f.muscle)]
         if f.region is not None:
             body_site["text"] = f.region
+        elif f.muscle is not None and all(c.system == LOCAL_SYSTEM for c in t.codings(f.muscle)):
+            body_site["text"] = t.local(f.muscle).display
         components = self.slots(Profile.FINDING, COMPONENT, f)
         body: JSON = {
             **self._observation_common("observation-category-exam"),
@@ -655,7 +669,13 @@ class _Builder:
             "status": self.status("completed"),
             "code": self.concept("ims-needled-site"),
             **self._procedure_common(),
-            "bodySite": [{"extension": self.slots(Profile.NEEDLED_SITE, BODY_SITE_EXTENSION, s)}],
+            "bodySite": [
+                {
+                    "extension": self.slots(Profile.NEEDLED_SITE, BODY_SITE_EXTENSION, s),
+                    # The side and the muscle in words, for every reader (TERMINOLOGY.md).
+                    "text": f"{t.local(s.side).display} {_lower_first(t.local(s.muscle).display)}",
+                }
+            ],
             "usedCode": [self.convention("device-needle")],
         }
         self.fields(Profile.NEEDLED_SITE, s, body)
