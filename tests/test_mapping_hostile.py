@@ -379,7 +379,11 @@ def _shared(resource: JSON) -> JSON:
                 and practitioner
                 or not any(
                     c in ("health-card", "licence")
-                    for c in (ident.get("type") or {}).get("coding", ())
+                    for c in (
+                        ident["type"].get("coding", ())
+                        if isinstance(ident.get("type"), dict)
+                        else ()
+                    )
                     if isinstance(c, str)
                 )
             ):

@@ -867,6 +867,19 @@ class _Rebuild:
         node = _Node(p, "Patient", p.data)
         if ours is None:
             raise node.fail("identifier", "no ims-fhir patient identifier")
+        mr = self.t.convention("identifier-type-mr")
+        for ident in node.objs("identifier"):
+            kind = (
+                ident.obj("type")
+                if ident.string("system") == _system(self.ns, Kind.PATIENT)
+                else None
+            )
+            # The clinic's patient number is typed MR (earlier versions wrote no type).
+            if kind is not None and not any(
+                (c.string("system"), c.string("code")) == (mr.system, mr.code)
+                for c in kind.objs("coding")
+            ):
+                raise kind.fail("coding", "the clinic's patient number is typed MR")
         out = {
             "id": ours[1],
             "identifiers": self.foreign_identifiers(node, Kind.PATIENT),

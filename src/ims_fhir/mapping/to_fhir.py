@@ -286,7 +286,10 @@ class _Builder:
         return {slot.value_key: value}
 
     def identifier(self, kind: Kind, value: str) -> JSON:
-        return {"use": "official", "system": system(self.ns, kind), "value": value}
+        out: JSON = {"use": "official"}
+        if kind is Kind.PATIENT:  # the clinic's patient number: a medical record number
+            out["type"] = self.convention("identifier-type-mr")
+        return out | {"system": system(self.ns, kind), "value": value}
 
     def meta(self, profile: Profile) -> JSON:
         return {"profile": [profile.url], "source": self.ns}
