@@ -39,7 +39,15 @@ def _terminology_codes() -> dict[str, set[str]]:
             continue
         codes = re.findall(r"\b\d{3,6}-\d\b|\b\d{5,18}\b", cells[1])
         out[cells[2][0]].update(codes)
+    out["V"].update(_prose_codes())
     return out
+
+
+def _prose_codes() -> dict[str, str]:
+    """Codes its prose marks verified: "LOINC 59284-0 *Patient Consent* is in ... (V)"."""
+    text = (SHARED_DIR / "TERMINOLOGY.md").read_text(encoding="utf-8")
+    pattern = r"(?:LOINC|SCT) (\d{3,6}-\d|\d{5,18}) \*([^*]+)\*[^\n(]*\(V\)"
+    return {code: name for code, name in re.findall(pattern, text)}
 
 
 def _inbound_laterality() -> set[str]:
@@ -197,6 +205,8 @@ def _terminology_names() -> dict[str, tuple[str, bool]]:
             several = len(codes) > 1 and len(names) == len(codes)
             for n, code in enumerate(codes):
                 out[code] = (names[n] if several else cells[0], several)
+    for code, name in _prose_codes().items():
+        out.setdefault(code, (name, False))
     return out
 
 
