@@ -620,25 +620,30 @@ class _Builder:
             [f"Consent to IMS {decision} by {c.by} at {_instant(c.at)}"],
         )
 
-    def _procedure_common(self) -> JSON:
-        return {
+    def _procedure_common(self, done: bool = True) -> JSON:
+        out: JSON = {
             "category": self.convention("procedure-category"),
             "subject": {"reference": self.patient},
             "encounter": {"reference": self.encounter},
-            "performedPeriod": {"start": _instant(self.r.start), "end": _instant(self.r.end)},
-            "performer": [{"actor": {"reference": self.practitioner}}],
         }
+        if done:  # a procedure not done has no time it was performed, nor a performer
+            out["performedPeriod"] = {"start": _instant(self.r.start), "end": _instant(self.r.end)}
+            out["performer"] = [{"actor": {"reference": self.practitioner}}]
+        return out
 
     def session(self, treatment: Treatment, reasons: list[str], consent: str | None) -> str:
         devices = ["device-needle"]
         if any(s.electrical_stimulation for s in treatment.sites):
             devices.append("device-electrostimulation")
-        body: JSON = {
-            "status": self.status("completed" if treatment.sites else "not-done"),
-            "code": self.concept("ims-session"),
-            **self._procedure_common(),
-            "usedCode": [self.convention(d) for d in devices],
-        }
+        done = bool(treatment.sites)
+        body: JSON = {"status": self.status("completed" if done else "not-done")}
+        if not done:
+            # Why (R4 Procedure.statusReason): the patient refused, or no reason recorded.
+            refused = treatment.consent is not None and not treatment.consent.given
+            body["statusReason"] = self.concept("refused-by-patient" if refused else "not-needled")
+        body |= {"code": self.concept("ims-session"), **self._procedure_common(done)}
+        if done:  # no device was used in a session not done
+            body["usedCode"] = [self.convention(d) for d in devices]
         if consent is not None:
             body["extension"] = [
                 {"url": Ext.SESSION_CONSENT.url, "valueReference": {"reference": consent}}
