@@ -8,12 +8,14 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from hypothesis import HealthCheck, given, settings
 
 from ims_fhir import Encounter, terminology, to_fhir_json
 from ims_fhir.mapping.identity import Ext, Profile
 from ims_fhir.record.terminology import LOCAL_SYSTEM
 
 from .conftest import ENCOUNTER_FILES, ROOT
+from .strategies import encounters
 
 SCT = "http://snomed.info/sct"
 LOINC = "http://loinc.org"
@@ -239,3 +241,22 @@ def test_every_emitted_display_is_the_one_the_reference_gives() -> None:
             if not given or not (words == given or (several and words.endswith(given))):
                 wrong.append(f"{code} {display!r}: TERMINOLOGY.md names {name!r}")
     assert not wrong, wrong
+
+
+@settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(record=encounters())
+def test_an_absent_sign_carries_no_standard_finding_code(record: Encounter) -> None:
+    # Anything that indexes on a SNOMED CT finding code would read the sign as present.
+    bundle = json.loads(to_fhir_json(record))
+    absent = {
+        f"{record.id}/finding/{f.id}"
+        for f in (record.assessment.findings if record.assessment else [])
+        if not f.present
+    }
+    for entry in bundle["entry"]:
+        resource = entry["resource"]
+        values = {i["value"] for i in resource.get("identifier", [])}
+        if resource["resourceType"] == "Observation" and values & absent:
+            assert resource["valueBoolean"] is False
+            assert {c["system"] for c in resource["code"]["coding"]} == {LOCAL_SYSTEM}
+            assert resource["code"]["text"]

@@ -483,6 +483,11 @@ class _Builder:
             "bodySite": body_site,
         }
         self.fields(Profile.FINDING, f, body)
+        if not f.present:
+            # A SNOMED CT finding code says the finding is there: an absent sign keeps its local
+            # code only, so nothing that indexes on the code reads it as present (TERMINOLOGY.md).
+            local = self.t.local(f.sign)
+            body["code"] = {"coding": [local.as_fhir()], "text": local.display}
         if components:
             body["component"] = components
         where = ", ".join(
