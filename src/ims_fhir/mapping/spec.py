@@ -13,6 +13,7 @@ vocabulary.
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import json
 from dataclasses import dataclass
@@ -63,38 +64,30 @@ class Slot:
     short: str | None  # an extension's title
     definition: str | None  # an extension's definition
     parts: tuple[Slot, ...]  # a complex extension's sub-extensions
+    # Derived once, here: the mappings read them for every value they write or read.
+    field: str = dataclasses.field(init=False)  # the record attribute (the path's last step)
+    repeats: bool = dataclasses.field(init=False)  # a list: one extension or component per item
+    is_extension: bool = dataclasses.field(init=False)  # else a component
+    url: str = dataclasses.field(init=False)  # an extension's URL (a sub-extension's bare name)
+    value_key: str = dataclasses.field(init=False)  # valueQuantity, valuePositiveInt, ...
+    context: str = dataclasses.field(init=False)  # where an extension may appear
 
-    @property
-    def field(self) -> str:
-        """The record attribute (the last step of the path)."""
-        return self.path.rsplit(".", 1)[-1].removesuffix("[]")
+    def __post_init__(self) -> None:
+        bare = not self.container or "://" in self.key
+        derived = {
+            "field": _attribute(self.path),
+            "repeats": self.max == "*",
+            "is_extension": self.container.endswith("extension") or not self.container,
+            "url": self.key if bare else f"{EXTENSION_BASE}/{self.key}",
+            "value_key": "value" + self.type[0].upper() + self.type[1:],
+            "context": self.container.removesuffix(".extension"),
+        }
+        for name, value in derived.items():
+            object.__setattr__(self, name, value)
 
-    @property
-    def repeats(self) -> bool:
-        """Whether the field is a list, one extension or component per item."""
-        return self.max == "*"
 
-    @property
-    def is_extension(self) -> bool:
-        """Whether the slot is an extension (else a component)."""
-        return self.container.endswith("extension") or not self.container
-
-    @property
-    def url(self) -> str:
-        """An extension's URL (a sub-extension's is its bare name, as R4 wants)."""
-        if not self.container or "://" in self.key:
-            return self.key
-        return f"{EXTENSION_BASE}/{self.key}"
-
-    @property
-    def value_key(self) -> str:
-        """The JSON key of the value: ``valueQuantity``, ``valuePositiveInt``, ..."""
-        return "value" + self.type[0].upper() + self.type[1:]
-
-    @property
-    def context(self) -> str:
-        """Where an extension may appear (its container without ``.extension``)."""
-        return self.container.removesuffix(".extension")
+def _attribute(path: str) -> str:
+    return path.rsplit(".", 1)[-1].removesuffix("[]")
 
 
 @dataclass(frozen=True, slots=True)
@@ -108,18 +101,14 @@ class Element:
     unit: str | None
     vocabulary: str | None
     min: int
+    field: str = dataclasses.field(init=False)  # the record attribute (the path's last step)
+    # The element's steps: (name, whether it is the first of an array).
+    steps: tuple[tuple[str, bool], ...] = dataclasses.field(init=False)
 
-    @property
-    def field(self) -> str:
-        """The record attribute (the last step of the path)."""
-        return self.path.rsplit(".", 1)[-1].removesuffix("[]")
-
-    @property
-    def steps(self) -> tuple[tuple[str, bool], ...]:
-        """The element's steps: (name, whether it is the first of an array)."""
-        return tuple(
-            (step.removesuffix("[0]"), step.endswith("[0]")) for step in self.at.split(".")
-        )
+    def __post_init__(self) -> None:
+        steps = tuple((s.removesuffix("[0]"), s.endswith("[0]")) for s in self.at.split("."))
+        object.__setattr__(self, "field", _attribute(self.path))
+        object.__setattr__(self, "steps", steps)
 
 
 @dataclass(frozen=True, slots=True)

@@ -218,10 +218,10 @@ class _Builder:
         One of local codings only has the local display as ``text`` too, so a system that
         knows none of them still has words to show (R4 datatypes.html#CodeableConcept).
         """
-        codings = self.t.codings(code)
-        out: JSON = {"coding": [c.as_fhir() for c in codings]}
-        if text is None and all(c.system == LOCAL_SYSTEM for c in codings):
-            text = self.t.local(code).display
+        local, standard = self.t.local(code), self.t.standard(code)
+        if standard is None:
+            return {"coding": [local.as_fhir()], "text": local.display if text is None else text}
+        out: JSON = {"coding": [standard.as_fhir(), local.as_fhir()]}
         if text is not None:
             out["text"] = text
         return out
