@@ -9,6 +9,7 @@ and ims-fhir's own Bundles with one element broken in every way hypothesis finds
 from __future__ import annotations
 
 import copy
+import datetime as dt
 import importlib
 import json
 from collections.abc import Iterator
@@ -20,8 +21,16 @@ import pytest
 from fhir.resources.R4B import get_fhir_model_class
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
+from pydantic import ValidationError
 
-from ims_fhir import Encounter, MappingError, from_fhir, terminology, to_fhir_json
+from ims_fhir import (
+    Encounter,
+    MappingError,
+    RecordError,
+    from_fhir,
+    terminology,
+    to_fhir_json,
+)
 from ims_fhir.mapping.identity import Ext
 from ims_fhir.mapping.spec import spec
 from ims_fhir.record.terminology import LOCAL_SYSTEM
@@ -623,3 +632,97 @@ def test_deep_nesting_in_dicts_does_not_crash() -> None:
     ]
     _assert_total(bundle)
     _assert_total(twice)
+
+
+def test_an_instant_past_the_last_utc_instant_is_an_error_not_a_crash() -> None:
+    # 9999-12-31T23:59:59-14:00 is after 9999-12-31T23:59:59Z: converting it to UTC overflows.
+    bundle = _bundle(LUMBAR)
+    finding = next(
+        e["resource"]
+        for e in bundle["entry"]
+        if e["resource"]["resourceType"] == "Observation"
+        and e["resource"]["identifier"][0]["value"].endswith("/finding/f1")
+    )
+    finding["effectiveDateTime"] = "9999-12-31T23:59:59-14:00"
+    report = from_fhir(bundle)
+    assert report.records == []
+    assert [e.path for e in report.errors] == ["Observation.effectiveDateTime"]
+
+
+def test_an_offset_fhir_cannot_hold_is_refused_in_the_record() -> None:
+    data = json.loads(LUMBAR.model_dump_json())
+    for offset in ("+14:30", "-23:11"):
+        data["start"] = data["start"][:19] + offset
+        with pytest.raises(ValidationError, match="at most 14:00"):
+            Encounter.model_validate(data)
+    late = LUMBAR.start.replace(tzinfo=dt.timezone(dt.timedelta(hours=5, minutes=30, seconds=15)))
+    with pytest.raises(RecordError, match="whole minutes"):
+        to_fhir_json(LUMBAR.model_copy(update={"start": late}))
+
+
+def _resource(bundle: JSON, rtype: str, suffix: str = "") -> JSON:
+    return next(
+        e["resource"]
+        for e in bundle["entry"]
+        if e["resource"]["resourceType"] == rtype
+        and (not suffix or e["resource"]["identifier"][0]["value"].endswith(suffix))
+    )
+
+
+def _extension(resource: JSON, tail: str) -> JSON:
+    return next(x for x in resource["extension"] if x["url"].endswith(tail))
+
+
+@pytest.mark.parametrize(
+    ("mutate", "path"),
+    [
+        (
+            lambda b: _resource(b, "Patient").update(modifierExtension=[{"url": "x"}]),
+            "Patient.modifierExtension",
+        ),
+        (
+            lambda b: _resource(b, "Observation", "/finding/f1").update(
+                valueCodeableConcept={"text": "absent"}
+            ),
+            "Observation.valueCodeableConcept",
+        ),
+        (
+            lambda b: _resource(b, "Observation", "/finding/f1").update(
+                dataAbsentReason={"text": "not asked"}
+            ),
+            "Observation.dataAbsentReason",
+        ),
+        (
+            lambda b: _resource(b, "Procedure", "/site/s1")["extension"].append(
+                {"url": Ext.SESSION_CONSENT.url, "valueReference": {"reference": "Consent/1"}}
+            ),
+            "Procedure.extension[8].url",
+        ),
+        (
+            lambda b: _extension(_resource(b, "Procedure", "/site/s1"), "/insertions").update(
+                valueInteger=99
+            ),
+            "Procedure.extension[4].valueInteger",
+        ),
+        (
+            lambda b: _resource(b, "Observation", "/pain/p1")["bodySite"].update(
+                coding=[{"system": "http://snomed.info/sct", "code": "37931006"}]
+            ),
+            "Observation.bodySite.coding",
+        ),
+    ],
+    ids=[
+        "modifier-on-patient",
+        "second-value",
+        "absent-reason",
+        "our-extension-elsewhere",
+        "second-extension-value",
+        "coded-pain-site",
+    ],
+)
+def test_what_would_be_silently_dropped_is_an_error(mutate: Any, path: str) -> None:
+    bundle = _bundle(LUMBAR)
+    mutate(bundle)
+    report = from_fhir(bundle)
+    assert report.records == []
+    assert [e.path for e in report.errors] == [path]

@@ -260,3 +260,20 @@ def test_an_absent_sign_carries_no_standard_finding_code(record: Encounter) -> N
             assert resource["valueBoolean"] is False
             assert {c["system"] for c in resource["code"]["coding"]} == {LOCAL_SYSTEM}
             assert resource["code"]["text"]
+
+
+@settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(record=encounters())
+def test_every_needled_site_says_side_and_muscle_in_words(record: Encounter) -> None:
+    # Side matters for safety; a reader without ims-fhir's extension has only the text.
+    t = terminology()
+    bundle = json.loads(to_fhir_json(record))
+    texts = {
+        i["value"]: r["bodySite"][0].get("text")
+        for r in (e["resource"] for e in bundle["entry"])
+        if r["resourceType"] == "Procedure" and "bodySite" in r
+        for i in r.get("identifier", [])
+    }
+    for site in record.treatment.sites if record.treatment else []:
+        side, muscle = t.local(site.side).display, t.local(site.muscle).display
+        assert texts[f"{record.id}/site/{site.id}"] == f"{side} {muscle[:1].lower()}{muscle[1:]}"

@@ -64,6 +64,10 @@ _PART_KINDS = frozenset({Kind.OBSERVATION, Kind.CONDITION, Kind.PROCEDURE, Kind.
 # FHIR R4 integer: a signed 32-bit value (datatypes.html#integer).
 _INT_MIN, _INT_MAX = -(2**31), 2**31 - 1
 _LEAVES = frozenset({str, int, float, bool, type(None)})
+# Every extension ims-fhir writes: one of them anywhere else is not another system's.
+_OUR_EXTENSION_URLS = frozenset(
+    {slot.url for slot in spec().slots if slot.is_extension} | {e.url for e in Ext}
+)
 
 
 @dataclass(frozen=True, slots=True)
@@ -138,7 +142,14 @@ def from_fhir(resources: Any) -> MappingReport:
             rebuild.check_links(record)
         except MappingError as exc:
             report.errors.append(exc)
-        except (ValueError, TypeError, KeyError, AttributeError, RecursionError) as exc:
+        except (
+            ArithmeticError,
+            LookupError,
+            ValueError,
+            TypeError,
+            AttributeError,
+            RecursionError,
+        ) as exc:
             # A shape no check foresaw (UnicodeError is a ValueError): still this encounter's
             # error, never a crash that loses the others.
             report.errors.append(
@@ -758,6 +769,7 @@ class _Rebuild:
             node = _Node(prov, "Provenance", prov.data)
             if prov.type != "Provenance":
                 raise node.fail("resourceType", "has the id of this encounter's Provenance")
+            node.no_modifiers()
             self.listed = set()
             for n, target in enumerate(node.objs("target")):
                 found = self.resolve(node, f"target[{n}]", target)
@@ -830,6 +842,7 @@ class _Rebuild:
         org = self.resolve_required(self.enc, "serviceProvider", "Organization")
         ours = org.our_identifier(Kind.ORGANIZATION, self.ns)
         node = _Node(org, "Organization", org.data)
+        node.no_modifiers()
         if ours is None:
             raise node.fail("identifier", "no ims-fhir organization identifier")
         out = self.read_fields(node, Profile.ORGANIZATION, {"id": ours[1]})
@@ -874,6 +887,7 @@ class _Rebuild:
         p = self.patient_res = self.resolve_required(self.enc, "subject", "Patient")
         ours = p.our_identifier(Kind.PATIENT, self.ns)
         node = _Node(p, "Patient", p.data)
+        node.no_modifiers()
         if ours is None:
             raise node.fail("identifier", "no ims-fhir patient identifier")
         mr = self.t.convention("identifier-type-mr")
@@ -903,6 +917,7 @@ class _Rebuild:
         pr = self.resolve_required(participant, "individual", "Practitioner")
         ours = pr.our_identifier(Kind.PRACTITIONER, self.ns)
         node = _Node(pr, "Practitioner", pr.data)
+        node.no_modifiers()
         if ours is None:
             raise node.fail("identifier", "no ims-fhir practitioner identifier")
         out: JSON = {"id": ours[1], "name": self.human_name(node)}
@@ -925,6 +940,8 @@ class _Rebuild:
                 parent = parent.only(name) if first else parent.obj(name)
                 if parent is None:
                     break
+            if parent is not None and key.startswith("value"):
+                _one_value(parent, key)
             value = None if parent is None else self.element_value(rule, parent, key, listed)
             if value is None:
                 if rule.min or (containers and parent is not None):
@@ -965,9 +982,10 @@ class _Rebuild:
             )
             slot = by_key.get(key or "")
             if slot is None:
-                if extension:
-                    continue
-                raise node.fail("code", f"not a component ims-fhir writes on {what}")
+                if extension and key not in _OUR_EXTENSION_URLS:
+                    continue  # another system's extension
+                where, kind = ("url", "an extension") if extension else ("code", "a component")
+                raise node.fail(where, f"not {kind} ims-fhir writes on {what}")
             value = self.slot_value(slot, node)
             if slot.repeats:
                 out.setdefault(slot.field, []).append(value)
@@ -980,12 +998,16 @@ class _Rebuild:
 
     def slot_value(self, slot: Slot, node: _Node) -> Any:
         key = slot.value_key
+        _one_value(node, key if slot.type != "complex" else None)
         if slot.type == "complex":
             parts: dict[str, _Node] = {}
+            known = {part.url for part in slot.parts}
             for sub in node.objs("extension"):
                 name = sub.need_string("url")
                 if name in parts:
                     raise sub.fail("url", f"a second {name}")
+                if name not in known:
+                    raise sub.fail("url", f"not a part of {slot.key}")
                 parts[name] = sub
             out: JSON = {}
             for part in slot.parts:
@@ -1105,6 +1127,10 @@ class _Rebuild:
             p: JSON = {"id": pid}
             self.read_slots(obs, "component", Profile.PAIN_SCORE, COMPONENT, p, "a pain score")
             self.read_fields(obs, Profile.PAIN_SCORE, p)
+            site = obs.obj("bodySite")
+            if site is not None and site.data.get("coding") is not None:
+                # Where the patient feels it is the patient's words; a code would be dropped.
+                raise site.fail("coding", "ims-fhir writes a pain location as text only")
             if p["nrs"] != int(p["nrs"]):
                 raise obs.fail("valueQuantity.value", "NRS must be a whole number")
             p["nrs"] = int(p["nrs"])
@@ -1216,6 +1242,15 @@ _DERIVED = (
 )
 
 
+def _one_value(node: _Node, key: str | None) -> None:
+    """Only the value ims-fhir writes (``key``; None: none), and no reason it is absent."""
+    others = sorted(k for k in node.data if k.startswith("value") and k != key)
+    if others:
+        raise node.fail(others[0], "a value ims-fhir does not write beside its own")
+    if key is not None and "dataAbsentReason" in node.data:
+        raise node.fail("dataAbsentReason", "a reason the value is absent, beside the value")
+
+
 def _earlier_shape(resource: JSON, encounter: JSON) -> JSON:
     """Derived elements as ims-fhir 0.1.0 wrote them, where they differ from today's.
 
@@ -1265,7 +1300,10 @@ def _normal(value: Any, key: Callable[[str], str], systems: set[str], depth: int
         except ValueError:
             return value
         if instant.tzinfo is not None:
-            return instant.astimezone(dt.UTC).isoformat()
+            try:
+                return instant.astimezone(dt.UTC).isoformat()
+            except OverflowError:  # 9999-12-31T23:59:59-14:00 is past the last UTC instant
+                return value
     return value
 
 

@@ -182,7 +182,11 @@ def _put(body: JSON, steps: tuple[tuple[str, bool], ...], value: Any) -> None:
         node = node.setdefault(name, [{}])[0] if listed else node.setdefault(name, {})
     name, listed = steps[-1]
     if listed:
-        node.setdefault(name, [{}])[0].update(value)
+        # Into what other rules put there: what they wrote stays (a needled site's bodySite
+        # text says side and muscle; the muscle's concept would say the muscle only).
+        first = node.setdefault(name, [{}])[0]
+        for key, item in value.items():
+            first.setdefault(key, item)
     else:
         node[name] = value
 

@@ -16,6 +16,7 @@ import datetime as dt
 from typing import Annotated, Any, Literal
 
 from pydantic import (
+    AfterValidator,
     AwareDatetime,
     BaseModel,
     ConfigDict,
@@ -149,6 +150,22 @@ def _check_segment_order(value: list[str]) -> list[str]:
         raise PydanticCustomError("ims_segment", "a spinal segment is listed twice", {})
     levels = spinal_levels()
     return sorted(value, key=levels.index)
+
+
+def _fhir_offset(value: dt.datetime) -> dt.datetime:
+    """An offset FHIR can write: whole minutes, at most 14 hours (R4 datatypes.html#dateTime)."""
+    offset = value.utcoffset()
+    if offset is not None and (
+        abs(offset) > dt.timedelta(hours=14) or offset % dt.timedelta(minutes=1)
+    ):
+        raise PydanticCustomError(
+            "ims_offset", "a UTC offset must be whole minutes, at most 14:00 (FHIR R4)", {}
+        )
+    return value
+
+
+# A date and time with a UTC offset FHIR R4 can hold.
+Instant = Annotated[AwareDatetime, AfterValidator(_fhir_offset)]
 
 
 class _Model(BaseModel):
@@ -348,7 +365,7 @@ class Consent(_Model):
     """The patient's consent to needling."""
 
     given: bool
-    at: AwareDatetime
+    at: Instant
     by: ShortText = Field(description="Who consented: the patient, or a named guardian.")
     form_reference: ShortText | None = None
 
@@ -376,8 +393,8 @@ class Encounter(_Model):
     clinic: Clinic
     patient: Patient
     practitioner: Practitioner
-    start: AwareDatetime
-    end: AwareDatetime
+    start: Instant
+    end: Instant
     visit_type: VisitType
     assessment: Assessment | None = None
     pain: list[PainScore] = []
