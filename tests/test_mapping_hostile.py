@@ -726,3 +726,13 @@ def test_what_would_be_silently_dropped_is_an_error(mutate: Any, path: str) -> N
     report = from_fhir(bundle)
     assert report.records == []
     assert [e.path for e in report.errors] == [path]
+
+
+def test_a_narrative_is_well_formed_xml_whatever_the_record_holds() -> None:
+    import xml.etree.ElementTree as ET
+
+    name = LUMBAR.patient.name.model_copy(update={"family": "O\x01Brien\ufffe"})
+    record = LUMBAR.model_copy(update={"patient": LUMBAR.patient.model_copy(update={"name": name})})
+    for entry in json.loads(to_fhir_json(record))["entry"]:
+        ET.fromstring(entry["resource"]["text"]["div"])  # raises on a character XML forbids
+    assert from_fhir(to_fhir_json(record)).records == [record]  # the data keeps it

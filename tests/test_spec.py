@@ -270,3 +270,49 @@ def _rule(**parts: Any) -> dict[str, Any]:
 def test_a_malformed_spec_is_refused(rule: dict[str, Any], reason: str) -> None:
     with pytest.raises(ValueError, match=reason):
         parse_spec({"resourceType": "Parameters", "parameter": [rule]})
+
+
+def _spec_with(*extra: dict[str, Any]) -> dict[str, Any]:
+    data: dict[str, Any] = json.loads((MAPPINGS / "Parameters-field-map.json").read_text())
+    data["parameter"] += list(extra)
+    return data
+
+
+@pytest.mark.parametrize(
+    ("rule", "reason"),
+    [
+        (_rule(field="clinic.name", profile="p", at="x", type="string"), "two rules"),
+        (
+            _rule(field="a.b", profile="p", at="x", slot="Procedure.extension:x", type="string"),
+            "not both",
+        ),
+        (
+            _rule(
+                field="a.c",
+                profile="ims-needled-site",
+                slot="Procedure.extension:insertions",
+                type="string",
+            ),
+            "another field has the slot",
+        ),
+        (_rule(field="a.d", profile="p", slot="Procedure.extensions:x", type="string"), "writes"),
+        (
+            _rule(field="a.e", profile="p", slot="Procedure.extension:x", type="string", max="2"),
+            "max",
+        ),
+        (_rule(field="a.f", profile="p", at="note[1].text", type="string"), r"only \[0\]"),
+        (
+            _rule(
+                field="a.g", profile="p", slot="Procedure.extension:y", type="Quantity", unit="km"
+            ),
+            "no convention unit-km",
+        ),
+    ],
+)
+def test_a_spec_that_would_map_otherwise_is_refused(rule: dict[str, Any], reason: str) -> None:
+    with pytest.raises(ValueError, match=reason):
+        parse_spec(_spec_with(rule))
+
+
+def test_the_spec_in_mappings_is_accepted() -> None:
+    assert parse_spec(_spec_with()).slots == spec().slots

@@ -19,7 +19,7 @@ import json
 from dataclasses import dataclass
 from typing import Any
 
-from ..record.terminology import EXTENSION_BASE, mappings_dir
+from ..record.terminology import EXTENSION_BASE, mappings_dir, terminology
 
 __all__ = [
     "BODY_SITE_EXTENSION",
@@ -261,9 +261,61 @@ def parse_spec(data: dict[str, Any]) -> Spec:
                 elements.append(_element(values))
         else:
             raise ValueError(f"unknown parameter {parameter['name']!r}")
+    _check(rules, slots, elements, vocabularies)
+    return Spec(tuple(rules), tuple(slots), tuple(elements), tuple(vocabularies))
+
+
+_CONTAINERS = frozenset(
+    {
+        COMPONENT,
+        OBSERVATION_BODY_SITE_EXTENSION,
+        PROCEDURE_EXTENSION,
+        BODY_SITE_EXTENSION,
+        COMPLICATION_EXTENSION,
+    }
+)
+
+
+def _check(
+    rules: list[dict[str, Any]],
+    slots: list[Slot],
+    elements: list[Element],
+    vocabularies: list[Vocabulary],
+) -> None:
+    """What would make the mappings write or read something else than the rule says."""
+    fields = [given["field"] for given in rules]
+    twice = sorted({f for f in fields if fields.count(f) > 1})
+    if twice:
+        raise ValueError(f"{twice[0]}: two rules for one field")
+    for given in rules:
+        if "slot" in given and "at" in given:
+            raise ValueError(f"{given['field']}: a slot rule or an element rule, not both")
+    terms = terminology()
     groups = {v.group for v in vocabularies}
-    coded: list[Slot | Element] = [*slots, *elements]
+    keys = [(s.profile, s.container, s.key) for s in slots]
+    for slot in slots:
+        if keys.count((slot.profile, slot.container, slot.key)) > 1:
+            raise ValueError(f"{slot.path}: another field has the slot {slot.key}")
+        if slot.container not in _CONTAINERS:
+            raise ValueError(f"{slot.path}: no mapping writes {slot.container}")
+        if slot.max not in {"1", "*"}:
+            raise ValueError(f"{slot.path}: max must be 1 or *")
+    for element in elements:
+        if any("[" in step for step, _ in element.steps):
+            raise ValueError(f"{element.path}: only [0] may index an element")
+    coded: list[Slot | Element] = [*slots, *elements, *(p for s in slots for p in s.parts)]
     for rule in coded:
         if rule.vocabulary is not None and rule.vocabulary not in groups:
             raise ValueError(f"{rule.path}: vocabulary {rule.vocabulary!r} has no ValueSet")
-    return Spec(tuple(rules), tuple(slots), tuple(elements), tuple(vocabularies))
+        try:
+            if rule.vocabulary is not None:
+                terms.vocabulary(rule.vocabulary)
+        except KeyError:
+            raise ValueError(
+                f"{rule.path}: no group {rule.vocabulary!r} in the CodeSystem"
+            ) from None
+        try:
+            if rule.unit is not None:
+                terms.convention(f"unit-{rule.unit}")
+        except KeyError:
+            raise ValueError(f"{rule.path}: no convention unit-{rule.unit}") from None

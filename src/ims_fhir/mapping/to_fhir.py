@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import datetime as dt
 import html
+import re
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -191,8 +192,15 @@ def _put(body: JSON, steps: tuple[tuple[str, bool], ...], value: Any) -> None:
         node[name] = value
 
 
+# Characters XML 1.0 does not allow (C0 controls but tab, newline and carriage return; U+FFFE,
+# U+FFFF): a narrative holding one is not well-formed XHTML. The resource's data keeps them.
+_NOT_XML = re.compile("[\x00-\x08\x0b\x0c\x0e-\x1f\ufffe\uffff]")
+
+
 def _div(*lines: str) -> JSON:
-    body = "".join(f"<p>{html.escape(line, quote=False)}</p>" for line in lines)
+    body = "".join(
+        f"<p>{html.escape(_NOT_XML.sub(chr(0xFFFD), line), quote=False)}</p>" for line in lines
+    )
     return {"status": "generated", "div": f'<div xmlns="http://www.w3.org/1999/xhtml">{body}</div>'}
 
 
