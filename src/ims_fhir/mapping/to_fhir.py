@@ -33,7 +33,7 @@ from fhir.resources.R4B.resource import Resource
 
 from ..record.model import Encounter, Finding, HumanName, NeedledSite, PainScore, Treatment
 from ..record.reader import check_record
-from ..record.terminology import LOCAL_SYSTEM, Terminology, terminology
+from ..record.terminology import Terminology, terminology
 from .identity import (
     Ext,
     Kind,
@@ -230,13 +230,18 @@ class _Builder:
         One of local codings only has the local display as ``text`` too, so a system that
         knows none of them still has words to show (R4 datatypes.html#CodeableConcept).
         """
-        local, standard = self.t.local(code), self.t.standard(code)
+        standard = self.t.standard(code)
         if standard is None:
-            return {"coding": [local.as_fhir()], "text": local.display if text is None else text}
-        out: JSON = {"coding": [standard.as_fhir(), local.as_fhir()]}
+            return self.local_concept(code, text)
+        out: JSON = {"coding": [standard.as_fhir(), self.t.local(code).as_fhir()]}
         if text is not None:
             out["text"] = text
         return out
+
+    def local_concept(self, code: str, text: str | None = None) -> JSON:
+        """A CodeableConcept of the local coding alone, with its display as text."""
+        local = self.t.local(code)
+        return {"coding": [local.as_fhir()], "text": local.display if text is None else text}
 
     def convention(self, *names: str) -> JSON:
         return {"coding": [self.t.convention(n).as_fhir() for n in names]}
@@ -486,7 +491,7 @@ class _Builder:
             body_site["coding"] = [c.as_fhir() for c in t.codings(f.muscle)]
         if f.region is not None:
             body_site["text"] = f.region
-        elif f.muscle is not None and all(c.system == LOCAL_SYSTEM for c in t.codings(f.muscle)):
+        elif f.muscle is not None and t.standard(f.muscle) is None:
             body_site["text"] = t.local(f.muscle).display
         components = self.slots(Profile.FINDING, COMPONENT, f)
         body: JSON = {
@@ -498,8 +503,7 @@ class _Builder:
         if not f.present:
             # A SNOMED CT finding code says the finding is there: an absent sign keeps its local
             # code only, so nothing that indexes on the code reads it as present (TERMINOLOGY.md).
-            local = self.t.local(f.sign)
-            body["code"] = {"coding": [local.as_fhir()], "text": local.display}
+            body["code"] = self.local_concept(f.sign)
         if components:
             body["component"] = components
         where = ", ".join(
