@@ -290,6 +290,14 @@ def extensions() -> list[JSON]:
             ["Procedure"],
             "Reference",
         ),
+        # Not a record field: how ims-fhir's sync recognises its own writes (sync/push.py).
+        extension(
+            "sync-signature",
+            "Sync signature",
+            "The signature of the content ims-fhir wrote in this version of the resource: a hash of the resource without id, meta and narrative, references read as the identifiers of their targets. The sync engine reads it only where its state store has no record of the resource, to tell its own write from an edit made on the server. It carries no clinical meaning.",
+            ["Meta"],
+            "string",
+        ),
     ]
 
 

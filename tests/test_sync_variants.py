@@ -141,7 +141,7 @@ def test_push_through_a_variant_server(
             assert variant != "failed-entry-200" or not transport.changed, results
             actions = Counter(r.action for r in results)
             assert set(actions) <= OK | {"failed"}, [r for r in results if r.action not in OK]
-            if variant in {"no-etag", "no-versions", "drop-tags", "accumulate-tags"}:
+            if variant in {"no-etag", "no-versions", "drop-meta", "pile-up-signatures"}:
                 assert set(actions) <= OK, [r.message for r in results if r.action not in OK]
         # Whatever happened, each encounter on the server is its old or its new version.
         held = server_records(client, namespace)
@@ -162,7 +162,7 @@ def test_push_through_a_variant_server(
 def test_a_conflict_found_through_a_variant_server_is_reported_not_overwritten(
     fhir_base_url: str, tmp_path: Path
 ) -> None:
-    """Without versions or tags to go by, someone else's edit is still recognised."""
+    """Without versions or signatures to go by, someone else's edit is still recognised."""
     namespace = f"https://var-{uuid.uuid4().hex[:10]}.example/sid"
     records = records_for(namespace, count=2)
     with StateStore(tmp_path / "state.sqlite3") as state, FhirClient(fhir_base_url) as client:

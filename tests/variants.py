@@ -2,10 +2,10 @@
 
 ``VariantTransport`` is an httpx transport that forwards every request to the real server and
 then changes the answer the way another server, or a hostile network, would: answers without
-``etag`` or versions, tags dropped or piling up, a transaction answered 200 with a failed entry,
-entries reordered, another request's answer, an answer lost after the server committed, a 500
-after commit. Which requests it changes is deterministic (every ``every``-th transaction, from
-the first), so a test is the same on every run.
+``etag`` or versions, the sync signature in ``meta`` dropped or piling up, a transaction
+answered 200 with a failed entry, entries reordered, another request's answer, an answer lost
+after the server committed, a 500 after commit. Which requests it changes is deterministic
+(every ``every``-th transaction, from the first), so a test is the same on every run.
 """
 
 from __future__ import annotations
@@ -15,11 +15,13 @@ from typing import Any
 
 import httpx
 
+SIGNATURE_URL = "https://ims-fhir.org/fhir/StructureDefinition/sync-signature"
+
 VARIANTS = [
     "no-etag",  # no etag, no _history in locations (both optional in R4)
     "no-versions",  # and no meta.versionId in what is read: versions unknown
-    "drop-tags",  # the server keeps no meta.tag
-    "accumulate-tags",  # the server keeps every tag ever written (HAPI's default)
+    "drop-meta",  # the server keeps no meta extension (and so no sync signature)
+    "pile-up-signatures",  # the server merges meta: earlier sync signatures beside the newest
     "failed-entry-200",  # a transaction answered 200 with one failed entry (not atomic)
     "reorder",  # transaction-response entries in reverse order
     "other-body",  # a transaction answered with an earlier transaction's answer
@@ -71,10 +73,10 @@ class VariantTransport(httpx.AsyncBaseTransport):
                 status,
                 headers,
             )
-        if variant == "drop-tags":
-            return _edit(body, lambda d: _walk_meta(d, _drop_tags)), status, headers
-        if variant == "accumulate-tags":
-            return _edit(body, lambda d: _walk_meta(d, _add_tags)), status, headers
+        if variant == "drop-meta":
+            return _edit(body, lambda d: _walk_meta(d, _drop_meta_extensions)), status, headers
+        if variant == "pile-up-signatures":
+            return _edit(body, lambda d: _walk_meta(d, _add_signatures)), status, headers
         if not hit:
             return body, status, headers
         self.changed += 1
@@ -155,12 +157,11 @@ def _walk_meta(data: dict[str, Any], change: Any) -> None:
             change(resource.setdefault("meta", {}))
 
 
-def _drop_tags(meta: dict[str, Any]) -> None:
-    meta.pop("tag", None)
+def _drop_meta_extensions(meta: dict[str, Any]) -> None:
+    meta.pop("extension", None)
 
 
-def _add_tags(meta: dict[str, Any]) -> None:
-    meta["tag"] = (meta.get("tag") or []) + [
-        {"system": "https://ims-fhir.org/fhir/CodeSystem/ims-sync-hash", "code": f"old-{n}"}
-        for n in range(3)
+def _add_signatures(meta: dict[str, Any]) -> None:
+    meta["extension"] = (meta.get("extension") or []) + [
+        {"url": SIGNATURE_URL, "valueString": f"{n:032x}"} for n in range(3)
     ]

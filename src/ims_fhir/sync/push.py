@@ -38,7 +38,6 @@ import asyncio
 import concurrent.futures
 import copy
 import hashlib
-import json
 import logging
 import sqlite3
 from collections.abc import AsyncIterator, Callable, Coroutine, Iterable
@@ -65,15 +64,23 @@ from ..mapping.to_fhir import bundle_dict
 from ..record.model import Encounter
 from ..record.reader import ReadRecord
 from ..record.terminology import CANONICAL, terminology
-from .signature import References, identifier_key, identifier_keys, signature
+from .signature import References, canonical_json, identifier_key, identifier_keys, signature
 from .state import RecordState, ResourceState, StateStore
 
-__all__ = ["SYNC_TAG_SYSTEM", "Action", "PushResult", "PushSummary", "Pusher", "push"]
+__all__ = ["SYNC_SIGNATURE_URL", "Action", "PushResult", "PushSummary", "Pusher", "push"]
 
 logger = logging.getLogger("ims_fhir.sync")
 
-SYNC_TAG_SYSTEM = f"{CANONICAL}/CodeSystem/ims-sync-hash"
-"""``meta.tag`` system of the signature each resource is written with (see ``signature.py``)."""
+SYNC_SIGNATURE_URL = f"{CANONICAL}/StructureDefinition/sync-signature"
+"""The ``meta`` extension that carries the signature each resource is written with.
+
+The signature (see ``signature.py``) marks the content as ims-fhir's own write where the state
+store cannot say so (a new or lost state file). It rides in the resource's ``meta``, one value
+per version: a server that drops it makes ims-fhir report a conflict rather than overwrite. Not a
+``meta.tag``: HAPI keeps every tag a resource ever had and stores each tag code once in a table
+of its own, so a code unique to each write costs every write; nor ``meta.source``, which stays
+the clinic's namespace (what a ``_source`` search finds).
+"""
 
 T = TypeVar("T")
 
@@ -226,8 +233,7 @@ class _Conflict(Exception):
 
 def content_hash(bundle: JSON) -> str:
     """The hash of an encounter's mapped Bundle (so a mapping change counts as a change)."""
-    text = json.dumps(bundle, sort_keys=True, separators=(",", ":"), ensure_ascii=False)
-    return hashlib.sha256(text.encode("utf-8")).hexdigest()[:32]
+    return hashlib.sha256(canonical_json(bundle)).hexdigest()[:32]
 
 
 def _token(key: str) -> str:
@@ -642,12 +648,12 @@ class Pusher:
         probes: dict[int, list[tuple[str, str]]] = {}  # items of which nothing is known
         for item in batch:
             item.current, item.error = {}, None
-            for known in self._to_check(item):
-                reads.add((known.resource_type, known.resource_id))
             if not item.known and not self.verify:
                 # Nothing of it known: its Provenance, at an id derived from the encounter's
                 # identifier and written in every transaction that writes any of it, tells by a
                 # read (searches cost servers far more) whether any of it is on the server.
+                # Only then are the server's ids of its shared resources needed (to compare
+                # copies); a first write creates them by identifier, never by a stored id.
                 probes[id(item)] = [
                     ("Provenance", identifier_key(e["resource"]))
                     for e in item.entries
@@ -655,16 +661,28 @@ class Pusher:
                 ]
                 for _, key in probes[id(item)]:
                     reads.add(("Provenance", key.partition("/")[2]))
-            elif item.unsure or self.verify:
+                continue
+            for known in self._to_check(item):
+                reads.add((known.resource_type, known.resource_id))
+            if item.unsure or self.verify:
                 self._want_all(searches, item)
             else:
                 self._want_all(searches, item, own=False)
         pool = await self._fetch(reads, searches)
         again: dict[str, set[str]] = {}
+        checked: list[_Item] = []
         for item in batch:
-            probe = probes.get(id(item), [])
-            if any(pool.by_id.get(("Provenance", key.partition("/")[2])) for _, key in probe):
+            if id(item) not in probes:
+                checked.append(item)
+            elif any(
+                pool.by_id.get(("Provenance", key.partition("/")[2])) for _, key in probes[id(item)]
+            ):
+                # Some of it is there: look all of it up, the shared resources by identifier too.
                 self._want_all(again, item)
+                for entry in item.shared:
+                    resource = entry["resource"]
+                    self._want(again, resource["resourceType"], identifier_key(resource))
+        for item in checked:
             for known in self._to_check(item):
                 found = pool.by_id.get((known.resource_type, known.resource_id))
                 if found is None or known.identifier not in identifier_keys(found):
@@ -876,8 +894,7 @@ class Pusher:
                 else item.desired[identifier]
             )
             item.sent_signatures[identifier] = sig
-            current = item.current.get(identifier)
-            _sign(resource, sig, _last_signed(current.content)[0] if current else 0)
+            _mark(resource, sig)
 
     def _ours(self, item: _Item, identifier: str, current: _Current, found: str) -> bool:
         """Is the server's copy one that ims-fhir wrote (or was writing)?"""
@@ -893,11 +910,15 @@ class Pusher:
                 return True
         if found in item.pending.get(identifier, ()):
             return True
-        # Content the server holds exactly as ims-fhir last wrote it carries that signature in
-        # its newest sync tag (on a server that keeps tags); an edit by anyone else changes the
-        # content, not the tags, and so does putting back an older version (its tag is not the
-        # newest). Recognises ims-fhir's writes when the state is lost.
-        return found == _last_signed(current.content)[1]
+        if known is not None:
+            # The state vouches for this resource: only what it recorded is ours. A copy put
+            # back to an earlier write of ims-fhir's, with that write's marker, is someone's
+            # edit of the current one.
+            return False
+        # No state for it (a new or lost state file): content the server holds exactly as
+        # ims-fhir wrote it carries that signature in its meta; an edit by anyone else changes
+        # the content, not the mark.
+        return found == _marked(current.content)
 
     @staticmethod
     def _conflict_message(current: _Current) -> str:
@@ -1143,42 +1164,28 @@ class _Pool:
         return [r for (t, _), r in self.by_key.get(key, {}).items() if t == resource_type]
 
 
-def _sign(resource: JSON, sig: str, last: int) -> None:
-    """Tag ``resource`` with its signature, numbered after the newest sync tag it had.
-
-    The tag is ``N.signature``; it replaces any earlier sync tag in what is sent. Servers may
-    keep the earlier ones (HAPI does) or drop them all: the number tells which is the newest.
-    """
+def _mark(resource: JSON, sig: str) -> None:
+    """Put ``sig`` in the signature extension of ``resource``'s meta (the only one there)."""
     meta = resource.get("meta")
     meta = dict(meta) if isinstance(meta, dict) else {}  # a new dict: the mapped one stays as is
-    tags = [
-        t
-        for t in meta.get("tag") or []
-        if not (isinstance(t, dict) and t.get("system") == SYNC_TAG_SYSTEM)
+    others = [
+        e
+        for e in meta.get("extension") or []
+        if not (isinstance(e, dict) and e.get("url") == SYNC_SIGNATURE_URL)
     ]
-    meta["tag"] = [*tags, {"system": SYNC_TAG_SYSTEM, "code": f"{last + 1}.{sig}"}]
+    meta["extension"] = [*others, {"url": SYNC_SIGNATURE_URL, "valueString": sig}]
     resource["meta"] = meta
 
 
-def _last_signed(resource: JSON) -> tuple[int, str | None]:
-    """The newest sync tag of a server copy: its number and signature (0, None without one).
-
-    Two tags with the same highest number (two writers) make the signature unknown.
-    """
+def _marked(resource: JSON) -> str | None:
+    """The signature a server copy is marked with; None without exactly one."""
     meta = resource.get("meta")
-    tags = meta.get("tag") if isinstance(meta, dict) else None
-    newest, signatures = 0, set()
-    for tag in tags if isinstance(tags, list) else []:
-        if not (isinstance(tag, dict) and tag.get("system") == SYNC_TAG_SYSTEM):
-            continue
-        number, _, sig = str(tag.get("code")).partition(".")
-        if not number.isdigit() or not sig:
-            continue  # a tag of an earlier ims-fhir (the encounter's hash): not a signature
-        if int(number) > newest:
-            newest, signatures = int(number), {sig}
-        elif int(number) == newest:
-            signatures.add(sig)
-    return newest, (signatures.pop() if len(signatures) == 1 else None)
+    found = [
+        e.get("valueString")
+        for e in (meta.get("extension") if isinstance(meta, dict) else None) or []
+        if isinstance(e, dict) and e.get("url") == SYNC_SIGNATURE_URL
+    ]
+    return found[0] if len(found) == 1 and isinstance(found[0], str) and found[0] else None
 
 
 def _current(resource: JSON) -> _Current:

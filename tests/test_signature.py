@@ -1,0 +1,112 @@
+"""Signatures and content hashes: the faster writer digests the very bytes the standard one did.
+
+Signatures and content hashes are stored in state files; a push compares them with what it
+would write now. Written by orjson instead of ``json.dumps`` they must be byte for byte the same,
+or every encounter pushed before would look changed (and be read back from the server) once.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from decimal import Decimal
+from typing import Any
+
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from ims_fhir.mapping.to_fhir import bundle_dict
+from ims_fhir.record.model import Encounter
+from ims_fhir.record.synthetic import synthetic_encounters
+from ims_fhir.sync.push import content_hash
+from ims_fhir.sync.signature import References, canonical_json, signature
+
+from .conftest import ENCOUNTER_FILES
+from .strategies import encounters
+
+
+def _standard(value: Any) -> bytes:
+    text = json.dumps(value, sort_keys=True, separators=(",", ":"), ensure_ascii=False)
+    return text.encode("utf-8", "surrogatepass")
+
+
+_leaves = (
+    st.none()
+    | st.booleans()
+    | st.integers(min_value=-(2**70), max_value=2**70)
+    | st.floats(allow_nan=False, allow_infinity=False)
+    | st.text()
+)
+_values = st.recursive(
+    _leaves,
+    lambda inner: st.lists(inner, max_size=5) | st.dictionaries(st.text(), inner, max_size=5),
+    max_leaves=30,
+)
+
+
+@settings(max_examples=1500, deadline=None)
+@given(_values)
+def test_canonical_json_is_the_standard_librarys_compact_sorted_json(value: Any) -> None:
+    assert canonical_json(value) == _standard(value)
+
+
+def test_small_floats_and_lone_surrogates_are_written_as_before() -> None:
+    odd = [1e-9, {"x": 1e-05}, {"x": [9.99e-05, 0.0001]}, {"s": "\ud800"}, 2**65, -0.0, [None]]
+    for value in odd:
+        assert canonical_json(value) == _standard(value)
+
+
+def _old_normalised(value: Any, references: References) -> Any:
+    """The normalisation as ims-fhir 0.1 wrote it (before it dispatched on exact types)."""
+    if isinstance(value, dict):
+        return {
+            key: (
+                references.resolve(item)
+                if key == "reference" and isinstance(item, str)
+                else _old_normalised(item, references)
+            )
+            for key, item in value.items()
+        }
+    if isinstance(value, list):
+        return [_old_normalised(item, references) for item in value]
+    if isinstance(value, int | float) and not isinstance(value, bool):
+        return format(Decimal(str(value)).normalize(), "f")
+    return value
+
+
+def _old_signature(resource: dict[str, Any], references: References) -> str:
+    content = {k: v for k, v in resource.items() if k not in ("id", "meta", "text")}
+    text = json.dumps(
+        _old_normalised(content, references),
+        sort_keys=True,
+        separators=(",", ":"),
+        ensure_ascii=False,
+    )
+    return hashlib.sha256(text.encode("utf-8")).hexdigest()[:32]
+
+
+def test_signatures_and_content_hashes_of_fixtures_and_synthetic_records_are_unchanged() -> None:
+    records = [Encounter.model_validate_json(p.read_text("utf-8")) for p in ENCOUNTER_FILES]
+    for record in records + list(synthetic_encounters(200, seed=11)):
+        _same_digests(record)
+
+
+@settings(max_examples=150, deadline=None)
+@given(encounters())
+def test_signatures_and_content_hashes_of_generated_records_are_unchanged(
+    record: Encounter,
+) -> None:
+    _same_digests(record)
+
+
+def _same_digests(record: Encounter) -> None:
+    bundle = bundle_dict(record)
+    old_hash = hashlib.sha256(
+        json.dumps(bundle, sort_keys=True, separators=(",", ":"), ensure_ascii=False).encode()
+    ).hexdigest()[:32]
+    assert content_hash(bundle) == old_hash, record.id
+    references = References()
+    references.add_entries(bundle["entry"])
+    for entry in bundle["entry"]:
+        resource = entry["resource"]
+        assert signature(resource, references) == _old_signature(resource, references)
