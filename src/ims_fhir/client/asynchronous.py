@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import asyncio
 import datetime as dt
-import json
 import logging
 import os
 import ssl
@@ -45,6 +44,7 @@ from .http import (
     expect_resource,
     history_call,
     install_log_redaction,
+    json_bytes,
     make_status_error,
     next_link,
     read_call,
@@ -280,7 +280,7 @@ class AsyncFhirClient:
         headers: Mapping[str, str] | None = None,
     ) -> JSON:
         """Send any request (relative to the base URL) and return the FHIR JSON answer."""
-        body = json.dumps(json_body).encode() if json_body is not None else None
+        body = json_bytes(json_body) if json_body is not None else None
         safe = (
             method.upper() in {"GET", "HEAD", "PUT", "DELETE"} if retry_safe is None else retry_safe
         )

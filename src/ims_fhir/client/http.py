@@ -21,6 +21,7 @@ from typing import Any, TypedDict
 
 import certifi
 import httpx
+import orjson
 from fhir.resources.R4B import get_fhir_model_class
 from fhir.resources.R4B.resource import Resource
 
@@ -399,7 +400,17 @@ def _body(resource: Resource | Mapping[str, Any]) -> bytes:
     if isinstance(resource, Resource):
         text: str = resource.model_dump_json()
         return text.encode("utf-8")
-    return json.dumps(resource, ensure_ascii=False, separators=(",", ":")).encode("utf-8")
+    return json_bytes(resource)
+
+
+def json_bytes(value: Any) -> bytes:
+    """A request body: compact JSON in UTF-8, by orjson (the standard library where it refuses)."""
+    try:
+        return orjson.dumps(value)
+    except (orjson.JSONEncodeError, TypeError):
+        # A lone surrogate or an integer beyond 64 bits: written by json, escaped to ASCII (a
+        # server refuses what it cannot take, with an answer the caller reports).
+        return json.dumps(value, separators=(",", ":")).encode("ascii")
 
 
 def _type_of(resource: Resource | Mapping[str, Any]) -> str:
