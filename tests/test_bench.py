@@ -28,6 +28,8 @@ def test_bench_quick_runs(root: Path, fhir_base_url: str, tmp_path: Path) -> Non
         "latency",
         "pull",
         "memory",
+        "client_cpu",
+        "incremental",
     }
     assert len(results["one_bundle"]["round_ratios"]) == 3
     push = results["push"][0]
@@ -39,6 +41,14 @@ def test_bench_quick_runs(root: Path, fhir_base_url: str, tmp_path: Path) -> Non
     # Two transactions of 10, each after one batch that looks for what is on the server
     # already (nothing is known of a first push); before them, a preflight of two reads.
     assert push["ours_requests"] == {"GET": 2, "POST": 4}
-    assert len(push["rounds"]) == 1 and push["ours_over_limit"] > 0
+    assert len(push["rounds"]) == 1 and push["ours_over_limit"] > 0 and push["ours_over_peer"] > 0
+    cpu = results["client_cpu"]
+    assert len(cpu["round_ratios"]) == 2 and cpu["create_ms"] > 0 and cpu["update_ms"] > 0
+    # The nightly sync sends only what changed: 1 of 20 encounters, edited.
+    incremental = results["incremental"]
+    assert incremental["changed"] == 1
+    actions = incremental["ours_actions"]
+    assert actions["unchanged"] == 19 and sum(actions.values()) == 20, incremental
     table = (tmp_path / "RESULTS-quick.md").read_text()
     assert "| mapping forward" in table and "| mapping reverse, one Bundle of 200" in table
+    assert "| push client CPU per new encounter" in table and "| nightly sync: 20" in table
