@@ -38,6 +38,7 @@ import asyncio
 import concurrent.futures
 import copy
 import hashlib
+import json
 import logging
 import sqlite3
 from collections.abc import AsyncIterator, Callable, Coroutine, Iterable
@@ -232,8 +233,22 @@ class _Conflict(Exception):
 
 
 def content_hash(bundle: JSON) -> str:
-    """The hash of an encounter's mapped Bundle (so a mapping change counts as a change)."""
-    return hashlib.sha256(canonical_json(bundle)).hexdigest()[:32]
+    """The hash of an encounter's mapped Bundle (so a mapping change counts as a change).
+
+    ``2:`` and the SHA-256 of the Bundle as orjson writes it with sorted keys. Hashes without a
+    version are ims-fhir 0.1's (``json.dumps``); :func:`_same_content` still reads them.
+    """
+    return "2:" + hashlib.sha256(canonical_json(bundle)).hexdigest()[:32]
+
+
+def _same_content(stored: str | None, digest: str, bundle: JSON) -> bool:
+    """Is ``stored`` (from the state) the hash of ``bundle``, whose hash is ``digest``?"""
+    if stored is None or stored == digest:
+        return stored is not None
+    if ":" in stored:
+        return False
+    text = json.dumps(bundle, sort_keys=True, separators=(",", ":"), ensure_ascii=False)
+    return stored == hashlib.sha256(text.encode("utf-8", "surrogatepass")).hexdigest()[:32]
 
 
 def _token(key: str) -> str:
@@ -473,7 +488,7 @@ class Pusher:
         if (
             not self.verify
             and record_state is not None
-            and record_state.content_hash == digest
+            and _same_content(record_state.content_hash, digest, bundle)
             and record_state.pending_hash is None
         ):
             return key, None
@@ -481,15 +496,15 @@ class Pusher:
         shared = [e for e in entries if e["request"]["method"] == "POST"]
         references = References()
         references.add_entries(entries)
-        known = self.state.resources(self.server, key)
+        # An encounter never pushed has no resources in the state (both are written together).
+        known = self.state.resources(self.server, key) if record_state is not None else {}
         for resource in known.values():
             references.add_id(resource.resource_type, resource.resource_id, resource.identifier)
-        shared_known = {}
-        for entry in shared:
-            found = self.state.resource(self.server, identifier_key(entry["resource"]))
-            if found is not None:
-                references.add_id(found.resource_type, found.resource_id, found.identifier)
-                shared_known[found.identifier] = found
+        shared_known = self.state.resources_by_identifier(
+            self.server, (identifier_key(entry["resource"]) for entry in shared)
+        )
+        for found in shared_known.values():
+            references.add_id(found.resource_type, found.resource_id, found.identifier)
         desired = {identifier_key(e["resource"]): signature(e["resource"], references) for e in own}
         item = _Item(
             record=record,
@@ -624,7 +639,8 @@ class Pusher:
         """
         keys = {identifier_key(entry["resource"]) for item in batch for entry in item.shared}
         while True:
-            missing = [key for key in keys if self.state.resource(self.server, key) is None]
+            held = self.state.resources_by_identifier(self.server, keys)
+            missing = [key for key in keys if key not in held]
             busy = {self._creating[key] for key in missing if key in self._creating}
             if not busy:
                 break

@@ -19,7 +19,6 @@ from __future__ import annotations
 import hashlib
 import json
 import math
-import re
 from collections.abc import Iterable, Mapping
 from decimal import Decimal
 from typing import Any
@@ -33,8 +32,6 @@ __all__ = ["References", "identifier_key", "identifier_keys", "signature"]
 JSON = dict[str, Any]
 
 _SERVER_OWNED = ("id", "meta", "text")
-# A value (after ":", "," or "[") orjson may write otherwise than json: see canonical_json.
-_ODD_NUMBER = re.compile(rb"(?:^|\":|[,\[])(?:-?0\.0000|-?[0-9]+(?:\.[0-9]+)?e-|null)")
 
 
 def identifier_key(resource: Mapping[str, Any]) -> str:
@@ -88,24 +85,35 @@ class References:
 
 
 def _normalised(value: Any, references: References) -> Any:
+    """``value`` with references as keys and numbers as their decimal text (see signature)."""
     kind = type(value)
-    if kind is str or kind is bool or value is None:
-        return value
     if kind is dict:
-        return {
-            key: (
-                references.resolve(item)
-                if key == "reference" and type(item) is str
-                else _normalised(item, references)
-            )
-            for key, item in value.items()
-        }
+        out = {}
+        for key, item in value.items():
+            kind = type(item)
+            if kind is str:
+                out[key] = references.resolve(item) if key == "reference" else item
+            elif kind is dict or kind is list:
+                out[key] = _normalised(item, references)
+            elif key == "reference" and isinstance(item, str):
+                out[key] = references.resolve(item)
+            else:
+                out[key] = _leaf(item, references)
+        return out
     if kind is list:
-        return [_normalised(item, references) for item in value]
-    if isinstance(value, int | float) and not isinstance(value, bool):
+        return [item if type(item) is str else _normalised(item, references) for item in value]
+    return _leaf(value, references)
+
+
+def _leaf(value: Any, references: References) -> Any:
+    if isinstance(value, str | bool) or value is None:
+        return value
+    if isinstance(value, int | float):
         return _number(value)
     if isinstance(value, Mapping):
         return _normalised(dict(value), references)
+    if isinstance(value, list | tuple):
+        return [_normalised(item, references) for item in value]
     return value
 
 
@@ -123,22 +131,15 @@ def signature(resource: Mapping[str, Any], references: References) -> str:
 
 
 def canonical_json(value: Any) -> bytes:
-    """``value`` as compact JSON with sorted keys, in UTF-8: what signatures and hashes digest.
+    """``value`` as compact JSON with sorted keys, in UTF-8: what a signature digests.
 
-    The same bytes as ``json.dumps(value, sort_keys=True, separators=(",", ":"),
-    ensure_ascii=False)``, which wrote them before (tests/test_signature.py proves it on
-    generated values), by orjson where it writes them so, ten times faster. It writes floats
-    below 1e-4 in size otherwise (``0.000015`` and ``1e-9`` for ``1.5e-05`` and ``1e-09``) and
-    non-finite ones as ``null``: output holding a value that starts so (``0.0000``, a number
-    with ``e-``, ``null``; matched in strings too, which only costs time) is written again by
-    the standard library, as is what orjson refuses (lone surrogates, integers beyond 64 bits).
+    The bytes ``json.dumps(value, sort_keys=True, separators=(",", ":"), ensure_ascii=False)``
+    wrote before, for values without floats (a signature's numbers are strings by then), by
+    orjson, ten times faster (tests/test_signature.py proves it on generated values); the
+    standard library writes what orjson refuses (a lone surrogate, an integer beyond 64 bits).
     """
     try:
-        out = orjson.dumps(value, option=orjson.OPT_SORT_KEYS)
+        return orjson.dumps(value, option=orjson.OPT_SORT_KEYS)
     except (orjson.JSONEncodeError, TypeError):
-        pass
-    else:
-        if _ODD_NUMBER.search(out) is None:
-            return out
-    text = json.dumps(value, sort_keys=True, separators=(",", ":"), ensure_ascii=False)
-    return text.encode("utf-8", "surrogatepass")
+        text = json.dumps(value, sort_keys=True, separators=(",", ":"), ensure_ascii=False)
+        return text.encode("utf-8", "surrogatepass")

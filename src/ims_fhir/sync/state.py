@@ -276,6 +276,23 @@ class StateStore:
         return _resource_state(row) if row else None
 
     @_guarded
+    def resources_by_identifier(
+        self, server: str, identifiers: Iterable[str]
+    ) -> dict[str, ResourceState]:
+        """The resources among ``identifiers`` that the state holds (a query per 500)."""
+        wanted = sorted(set(identifiers))
+        found: dict[str, ResourceState] = {}
+        for start in range(0, len(wanted), 500):
+            chunk = wanted[start : start + 500]
+            rows = self._connection.execute(
+                _SELECT_RESOURCE
+                + f"WHERE server = ? AND identifier IN ({','.join('?' * len(chunk))})",
+                (server, *chunk),
+            ).fetchall()
+            found |= {row[0]: _resource_state(row) for row in rows}
+        return found
+
+    @_guarded
     def all_resources(self, server: str) -> list[ResourceState]:
         """Return every resource recorded for ``server``."""
         rows = self._connection.execute(
