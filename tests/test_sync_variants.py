@@ -197,6 +197,55 @@ def test_a_lost_state_file_never_overwrites_an_edit_made_on_the_server(
         assert client.read("Observation", target["id"]).status == "amended"
 
 
+@pytest.mark.parametrize("variant", ["honest", "drop-meta", "pile-up-signatures"])
+def test_a_lost_state_file_takes_a_copy_as_ims_fhirs_only_by_the_signature_it_kept(
+    fhir_base_url: str, tmp_path: Path, variant: str
+) -> None:
+    """With the state file lost, a server copy is ims-fhir's own write only if its meta carries
+    exactly one sync signature, the one of its content. A server that keeps it: the edits go
+    through. One that drops meta extensions or piles up earlier signatures: each edit is a
+    conflict, and the server keeps what it held (never an overwrite on a guess)."""
+    namespace = f"https://lost-{uuid.uuid4().hex[:10]}.example/sid"
+    records = records_for(namespace, count=3)
+    with StateStore(tmp_path / "first.sqlite3") as state:
+        first = push_through(fhir_base_url, records, state, httpx.AsyncHTTPTransport())
+        assert {r.action for r in first} <= OK
+    changed = [edit(r) for r in records]
+    transport = httpx.AsyncHTTPTransport() if variant == "honest" else VariantTransport(variant)
+    with StateStore(tmp_path / "new.sqlite3") as fresh, FhirClient(fhir_base_url) as client:
+        results = push_through(fhir_base_url, changed, fresh, transport)
+        actions = Counter(r.action for r in results)
+        held = server_records(client, namespace)
+    if variant == "honest":
+        assert set(actions) == {"updated"}, [r.message for r in results]
+        assert held == {r.id: r for r in changed}
+    else:
+        assert set(actions) == {"conflict"}, [r.message for r in results]
+        assert held == {r.id: r for r in records}
+
+
+def test_a_state_file_restored_from_a_backup_takes_later_writes_as_ims_fhirs(
+    fhir_base_url: str, tmp_path: Path
+) -> None:
+    """A state file restored from a backup (or another machine's) misses ims-fhir's later
+    writes: their sync signature shows them as its own, so the next edit goes through."""
+    namespace = f"https://backup-{uuid.uuid4().hex[:10]}.example/sid"
+    records = records_for(namespace, count=3)
+    live, backup = tmp_path / "state.sqlite3", tmp_path / "backup.sqlite3"
+    honest = httpx.AsyncHTTPTransport
+    with StateStore(live) as state:
+        assert {r.action for r in push_through(fhir_base_url, records, state, honest())} <= OK
+    backup.write_bytes(live.read_bytes())
+    second = [edit(r) for r in records]
+    with StateStore(live) as state:
+        assert {r.action for r in push_through(fhir_base_url, second, state, honest())} <= OK
+    third = [edit(r) for r in second]
+    with StateStore(backup) as old, FhirClient(fhir_base_url) as client:
+        results = push_through(fhir_base_url, third, old, honest())
+        assert {r.action for r in results} == {"updated"}, [r.message for r in results]
+        assert server_records(client, namespace) == {r.id: r for r in third}
+
+
 def test_verify_recreates_what_was_deleted_on_the_server(
     fhir_base_url: str, tmp_path: Path
 ) -> None:

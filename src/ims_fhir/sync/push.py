@@ -892,6 +892,8 @@ class Pusher:
                 + " (resolve it on the server, or push again with --on-conflict overwrite to "
                 "replace what is there)"
             )
+        if item.intent == "created" and (updates or retirements):
+            item.intent = "updated"  # no state for it, but it was on the server (a lost state)
         for entry in creates:
             item.send.append(self._create_entry(entry, literal_refs))
         for entry, current in updates:
@@ -926,15 +928,14 @@ class Pusher:
                 return True
         if found in item.pending.get(identifier, ()):
             return True
-        if known is not None:
-            # The state vouches for this resource: only what it recorded is ours. A copy put
-            # back to an earlier write of ims-fhir's, with that write's marker, is someone's
-            # edit of the current one.
+        # Content the server holds exactly as ims-fhir wrote it carries that signature in its
+        # meta; an edit by anyone else changes the content, not the mark. That recognises
+        # ims-fhir's writes the state does not know of (a new or lost state file, one restored
+        # from a backup, another machine's push), but not a copy put back to one of ims-fhir's
+        # earlier writes, mark and all: the state keeps the signatures later writes replaced.
+        if found != _marked(current.content):
             return False
-        # No state for it (a new or lost state file): content the server holds exactly as
-        # ims-fhir wrote it carries that signature in its meta; an edit by anyone else changes
-        # the content, not the mark.
-        return found == _marked(current.content)
+        return known is None or found not in self.state.superseded(self.server, identifier)
 
     @staticmethod
     def _conflict_message(current: _Current) -> str:
@@ -1184,9 +1185,10 @@ def _mark(resource: JSON, sig: str) -> None:
     """Put ``sig`` in the signature extension of ``resource``'s meta (the only one there)."""
     meta = resource.get("meta")
     meta = dict(meta) if isinstance(meta, dict) else {}  # a new dict: the mapped one stays as is
+    extensions = meta.get("extension")
     others = [
         e
-        for e in meta.get("extension") or []
+        for e in (extensions if isinstance(extensions, list) else [])
         if not (isinstance(e, dict) and e.get("url") == SYNC_SIGNATURE_URL)
     ]
     meta["extension"] = [*others, {"url": SYNC_SIGNATURE_URL, "valueString": sig}]
@@ -1196,9 +1198,10 @@ def _mark(resource: JSON, sig: str) -> None:
 def _marked(resource: JSON) -> str | None:
     """The signature a server copy is marked with; None without exactly one."""
     meta = resource.get("meta")
+    extensions = meta.get("extension") if isinstance(meta, dict) else None
     found = [
         e.get("valueString")
-        for e in (meta.get("extension") if isinstance(meta, dict) else None) or []
+        for e in (extensions if isinstance(extensions, list) else [])
         if isinstance(e, dict) and e.get("url") == SYNC_SIGNATURE_URL
     ]
     return found[0] if len(found) == 1 and isinstance(found[0], str) and found[0] else None

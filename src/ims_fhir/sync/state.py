@@ -35,7 +35,7 @@ from .._exceptions import StateError
 
 __all__ = ["RecordState", "ResourceState", "StateStore", "default_state_path"]
 
-SCHEMA_VERSION = 2
+SCHEMA_VERSION = 3
 
 _SCHEMA = """
 CREATE TABLE IF NOT EXISTS record (
@@ -65,6 +65,12 @@ CREATE TABLE IF NOT EXISTS pending (
     PRIMARY KEY (server, identifier, signature)
 );
 CREATE INDEX IF NOT EXISTS pending_by_record ON pending (server, record_key);
+CREATE TABLE IF NOT EXISTS superseded (
+    server TEXT NOT NULL,
+    identifier TEXT NOT NULL,
+    signature TEXT NOT NULL,
+    PRIMARY KEY (server, identifier, signature)
+);
 """
 
 _COLUMNS = {
@@ -80,6 +86,7 @@ _COLUMNS = {
         "signature",
     },
     "pending": {"server", "identifier", "record_key", "signature"},
+    "superseded": {"server", "identifier", "signature"},
 }
 
 DEFAULT_LOCK_TIMEOUT = 30.0
@@ -302,6 +309,15 @@ class StateStore:
         return [_resource_state(row) for row in rows]
 
     @_guarded
+    def superseded(self, server: str, identifier: str) -> set[str]:
+        """The signatures a resource had in ims-fhir's writes that later writes replaced."""
+        rows = self._connection.execute(
+            "SELECT signature FROM superseded WHERE server = ? AND identifier = ?",
+            (server, identifier),
+        ).fetchall()
+        return {row[0] for row in rows}
+
+    @_guarded
     def pending_signatures(self, server: str, record_key: str) -> dict[str, set[str]]:
         """Return the signatures sent for one encounter by writes whose outcome is unknown."""
         rows = self._connection.execute(
@@ -357,8 +373,21 @@ class StateStore:
         with the server. The records' pending marks are cleared.
         """
         records = list(records)
+        resources = list(resources)
         with self._transaction():
             db = self._connection
+            # The signature each resource had before this write, if it had another: an earlier
+            # write of ims-fhir's, which a copy put back on the server must not pass for its own.
+            db.executemany(
+                "INSERT OR IGNORE INTO superseded (server, identifier, signature) "
+                "SELECT server, identifier, signature FROM resource "
+                "WHERE server = ? AND identifier = ? AND signature IS NOT NULL AND signature != ?",
+                (
+                    (server, item.identifier, item.signature)
+                    for item in resources
+                    if item.signature is not None
+                ),
+            )
             db.executemany(
                 "INSERT INTO record (server, record_key, content_hash) VALUES (?, ?, ?) "
                 "ON CONFLICT (server, record_key) DO UPDATE SET "
