@@ -128,6 +128,12 @@ def test_transport_errors_are_wrapped(
     ("response", "message"),
     [
         pytest.param(httpx.Response(200, text="hello"), "response is not JSON", id="not-json"),
+        pytest.param(
+            # Python's json reads these; they are not JSON, and a copy sent back would carry them.
+            httpx.Response(200, text='{"resourceType": "Patient", "id": "1", "x": NaN}'),
+            "response is not JSON",
+            id="nan",
+        ),
         pytest.param(httpx.Response(200, json=[1, 2]), "not a FHIR resource", id="not-a-resource"),
         pytest.param(
             httpx.Response(200, json={"resourceType": "Observation", "status": "final"}),

@@ -603,10 +603,15 @@ def same_origin(a: httpx.URL, b: httpx.URL) -> bool:
 # -- responses ----------------------------------------------------------------------------------
 
 
+def _not_json(constant: str) -> Any:
+    """``NaN`` and ``Infinity`` are not JSON (RFC 8259) and not FHIR: refuse them."""
+    raise ValueError(f"{constant} is not a JSON number")
+
+
 def read_json(response: httpx.Response) -> JSON:
     """Return the response body as a JSON object, or raise InvalidResponseError."""
     try:
-        data = json.loads(response.content)
+        data = json.loads(response.content, parse_constant=_not_json)
     except (ValueError, RecursionError) as exc:
         raise InvalidResponseError(
             f"{describe_request(response.request)}: {response.status_code} response is not JSON "
