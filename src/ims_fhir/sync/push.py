@@ -38,7 +38,6 @@ import asyncio
 import concurrent.futures
 import copy
 import hashlib
-import json
 import logging
 import sqlite3
 from collections.abc import AsyncIterator, Callable, Coroutine, Iterable
@@ -65,7 +64,14 @@ from ..mapping.to_fhir import bundle_dict
 from ..record.model import Encounter
 from ..record.reader import ReadRecord
 from ..record.terminology import CANONICAL, terminology
-from .signature import References, canonical_json, identifier_key, identifier_keys, signature
+from .signature import (
+    References,
+    canonical_json,
+    identifier_key,
+    identifier_keys,
+    signature,
+    standard_json,
+)
 from .state import RecordState, ResourceState, StateStore
 
 __all__ = ["SYNC_SIGNATURE_URL", "Action", "PushResult", "PushSummary", "Pusher", "push"]
@@ -247,8 +253,7 @@ def _same_content(stored: str | None, digest: str, bundle: JSON) -> bool:
         return stored is not None
     if ":" in stored:
         return False
-    text = json.dumps(bundle, sort_keys=True, separators=(",", ":"), ensure_ascii=False)
-    return stored == hashlib.sha256(text.encode("utf-8", "surrogatepass")).hexdigest()[:32]
+    return stored == hashlib.sha256(standard_json(bundle)).hexdigest()[:32]
 
 
 def _token(key: str) -> str:
@@ -1185,26 +1190,26 @@ def _mark(resource: JSON, sig: str) -> None:
     """Put ``sig`` in the signature extension of ``resource``'s meta (the only one there)."""
     meta = resource.get("meta")
     meta = dict(meta) if isinstance(meta, dict) else {}  # a new dict: the mapped one stays as is
-    extensions = meta.get("extension")
-    others = [
-        e
-        for e in (extensions if isinstance(extensions, list) else [])
-        if not (isinstance(e, dict) and e.get("url") == SYNC_SIGNATURE_URL)
-    ]
+    others = [e for e in _meta_extensions(meta) if not _is_signature(e)]
     meta["extension"] = [*others, {"url": SYNC_SIGNATURE_URL, "valueString": sig}]
     resource["meta"] = meta
 
 
 def _marked(resource: JSON) -> str | None:
     """The signature a server copy is marked with; None without exactly one."""
-    meta = resource.get("meta")
-    extensions = meta.get("extension") if isinstance(meta, dict) else None
-    found = [
-        e.get("valueString")
-        for e in (extensions if isinstance(extensions, list) else [])
-        if isinstance(e, dict) and e.get("url") == SYNC_SIGNATURE_URL
-    ]
+    extensions = _meta_extensions(resource.get("meta"))
+    found = [e.get("valueString") for e in extensions if _is_signature(e)]
     return found[0] if len(found) == 1 and isinstance(found[0], str) and found[0] else None
+
+
+def _meta_extensions(meta: Any) -> list[Any]:
+    """The extensions of a ``meta`` as a server sent it (none where either is malformed)."""
+    extensions = meta.get("extension") if isinstance(meta, dict) else None
+    return extensions if isinstance(extensions, list) else []
+
+
+def _is_signature(extension: Any) -> bool:
+    return isinstance(extension, dict) and extension.get("url") == SYNC_SIGNATURE_URL
 
 
 def _current(resource: JSON) -> _Current:

@@ -141,5 +141,14 @@ def canonical_json(value: Any) -> bytes:
     try:
         return orjson.dumps(value, option=orjson.OPT_SORT_KEYS)
     except (orjson.JSONEncodeError, TypeError):
-        text = json.dumps(value, sort_keys=True, separators=(",", ":"), ensure_ascii=False)
-        return text.encode("utf-8", "surrogatepass")
+        return standard_json(value)
+
+
+def standard_json(value: Any) -> bytes:
+    """``value`` as ``json.dumps`` writes it compact with sorted keys, in UTF-8.
+
+    What ims-fhir 0.1 hashed (its content hashes are still read from old state files), and what
+    :func:`canonical_json` falls back to.
+    """
+    text = json.dumps(value, sort_keys=True, separators=(",", ":"), ensure_ascii=False)
+    return text.encode("utf-8", "surrogatepass")
