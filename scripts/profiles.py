@@ -298,6 +298,15 @@ def extensions() -> list[JSON]:
             ["Meta"],
             "string",
         ),
+        # Not a record field: which encounter a shared resource was last written from
+        # (sync/matching.py), so an older encounter never reverts what a newer one wrote.
+        extension(
+            "sync-snapshot",
+            "Sync snapshot",
+            "On a patient, practitioner or organisation ims-fhir created for a clinic: the start of the encounter whose record the content was written from. The sync engine updates such a resource from an encounter no older than this, never from an older one. It carries no clinical meaning.",
+            ["Meta"],
+            "dateTime",
+        ),
     ]
 
 

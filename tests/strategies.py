@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import datetime as dt
+import hashlib
 from typing import Any
 
 from hypothesis import strategies as st
@@ -233,3 +234,27 @@ def encounters(draw: st.DrawFn) -> Encounter:
             }
         )
     return Encounter.model_validate(data)
+
+
+def in_namespace(record: Encounter, namespace: str) -> Encounter:
+    """``record`` as a clinic with ``namespace`` holds it, its people known to that clinic only.
+
+    Tests that share one server keep apart by namespace. A health number or licence is matched
+    across clinics (sync/matching.py), so those of fixtures and seeded synthetic records, which
+    every test reuses, get a suffix unique to the namespace: each test's patients are its own.
+    """
+    suffix = "-" + hashlib.sha256(namespace.encode()).hexdigest()[:8]
+
+    def own(identifier: Any) -> Any:
+        return identifier.model_copy(update={"value": identifier.value + suffix})
+
+    patient = record.patient.model_copy(
+        update={"identifiers": [own(i) for i in record.patient.identifiers]}
+    )
+    practitioner = record.practitioner
+    if practitioner.licence is not None:
+        practitioner = practitioner.model_copy(update={"licence": own(practitioner.licence)})
+    clinic = record.clinic.model_copy(update={"namespace": namespace})
+    return record.model_copy(
+        update={"clinic": clinic, "patient": patient, "practitioner": practitioner}
+    )

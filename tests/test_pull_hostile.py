@@ -29,6 +29,7 @@ from ims_fhir import (
 )
 
 from .faultproxy import FaultPlan, FaultProxy
+from .strategies import in_namespace
 
 pytestmark = pytest.mark.fhir_servers("h2")
 
@@ -37,11 +38,7 @@ PAGE = 2
 
 
 def _records(namespace: str) -> list[Encounter]:
-    records = list(synthetic_encounters(6, seed=3))
-    return [
-        r.model_copy(update={"clinic": r.clinic.model_copy(update={"namespace": namespace})})
-        for r in records
-    ]
+    return [in_namespace(r, namespace) for r in synthetic_encounters(6, seed=3)]
 
 
 def _pain_nrs(body: dict[str, Any]) -> bool:

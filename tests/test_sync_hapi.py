@@ -32,6 +32,7 @@ from ims_fhir import (
 )
 
 from .conftest import ENCOUNTER_FILES, ROOT
+from .strategies import in_namespace
 
 pytestmark = pytest.mark.fhir_servers("h2", "postgres")
 
@@ -61,10 +62,7 @@ class CountingTransport(httpx.AsyncHTTPTransport):
 
 
 def with_namespace(records: list[Encounter], namespace: str) -> list[Encounter]:
-    return [
-        r.model_copy(update={"clinic": r.clinic.model_copy(update={"namespace": namespace})})
-        for r in records
-    ]
+    return [in_namespace(r, namespace) for r in records]
 
 
 def fixtures() -> list[Encounter]:

@@ -33,6 +33,7 @@ from ims_fhir import (
     synthetic_encounters,
 )
 
+from .strategies import in_namespace
 from .test_sync_hapi import TYPES, identifiers_unique, server_counts
 from .variants import VARIANTS, VariantTransport
 
@@ -44,8 +45,7 @@ OK = {"created", "updated", "unchanged", "entered-in-error"}
 def records_for(namespace: str, count: int = 6, seed: int = 5) -> list[Encounter]:
     records = []
     for record in synthetic_encounters(count, seed=seed):
-        clinic = record.clinic.model_copy(update={"namespace": namespace})
-        records.append(record.model_copy(update={"clinic": clinic, "retracted": False}))
+        records.append(in_namespace(record, namespace).model_copy(update={"retracted": False}))
     return records
 
 

@@ -55,6 +55,7 @@ from ..record.reader import ReadRecord, read_records
 from ..record.schema import record_json_schema_text
 from ..record.synthetic import synthetic_encounter
 from ..sync.capabilities import Check, check_capabilities
+from ..sync.matching import DEFAULT_MATCH_THRESHOLD, MATCH_POLICIES
 from ..sync.pull import DEFAULT_PAGE_SIZE, patient_reference, pull
 from ..sync.push import (
     DEFAULT_BATCH_SIZE,
@@ -664,6 +665,31 @@ def _fatal(err: Console, problem: str | BaseException) -> NoReturn:
     help="What to do when the server's copy changed since the last push.",
 )
 @_option(
+    "match",
+    type=click.Choice(MATCH_POLICIES),
+    default="identifier",
+    show_default=True,
+    help="How the patient, practitioner and clinic are found on the server: by health number "
+    "or licence, else the clinic's identifier (identifier); by the clinic's identifier only "
+    "(create: servers the clinic owns); patients by the server's Patient/$match (mpi).",
+)
+@_option(
+    "match_threshold",
+    type=click.FloatRange(0, 1, min_open=True),
+    default=DEFAULT_MATCH_THRESHOLD,
+    show_default=True,
+    help="Least Patient/$match score taken as the patient (--match mpi).",
+)
+@click.option(
+    "--create-patients/--no-create-patient",
+    "create_patients",
+    envvar=SETTINGS["create_patients"].env,
+    default=True,
+    show_default=True,
+    help="Create a patient the server does not hold; --no-create-patient fails the encounter "
+    "instead.",
+)
+@_option(
     "namespace",
     help="Identifier namespace for clinics whose records name none.",
 )
@@ -697,6 +723,7 @@ def push(paths: Sequence[Path], **options: Any) -> None:
         # from files (a pipe, such as <(...), can be read once).
         rereadable = all(p.is_file() or p.is_dir() for p in paths)
         total = sum(1 for _ in read_records(paths)) if show_progress and rereadable else None
+        noted: set[str] = set()
         async with _client(options) as client:
             with StateStore(options["state"]) as state:
                 pusher = Pusher(
@@ -707,6 +734,9 @@ def push(paths: Sequence[Path], **options: Any) -> None:
                     on_conflict=options["on_conflict"],
                     dry_run=options["dry_run"],
                     verify=options["verify"],
+                    match=options["match"],
+                    create_patients=options["create_patients"],
+                    match_threshold=options["match_threshold"],
                 )
                 with _progress(err, enabled=show_progress, total=total) as advance:
                     async for result in pusher.push(records()):
@@ -714,6 +744,10 @@ def push(paths: Sequence[Path], **options: Any) -> None:
                         if options["as_json"]:
                             results.append(result)
                         advance(result)
+                        for note in result.notes:
+                            if note not in noted:  # once per push, not once per encounter
+                                noted.add(note)
+                                err.print(f"[yellow]note[/yellow] {escape(note)}")
                         if result.action in {"failed", "conflict"}:
                             err.print(
                                 f"[red]{result.action}[/red] {result.record_id}: "
@@ -799,9 +833,11 @@ def _report(
                     "resources_written": r.written,
                     "resources_entered_in_error": r.retired,
                     "message": r.message,
+                    "notes": list(r.notes),
                 }
                 for r in results
             ],
+            "notes": summary.notes,
             "invalid": [_error_json(e) for e in invalid],
         }
         click.echo(json.dumps(report, indent=2, ensure_ascii=False))

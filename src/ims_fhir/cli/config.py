@@ -76,6 +76,9 @@ SETTINGS: dict[str, Setting] = {
         Setting("batch_size"),
         Setting("concurrency"),
         Setting("on_conflict"),
+        Setting("match", "IMS_FHIR_MATCH"),
+        Setting("match_threshold", "IMS_FHIR_MATCH_THRESHOLD"),
+        Setting("create_patients", "IMS_FHIR_CREATE_PATIENTS"),
     ]
 }
 

@@ -595,6 +595,8 @@ class _Rebuild:
         self.ns, self.enc_id = ours
         self.t = terms
         self.used: set[_Res] = {encounter}
+        # Shared resources known to the clinic only by the reference to them: their key.
+        self.aliases: dict[_Res, str] = {}
         self.retired: list[_Res] = []
         self.claims = index.claims.get(ours, [])
         self._claims_set = set(self.claims)
@@ -636,6 +638,28 @@ class _Rebuild:
         if found is None and reference.has("reference"):
             reference.string("reference")  # a non-string reference is named as such
         return found
+
+    def shared_identifier(
+        self, target: _Res, node: _Node, key: str, kind: Kind
+    ) -> tuple[str, str] | None:
+        """(namespace, value) of the clinic's identifier of the shared resource ``node.key``.
+
+        The resource's own, else the one the reference carries (``Reference.identifier``): on
+        a regional record the resource may be one the region (or another clinic) holds, without
+        the clinic's identifier (see sync/matching.py). Both, disagreeing, is an error.
+        """
+        _Node(target, target.type or "resource", target.data).objs("identifier")  # well formed
+        own = target.our_identifier(kind, self.ns)
+        reference = node.obj(key)
+        identifier = reference.obj("identifier") if reference is not None else None
+        if identifier is None or identifier.string("system") != _system(self.ns, kind):
+            return own
+        value = identifier.string("value")
+        if not value or (own is not None and own[1] != value):
+            raise identifier.fail("value", f"not the clinic's identifier of {key}'s target")
+        if own is None:
+            self.aliases[target] = f"{_system(self.ns, kind)}|{value}"
+        return self.ns, value
 
     def resolve_required(self, node: _Node, key: str, rtype: str) -> _Res:
         target = self.resolve(node, key, node.need_obj(key))
@@ -800,7 +824,9 @@ class _Rebuild:
 
         def key_in_source(ref: str) -> str:
             target = self.index.resolve({"reference": ref})
-            return _key_of(target.data) if isinstance(target, _Res) else ref
+            if not isinstance(target, _Res):
+                return ref
+            return self.aliases.get(target) or _key_of(target.data)
 
         encounter = next(
             e["resource"] for e in forward if e["resource"]["resourceType"] == "Encounter"
@@ -840,6 +866,8 @@ class _Rebuild:
 
     def clinic(self) -> JSON:
         org = self.resolve_required(self.enc, "serviceProvider", "Organization")
+        # The clinic's own identifier on the resource itself: the region's organisations are
+        # not matched (a clinic record names no registered identifier of the clinic).
         ours = org.our_identifier(Kind.ORGANIZATION, self.ns)
         node = _Node(org, "Organization", org.data)
         node.no_modifiers()
@@ -885,7 +913,7 @@ class _Rebuild:
 
     def patient(self) -> JSON:
         p = self.patient_res = self.resolve_required(self.enc, "subject", "Patient")
-        ours = p.our_identifier(Kind.PATIENT, self.ns)
+        ours = self.shared_identifier(p, self.enc, "subject", Kind.PATIENT)
         node = _Node(p, "Patient", p.data)
         node.no_modifiers()
         if ours is None:
@@ -915,7 +943,7 @@ class _Rebuild:
         if participant is None:
             raise self.enc.fail("participant", "missing")
         pr = self.resolve_required(participant, "individual", "Practitioner")
-        ours = pr.our_identifier(Kind.PRACTITIONER, self.ns)
+        ours = self.shared_identifier(pr, participant, "individual", Kind.PRACTITIONER)
         node = _Node(pr, "Practitioner", pr.data)
         node.no_modifiers()
         if ours is None:
@@ -1239,6 +1267,9 @@ _DERIVED = (
     "scope",
     "recorded",
     "agent",
+    "subject",
+    "participant",
+    "serviceProvider",
 )
 
 
@@ -1255,14 +1286,28 @@ def _earlier_shape(resource: JSON, encounter: JSON) -> JSON:
     """Derived elements as ims-fhir 0.1.0 wrote them, where they differ from today's.
 
     A session not done had no ``statusReason``, and the encounter's period and practitioner as
-    ``performedPeriod`` and ``performer`` (tests/data/earlier holds such a Bundle).
+    ``performedPeriod`` and ``performer`` (tests/data/earlier holds such a Bundle); an encounter
+    referred to its patient, practitioner and clinic without their identifiers.
     """
+    if resource["resourceType"] == "Encounter":
+        # References without the clinic's identifier of their targets (sync/matching.py).
+        return {
+            "subject": {"reference": resource["subject"]["reference"]},
+            "participant": [
+                {"individual": {"reference": p["individual"]["reference"]}}
+                for p in resource["participant"]
+            ],
+            "serviceProvider": {"reference": resource["serviceProvider"]["reference"]},
+        }
     if resource["resourceType"] != "Procedure" or "statusReason" not in resource:
         return {}
     return {
         "statusReason": None,
         "performedPeriod": encounter["period"],
-        "performer": [{"actor": encounter["participant"][0]["individual"]}],
+        # A reference only: the clinic's identifier in it came later (sync/matching.py).
+        "performer": [
+            {"actor": {"reference": encounter["participant"][0]["individual"]["reference"]}}
+        ],
     }
 
 

@@ -27,10 +27,13 @@ def search_escape(value: str) -> str:
 
 def identifier_query(identifier_system: str, value: str) -> str:
     """``identifier=system|value``, escaped for FHIR search and percent-encoded for a URL."""
-    return (
-        f"identifier={quote(search_escape(identifier_system), safe=':/')}"
-        f"|{quote(search_escape(value), safe='')}"
-    )
+    return f"identifier={identifier_token(identifier_system, value)}"
+
+
+def identifier_token(identifier_system: str, value: str) -> str:
+    """``system|value`` as a token of a search in a URL: escaped, then percent-encoded."""
+    system = quote(search_escape(identifier_system), safe=":/")
+    return f"{system}|{quote(search_escape(value), safe='')}"
 
 
 def default_namespace(clinic_id: str) -> str:

@@ -308,6 +308,11 @@ class _Builder:
             out["type"] = self.convention("identifier-type-mr")
         return out | {"system": system(self.ns, kind), "value": value}
 
+    def shared_ref(self, url: str, kind: Kind, value: str) -> JSON:
+        """A reference to a shared resource, with the clinic's identifier of it."""
+        identifier = {k: v for k, v in self.identifier(kind, value).items() if k != "use"}
+        return {"reference": url, "identifier": identifier}
+
     def meta(self, profile: Profile) -> JSON:
         return {"profile": [profile.url], "source": self.ns}
 
@@ -448,10 +453,19 @@ class _Builder:
                 {
                     "status": self.status("finished"),
                     "class": self.t.convention("encounter-class-ambulatory").as_fhir(),
-                    "subject": {"reference": self.patient},
-                    "participant": [{"individual": {"reference": self.practitioner}}],
+                    # Each shared resource also by the clinic's identifier (Reference.identifier):
+                    # on a regional record it may be one the region registered, which carries
+                    # only the region's identifiers.
+                    "subject": self.shared_ref(self.patient, Kind.PATIENT, r.patient.id),
+                    "participant": [
+                        {
+                            "individual": self.shared_ref(
+                                self.practitioner, Kind.PRACTITIONER, r.practitioner.id
+                            )
+                        }
+                    ],
                     "period": {"start": _instant(r.start), "end": _instant(r.end)},
-                    "serviceProvider": {"reference": self.org},
+                    "serviceProvider": self.shared_ref(self.org, Kind.ORGANIZATION, r.clinic.id),
                 },
             ),
             [

@@ -64,6 +64,17 @@ from ..mapping.to_fhir import bundle_dict
 from ..record.model import Encounter
 from ..record.reader import ReadRecord
 from ..record.terminology import CANONICAL, terminology
+from .matching import (
+    DEFAULT_MATCH_THRESHOLD,
+    MATCH_POLICIES,
+    MatchPolicy,
+    demographic_differences,
+    mark_snapshot,
+    match_keys,
+    match_query,
+    mpi_candidates,
+    snapshot_of,
+)
 from .signature import (
     References,
     canonical_json,
@@ -165,6 +176,9 @@ class PushResult:
     written: int = 0
     retired: int = 0
     message: str | None = None
+    notes: tuple[str, ...] = ()
+    """Things the clinic should know that did not stop the push, e.g. a patient the server
+    owns whose demographics differ from the clinic's record (field names, never values)."""
 
 
 @dataclass(slots=True)
@@ -174,12 +188,14 @@ class PushSummary:
     counts: dict[str, int] = field(default_factory=dict)
     resources_written: int = 0
     resources_retired: int = 0
+    notes: list[str] = field(default_factory=list)
 
     def add(self, result: PushResult) -> None:
         """Count one result."""
         self.counts[result.action] = self.counts.get(result.action, 0) + 1
         self.resources_written += result.written
         self.resources_retired += result.retired
+        self.notes += [n for n in result.notes if n not in self.notes]
 
     @property
     def ok(self) -> bool:
@@ -219,6 +235,16 @@ class _Item:
     sent_signatures: dict[str, str] = field(default_factory=dict)  # identifier -> signature
     retiring: set[str] = field(default_factory=set)
     shared_known: dict[str, ResourceState] = field(default_factory=dict)
+    # The shared resources: identifier -> the keys that find it (policy), signature wanted.
+    shared_keys: dict[str, list[str]] = field(default_factory=dict)
+    shared_desired: dict[str, str] = field(default_factory=dict)
+    # Filled by reading and planning: the server's copies of shared resources that were read,
+    # what to send instead of their conditional creates (None: nothing, references made
+    # literal), and what the state is to hold of them after the write.
+    shared_current: dict[str, _Current] = field(default_factory=dict)
+    shared_send: dict[str, JSON | None] = field(default_factory=dict)  # by fullUrl
+    shared_state: dict[str, ResourceState] = field(default_factory=dict)
+    notes: list[str] = field(default_factory=list)
     error: str | None = None
     intent: Action = "updated"  # what a successful write of this encounter is reported as
 
@@ -278,6 +304,13 @@ class Pusher:
             and the state is rebuilt from what the server holds.
         preflight: before the first write, check that the server is a FHIR R4 server that
             takes transactions and accepts the credentials (:meth:`preflight`).
+        match: how the patient, practitioner and clinic are found on the server
+            (``matching.py``): ``"identifier"`` (default) by their strong identifiers (health
+            number, licence) or the clinic-local one; ``"create"`` by the clinic-local one only;
+            ``"mpi"`` patients by the server's ``Patient/$match``.
+        create_patients: create a patient the server does not hold; False fails the encounter
+            instead (a regional record where every patient must already be registered).
+        match_threshold: the least ``$match`` score taken as the patient (``match="mpi"``).
     """
 
     def __init__(
@@ -291,8 +324,20 @@ class Pusher:
         dry_run: bool = False,
         verify: bool = False,
         preflight: bool = True,
+        match: MatchPolicy = "identifier",
+        create_patients: bool = True,
+        match_threshold: float = DEFAULT_MATCH_THRESHOLD,
     ) -> None:
         """Create the pusher."""
+        if match not in MATCH_POLICIES:
+            raise ValueError(f"match must be one of {', '.join(MATCH_POLICIES)}, not {match!r}")
+        if not 0 < match_threshold <= 1:
+            raise ValueError(f"match_threshold must be in (0, 1], not {match_threshold!r}")
+        self.match: MatchPolicy = match
+        self.create_patients = create_patients
+        self.match_threshold = match_threshold
+        # Patient/$match answers of this push, by the patient's identifier (policy "mpi").
+        self._mpi: dict[str, list[JSON]] = {}
         self.client = client
         self.state = state
         self.server = str(client.base_url).rstrip("/")
@@ -524,6 +569,18 @@ class Pusher:
             pending=self.state.pending_signatures(self.server, key) if record_state else {},
             shared_known=shared_known,
         )
+        for entry in shared:
+            # Found by the policy's identifiers, created only where none of them is held, and
+            # marked as ims-fhir's write of this encounter's snapshot (see matching.py).
+            resource = entry["resource"]
+            identifier = identifier_key(resource)
+            keys = match_keys(resource, self.match)
+            item.shared_keys[identifier] = keys
+            entry["request"] = entry["request"] | {"ifNoneExist": match_query(keys)}
+            sig = signature(resource, references)
+            item.shared_desired[identifier] = sig
+            _mark(resource, sig)
+            mark_snapshot(resource, record.start)
         if record.retracted:
             item.intent = "entered-in-error"
         elif item.first_push:
@@ -663,13 +720,24 @@ class Pusher:
         By the ids the state holds (each checked to carry the identifier the state says), and by
         identifier where the state cannot vouch (no state, a push interrupted, ``verify``) or an
         id proved wrong. Only what was checked here is used to read references afterwards.
+
+        Shared resources (``matching.py``) are looked up by every identifier the policy matches
+        on where the state holds no id for them, and read by id where the clinic's record of
+        them changed since the state last saw them; with ``match="mpi"`` the server's
+        ``Patient/$match`` names the patient.
         """
+        if self.match == "mpi":
+            await self._match_patients(batch)
         reads: set[tuple[str, str]] = set()
         searches: dict[str, set[str]] = {}  # type -> identifier keys
         probes: dict[int, list[tuple[str, str]]] = {}  # items of which nothing is known
         for item in batch:
             item.current, item.error = {}, None
-            if not item.known and not self.verify:
+            item.shared_current, item.shared_send, item.shared_state = {}, {}, {}
+            item.notes = []
+            probe = not item.known and not self.verify
+            self._want_shared(reads, searches, item, read_all=not probe)
+            if probe:
                 # Nothing of it known: its Provenance, at an id derived from the encounter's
                 # identifier and written in every transaction that writes any of it, tells by a
                 # read (searches cost servers far more) whether any of it is on the server.
@@ -686,27 +754,26 @@ class Pusher:
             for known in self._to_check(item):
                 reads.add((known.resource_type, known.resource_id))
             if item.unsure or self.verify:
-                self._want_all(searches, item)
-            else:
-                self._want_all(searches, item, own=False)
+                self._want_own(searches, item)
         pool = await self._fetch(reads, searches)
         again: dict[str, set[str]] = {}
-        checked: list[_Item] = []
         for item in batch:
-            if id(item) not in probes:
-                checked.append(item)
-            elif any(
+            if id(item) in probes and any(
                 pool.by_id.get(("Provenance", key.partition("/")[2])) for _, key in probes[id(item)]
             ):
                 # Some of it is there: look all of it up, the shared resources by identifier too.
-                self._want_all(again, item)
+                self._want_own(again, item)
                 for entry in item.shared:
-                    resource = entry["resource"]
-                    self._want(again, resource["resourceType"], identifier_key(resource))
-        for item in checked:
+                    identifier = identifier_key(entry["resource"])
+                    for key in item.shared_keys[identifier]:
+                        self._want(again, entry["resource"]["resourceType"], key)
+        for item in batch:
             for known in self._to_check(item):
+                keys = item.shared_keys.get(known.identifier, [known.identifier])
+                if (known.resource_type, known.resource_id) not in pool.read:
+                    continue  # not read: not needed by this push
                 found = pool.by_id.get((known.resource_type, known.resource_id))
-                if found is None or known.identifier not in identifier_keys(found):
+                if found is None or not identifier_keys(found).intersection(keys):
                     # Gone, or the id holds another resource (a state that lies, or a server
                     # that answered for another request): forget the id, look up by identifier.
                     if found is not None:
@@ -716,7 +783,8 @@ class Pusher:
                             known.resource_type,
                             known.resource_id,
                         )
-                    self._want(again, known.resource_type, known.identifier)
+                    for key in keys:
+                        self._want(again, known.resource_type, key)
         if again:
             pool.merge(await self._fetch(set(), again))
         for item in batch:
@@ -725,11 +793,8 @@ class Pusher:
                 (identifier_key(e["resource"]), e["resource"]["resourceType"]) for e in item.entries
             ]
             wanted += [(k.identifier, k.resource_type) for k in item.known.values()]
-            shared = [
-                (identifier_key(e["resource"]), e["resource"]["resourceType"]) for e in item.shared
-            ]
-            for identifier, resource_type in wanted + shared:
-                held = item.known.get(identifier) or item.shared_known.get(identifier)
+            for identifier, resource_type in wanted:
+                held = item.known.get(identifier)
                 found = pool.by_id.get((held.resource_type, held.resource_id)) if held else None
                 if found is not None and identifier in identifier_keys(found):
                     matches = [found]
@@ -745,10 +810,53 @@ class Pusher:
                 if matches:
                     current = _current(matches[0])
                     item.references.add_id(current.resource_type, current.resource_id, identifier)
-                    if (identifier, resource_type) not in shared:
-                        item.current[identifier] = current
+                    item.current[identifier] = current
                 elif identifier in pool.searched or identifier in item.known:
                     item.current.setdefault(identifier, None)
+            for entry in item.shared:
+                self._resolve_shared(item, entry, pool)
+
+    def _resolve_shared(self, item: _Item, entry: JSON, pool: _Pool) -> None:
+        """Which server resource is the item's shared resource ``entry``, if one was looked up."""
+        resource_type = str(entry["resource"]["resourceType"])
+        identifier = identifier_key(entry["resource"])
+        keys = item.shared_keys[identifier]
+        if self.match == "mpi" and resource_type == "Patient":
+            matches = self._mpi[identifier]
+            searched = True
+        else:
+            held = item.shared_known.get(identifier)
+            found = pool.by_id.get((held.resource_type, held.resource_id)) if held else None
+            if found is not None and identifier_keys(found).intersection(keys):
+                matches = [found]
+            else:
+                unique = {
+                    (m["resourceType"], m["id"]): m
+                    for key in keys
+                    for m in pool.matching(resource_type, key)
+                }
+                matches = list(unique.values())
+            searched = any(key in pool.searched for key in keys)
+        noun = resource_type.lower()
+        if len(matches) > 1:
+            ids = ", ".join(f"{resource_type}/{m.get('id')}" for m in matches[:5])
+            mpi = self.match == "mpi" and resource_type == "Patient"
+            how = "are named by Patient/$match for" if mpi else "carry the identifiers of"
+            item.error = (
+                f"ambiguous {noun}: {len(matches)} {resource_type} resources on the server "
+                f"{how} this encounter's {noun} ({ids}); nothing was written (merge them on the "
+                "server, or give the record an identifier that tells them apart)"
+            )
+        elif matches:
+            current = _current(matches[0])
+            item.references.add_id(current.resource_type, current.resource_id, identifier)
+            item.shared_current[identifier] = current
+        elif resource_type == "Patient" and not self.create_patients and searched:
+            item.error = (
+                f"no Patient on the server matches this encounter's patient "
+                f"({', '.join(k.partition('|')[0] for k in keys)}); not created, as asked "
+                "(register the patient there first, or allow creating patients)"
+            )
 
     @staticmethod
     def _to_check(item: _Item) -> list[ResourceState]:
@@ -760,34 +868,83 @@ class Pusher:
     def _want(searches: dict[str, set[str]], resource_type: str, identifier: str) -> None:
         searches.setdefault(resource_type, set()).add(identifier)
 
-    def _want_all(self, searches: dict[str, set[str]], item: _Item, *, own: bool = True) -> None:
-        """Search for the item's resources the state holds no id for.
-
-        Its own ones (if ``own``), and the shared ones: their ids are how the server's copies
-        refer to them.
-        """
-        for entry in item.entries if own else []:
+    def _want_own(self, searches: dict[str, set[str]], item: _Item) -> None:
+        """Search for the item's own resources the state holds no id for."""
+        for entry in item.entries:
             identifier = identifier_key(entry["resource"])
             if identifier not in item.known:
                 self._want(searches, entry["resource"]["resourceType"], identifier)
-        for entry in item.shared:
-            identifier = identifier_key(entry["resource"])
-            if identifier not in item.shared_known:
-                self._want(searches, entry["resource"]["resourceType"], identifier)
 
-    @staticmethod
-    def _type_of(item: _Item, identifier: str) -> str | None:
-        known = item.known.get(identifier)
-        if known is not None:
-            return known.resource_type
-        for entry in item.entries:
-            if identifier_key(entry["resource"]) == identifier:
-                return str(entry["resource"]["resourceType"])
-        return None
+    def _want_shared(
+        self,
+        reads: set[tuple[str, str]],
+        searches: dict[str, set[str]],
+        item: _Item,
+        *,
+        read_all: bool,
+    ) -> None:
+        """Look up the item's shared resources this push must check.
+
+        Those the state holds no id for, by every identifier the policy matches on; the others
+        by id, when any of them is to be checked (its wanted content is not what the state last
+        saw of it) or with ``read_all``: their ids are how the server's copies refer to each
+        other, so a signature is read right only with all of them checked.
+        """
+        read_all = read_all or any(
+            item.shared_known.get(key) is None
+            or item.shared_known[key].signature != item.shared_desired[key]
+            for key in item.shared_desired
+        )
+        for entry in item.shared:
+            resource_type = str(entry["resource"]["resourceType"])
+            identifier = identifier_key(entry["resource"])
+            if self.match == "mpi" and resource_type == "Patient":
+                continue  # named by $match
+            held = item.shared_known.get(identifier)
+            if held is None:
+                for key in item.shared_keys[identifier]:
+                    self._want(searches, resource_type, key)
+            elif read_all:
+                reads.add((held.resource_type, held.resource_id))
+
+    async def _match_patients(self, batch: list[_Item]) -> None:
+        """Ask the server's ``Patient/$match`` for each patient not asked yet in this push."""
+        for item in batch:
+            for entry in item.shared:
+                resource = entry["resource"]
+                identifier = identifier_key(resource)
+                if resource["resourceType"] != "Patient" or identifier in self._mpi:
+                    continue
+                body = {
+                    "resourceType": "Parameters",
+                    "parameter": [
+                        {"name": "resource", "resource": _without_meta(resource)},
+                        # All candidates, graded: certain matches only would hide an ambiguity.
+                        {"name": "onlyCertainMatches", "valueBoolean": False},
+                        {"name": "count", "valueInteger": 10},
+                    ],
+                }
+                try:
+                    answer = await self.client.request_json(
+                        "POST", "Patient/$match", json_body=body, retry_safe=True
+                    )
+                except StatusError as exc:
+                    if exc.status_code >= 500 and exc.status_code != 501:
+                        raise  # a server error, not a missing operation
+                    raise UnsafeServerError(
+                        f"{self.server}: Patient/$match failed ({exc}); the server has no master "
+                        "patient index ims-fhir can use: match by identifier instead"
+                    ) from exc
+                try:
+                    found = mpi_candidates(self.server, answer, self.match_threshold)
+                    self._mpi[identifier] = found
+                except ValueError as exc:
+                    raise InvalidResponseError(str(exc)) from None
 
     async def _fetch(self, reads: set[tuple[str, str]], searches: dict[str, set[str]]) -> _Pool:
         """One batch of reads by id and searches by identifier; results matched by content."""
         pool = _Pool()
+        pool.read |= reads
         searched: list[tuple[str, str]] = []
         paged = False
         requests: list[JSON] = [
@@ -855,6 +1012,7 @@ class Pusher:
         item.sent_signatures, item.retiring = {}, set()
         overwrite = self.on_conflict == "overwrite"
         literal_refs: dict[str, str] = {}  # fullUrl -> Type/id of what is not sent
+        self._plan_shared(item, literal_refs)
         updates: list[tuple[JSON, _Current]] = []
         creates: list[JSON] = []
         conflicts: list[str] = []
@@ -918,6 +1076,80 @@ class Pusher:
             )
             item.sent_signatures[identifier] = sig
             _mark(resource, sig)
+
+    def _plan_shared(self, item: _Item, literal_refs: dict[str, str]) -> None:
+        """Decide what to send of the shared resources read (``matching.py``).
+
+        One ims-fhir owns follows the clinic's record when this encounter is no older than the
+        one it was last written from (an ``If-Match`` update); one it does not own is never
+        written, and a difference in its demographics becomes a note.
+        """
+        for entry in item.shared:
+            identifier = identifier_key(entry["resource"])
+            current = item.shared_current.get(identifier)
+            if current is None:
+                continue  # not read: the conditional create finds or creates it
+            held = item.shared_known.get(identifier)
+            wanted = item.shared_desired[identifier]
+            found = signature(current.content, item.references)
+            owned = self._owns(identifier, current, found, held)
+            state = ResourceState(
+                identifier,
+                current.resource_type,
+                current.resource_id,
+                current.version,
+                signature=found if owned else wanted,
+                owned=owned,
+            )
+            item.shared_state[identifier] = state
+            where = f"{current.resource_type}/{current.resource_id}"
+            if self.match == "mpi" and current.resource_type == "Patient":
+                # Named by $match, maybe by no identifier of ours: refer to it by id.
+                item.shared_send[entry["fullUrl"]] = None
+                literal_refs[entry["fullUrl"]] = where
+            if found == wanted:
+                continue
+            if not owned:
+                differing = demographic_differences(entry["resource"], current.content)
+                if differing:
+                    item.notes.append(
+                        f"{where} differs from the clinic's record in {', '.join(differing)}; "
+                        "not changed, as ims-fhir did not create it for this clinic (raise it "
+                        "with the server's owner)"
+                    )
+                continue
+            written = snapshot_of(current.content)
+            if written is not None and written > item.record.start:
+                continue  # a newer encounter wrote it: an older one never reverts it
+            resource = dict(entry["resource"]) | {"id": current.resource_id}
+            request: JSON = {"method": "PUT", "url": where}
+            if current.version:
+                request["ifMatch"] = f'W/"{current.version}"'
+            item.shared_send[entry["fullUrl"]] = {
+                "fullUrl": entry["fullUrl"],
+                "resource": resource,
+                "request": request,
+            }
+            item.shared_state[identifier] = replace(state, signature=wanted)
+
+    @staticmethod
+    def _owns(identifier: str, current: _Current, found: str, held: ResourceState | None) -> bool:
+        """Did ims-fhir create this shared resource for this clinic, unchanged since it wrote it?
+
+        Created for this clinic: the clinic-local identifier is its first (a resource the
+        region registered, or another clinic created, has another first). Unchanged: its content
+        has the signature it is marked with, or the one the state saw ims-fhir write.
+        """
+        if identifier_key(current.content) != identifier:
+            return False
+        if found == _marked(current.content):
+            return True
+        return (
+            held is not None
+            and held.owned
+            and held.resource_id == current.resource_id
+            and held.signature == found
+        )
 
     def _ours(self, item: _Item, identifier: str, current: _Current, found: str) -> bool:
         """Is the server's copy one that ims-fhir wrote (or was writing)?"""
@@ -998,16 +1230,32 @@ class Pusher:
     async def _write(self, items: list[_Item], *, recheck: bool = True) -> list[PushResult]:
         entries: list[JSON] = []
         owners: list[_Item | None] = []
-        seen: set[str] = set()
+        shared_from: dict[int, _Item] = {}  # index of a shared entry -> the item it came from
+        shared_at: dict[str, int] = {}  # fullUrl of a shared entry -> its index
         for item in items:
-            if not item.send:
+            updates = [e for e in item.shared_send.values() if e is not None]
+            if not item.send and not updates:
                 continue
             for entry in item.shared:
                 full = entry["fullUrl"]
-                if full not in seen:
-                    seen.add(full)
-                    entries.append(entry)
+                if full in item.shared_send:
+                    chosen = item.shared_send[full]
+                    if chosen is None:
+                        continue  # referred to by id
+                else:
+                    chosen = entry
+                at = shared_at.get(full)
+                if at is None:
+                    shared_at[full] = len(entries)
+                    shared_from[len(entries)] = item
+                    entries.append(chosen)
                     owners.append(None)
+                elif chosen["request"]["method"] == "PUT" and (
+                    entries[at]["request"]["method"] != "PUT"
+                    or shared_from[at].record.start < item.record.start
+                ):
+                    # Two encounters of one batch share it: the newer snapshot is written.
+                    entries[at], shared_from[at] = chosen, item
             for entry in item.send:
                 entries.append(entry)
                 owners.append(item)
@@ -1026,14 +1274,12 @@ class Pusher:
         written: list[ResourceState] = []
         results: list[PushResult] = []
         unsure: list[_Item] = []
-        for entry, owner, answer in zip(entries, owners, answers, strict=True):
+        shared_written: set[str] = set()
+        for index, (entry, owner, answer) in enumerate(zip(entries, owners, answers, strict=True)):
             identifier = identifier_key(entry["resource"])
             if owner is None:
-                written.append(
-                    ResourceState(
-                        identifier, answer.resource_type, answer.resource_id, answer.version
-                    )
-                )
+                shared_written.add(identifier)
+                written.append(self._shared_written(shared_from[index], identifier, entry, answer))
                 continue
             if entry["request"]["method"] == "POST" and answer.status != 201:
                 # A conditional create found the resource already there: not written by us now.
@@ -1053,6 +1299,8 @@ class Pusher:
         done = [i for i in items if i not in unsure]
         for item in done:
             written += item.keep + item.retired_keep
+            # Shared resources read and not sent: what was learnt of them (owner, content).
+            written += [s for k, s in item.shared_state.items() if k not in shared_written]
         self.state.commit_written(self.server, [(i.key, i.content_hash) for i in done], written)
         for item in items:
             if item in unsure:
@@ -1067,9 +1315,38 @@ class Pusher:
             # look (after a lost answer) the first attempt is what wrote it.
             action = "unchanged" if not item.send and recheck else item.intent
             results.append(
-                PushResult(item.record.id, action, written=len(sent), retired=len(item.retiring))
+                PushResult(
+                    item.record.id,
+                    action,
+                    written=len(sent),
+                    retired=len(item.retiring),
+                    notes=tuple(item.notes),
+                )
             )
         return results
+
+    @staticmethod
+    def _shared_written(
+        item: _Item, identifier: str, entry: JSON, answer: _Answer
+    ) -> ResourceState:
+        """What the state is to hold of a shared resource after the transaction that sent it."""
+        if entry["request"]["method"] == "PUT" or answer.status == 201:
+            # Written by ims-fhir for this clinic now: an update, or a create.
+            return ResourceState(
+                identifier,
+                answer.resource_type,
+                answer.resource_id,
+                answer.version,
+                signature=item.shared_desired[identifier],
+                owned=True,
+            )
+        # The conditional create found it: what was learnt by reading it, else nothing more
+        # than where it is (its owner and content are checked when the clinic's record of it
+        # changes).
+        base = item.shared_state.get(identifier) or item.shared_known.get(identifier)
+        if base is not None and base.resource_id == answer.resource_id:
+            return replace(base, resource_type=answer.resource_type, version=answer.version)
+        return ResourceState(identifier, answer.resource_type, answer.resource_id, answer.version)
 
     def _check_answer(self, response: JSON, entries: list[JSON]) -> list[_Answer]:
         """Check a transaction-response entry by entry; raise when it cannot be the answer."""
@@ -1168,6 +1445,7 @@ class _Pool:
         self.by_id: dict[tuple[str, str], JSON] = {}
         self.by_key: dict[str, dict[tuple[str, str], JSON]] = {}
         self.searched: set[str] = set()
+        self.read: set[tuple[str, str]] = set()  # (type, id) asked for by id
 
     def add(self, resource: JSON) -> None:
         resource_type, resource_id = resource.get("resourceType"), resource.get("id")
@@ -1181,6 +1459,7 @@ class _Pool:
         for resource in other.by_id.values():
             self.add(resource)
         self.searched |= other.searched
+        self.read |= other.read
 
     def matching(self, resource_type: str, key: str) -> list[JSON]:
         return [r for (t, _), r in self.by_key.get(key, {}).items() if t == resource_type]
@@ -1210,6 +1489,10 @@ def _meta_extensions(meta: Any) -> list[Any]:
 
 def _is_signature(extension: Any) -> bool:
     return isinstance(extension, dict) and extension.get("url") == SYNC_SIGNATURE_URL
+
+
+def _without_meta(resource: JSON) -> JSON:
+    return {key: value for key, value in resource.items() if key != "meta"}
 
 
 def _current(resource: JSON) -> _Current:
@@ -1275,6 +1558,9 @@ def push(
     on_conflict: Literal["report", "overwrite"] = "report",
     dry_run: bool = False,
     verify: bool = False,
+    match: MatchPolicy = "identifier",
+    create_patients: bool = True,
+    match_threshold: float = DEFAULT_MATCH_THRESHOLD,
 ) -> list[PushResult]:
     """Push ``records`` to the server at ``base_url`` and return every result (blocking).
 
@@ -1295,6 +1581,9 @@ def push(
                 on_conflict=on_conflict,
                 dry_run=dry_run,
                 verify=verify,
+                match=match,
+                create_patients=create_patients,
+                match_threshold=match_threshold,
             )
             return [result async for result in pusher.push(records)]
 

@@ -35,7 +35,7 @@ from .._exceptions import StateError
 
 __all__ = ["RecordState", "ResourceState", "StateStore", "default_state_path"]
 
-SCHEMA_VERSION = 3
+SCHEMA_VERSION = 4
 
 _SCHEMA = """
 CREATE TABLE IF NOT EXISTS record (
@@ -54,6 +54,7 @@ CREATE TABLE IF NOT EXISTS resource (
     version TEXT,
     retired INTEGER NOT NULL DEFAULT 0,
     signature TEXT,
+    owned INTEGER NOT NULL DEFAULT 0,
     PRIMARY KEY (server, identifier)
 );
 CREATE INDEX IF NOT EXISTS resource_by_record ON resource (server, record_key);
@@ -84,6 +85,7 @@ _COLUMNS = {
         "version",
         "retired",
         "signature",
+        "owned",
     },
     "pending": {"server", "identifier", "record_key", "signature"},
     "superseded": {"server", "identifier", "signature"},
@@ -117,10 +119,13 @@ class ResourceState:
     record_key: str | None = None
     retired: bool = False
     signature: str | None = None
+    owned: bool = False
+    """A shared resource (patient, practitioner, clinic) ims-fhir created for this clinic."""
 
 
 _SELECT_RESOURCE = (
-    "SELECT identifier, resource_type, resource_id, version, record_key, retired, signature "
+    "SELECT identifier, resource_type, resource_id, version, record_key, retired, signature, "
+    "owned "
     "FROM resource "
 )
 
@@ -129,11 +134,18 @@ R = TypeVar("R")
 
 
 def _resource_state(
-    row: tuple[str, str, str, str | None, str | None, int, str | None],
+    row: tuple[str, str, str, str | None, str | None, int, str | None, int],
 ) -> ResourceState:
-    identifier, resource_type, resource_id, version, record_key, retired, signature = row
+    identifier, resource_type, resource_id, version, record_key, retired, signature, owned = row
     return ResourceState(
-        identifier, resource_type, resource_id, version, record_key, bool(retired), signature
+        identifier,
+        resource_type,
+        resource_id,
+        version,
+        record_key,
+        bool(retired),
+        signature,
+        bool(owned),
     )
 
 
@@ -220,6 +232,10 @@ class StateStore:
                 columns = {row[1] for row in db.execute("PRAGMA table_info(resource)")}
                 if "signature" not in columns and {"server", "identifier"} <= columns:
                     db.execute("ALTER TABLE resource ADD COLUMN signature TEXT")
+            if "resource" in tables and version < 4:
+                columns = {row[1] for row in db.execute("PRAGMA table_info(resource)")}
+                if "owned" not in columns and {"server", "identifier"} <= columns:
+                    db.execute("ALTER TABLE resource ADD COLUMN owned INTEGER NOT NULL DEFAULT 0")
             for table, wanted in _COLUMNS.items():
                 if table not in tables:
                     continue
@@ -400,11 +416,13 @@ class StateStore:
             )
             db.executemany(
                 "INSERT INTO resource (server, identifier, record_key, resource_type, "
-                "resource_id, version, retired, signature) VALUES (?, ?, ?, ?, ?, ?, ?, ?) "
+                "resource_id, version, retired, signature, owned) "
+                "VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?) "
                 "ON CONFLICT (server, identifier) DO UPDATE SET "
                 "record_key = excluded.record_key, resource_type = excluded.resource_type, "
                 "resource_id = excluded.resource_id, version = excluded.version, "
-                "retired = excluded.retired, signature = excluded.signature",
+                "retired = excluded.retired, signature = excluded.signature, "
+                "owned = excluded.owned",
                 (
                     (
                         server,
@@ -415,6 +433,7 @@ class StateStore:
                         item.version,
                         int(item.retired),
                         item.signature,
+                        int(item.owned),
                     )
                     for item in resources
                 ),
