@@ -230,8 +230,8 @@ def check_namespace(value: str) -> str:
         parts, host = None, None
     if parts is None or parts.scheme not in {"http", "https"} or not host:
         raise ValueError(f"is not an absolute http(s) URI with a host ({example})")
-    if any(c.isspace() for c in value):
-        raise ValueError(f"holds a space ({example})")
+    if any(c.isspace() or not c.isprintable() for c in value):
+        raise ValueError(f"holds a space or a control character ({example})")
     if parts.query or parts.fragment or "?" in value or "#" in value:
         raise ValueError(f"has a query or fragment; a namespace is a base URI ({example})")
     if value.endswith("/"):
