@@ -9,7 +9,7 @@ from __future__ import annotations
 import json
 from typing import Any
 
-from ..record.terminology import mappings_dir
+from ..record.terminology import mappings_dir, terminology
 from .spec import spec
 
 
@@ -108,6 +108,22 @@ def render_mapping_doc() -> str:
         source = next(p["valueString"] for p in parameter["part"] if p["name"] == "source")
         code = f"`{coding['code']}` {coding['display']}"
         lines.append(f"| `{parameter['name']}` | {coding['system']} | {code} | {_cell(source)} |")
+    lines += [
+        "",
+        "## Jurisdictional identifier systems",
+        "",
+        "From `Parameters-jurisdictional-identifiers.json`: a patient identifier in one of these",
+        "systems is a health number, typed as given here, whatever kind the record gives it.",
+        "",
+        "| system | jurisdiction | identifies | type | verified on |",
+        "|---|---|---|---|---|",
+    ]
+    for entry in terminology().identifier_systems():
+        where = f"{entry.jurisdiction.display} (`{entry.jurisdiction.code}`)"
+        lines.append(
+            f"| {entry.system} | {where} | {entry.identifies} | `{entry.type.code}` | "
+            f"{_cell(entry.source)} |"
+        )
     return "\n".join(lines) + "\n"
 
 
