@@ -10,6 +10,10 @@ from hypothesis import strategies as st
 
 from ims_fhir import Encounter, terminology
 
+# A jurisdiction's registered system (mappings/Parameters-jurisdictional-identifiers.json): an
+# identifier in it is a health card whatever kind it is given, typed JHN, and must round-trip.
+ON_HEALTH_CARD = "https://fhir.infoway-inforoute.ca/NamingSystem/ca-on-patient-hcn"
+
 
 def _codes(group: str) -> st.SearchStrategy[str]:
     return st.sampled_from(list(terminology().vocabulary(group)))
@@ -133,7 +137,11 @@ def encounters(draw: st.DrawFn) -> Encounter:
                     st.fixed_dictionaries(
                         {
                             "system": st.sampled_from(
-                                ["https://example.org/sid/phn", "urn:oid:2.16.840.1.113883.4.1"]
+                                [
+                                    "https://example.org/sid/phn",
+                                    "urn:oid:2.16.840.1.113883.4.1",
+                                    ON_HEALTH_CARD,
+                                ]
                             ),
                             "value": ids,
                             "kind": st.sampled_from(["health-card", "other"]),

@@ -16,6 +16,15 @@ from ims_fhir import PushResult
 from ims_fhir.cli.commands import _progress, cli, parse_since
 
 BASE = "https://fhir.example.org/r4"
+
+
+@pytest.fixture(autouse=True)
+def _default_namespace_allowed(monkeypatch: pytest.MonkeyPatch) -> None:
+    # BASE is not on this machine and the fixtures name no namespace: these tests are about
+    # other things (test_namespaces.py has the namespace ones).
+    monkeypatch.setenv("IMS_FHIR_ALLOW_DEFAULT_NAMESPACE", "1")
+
+
 EMPTY = {"resourceType": "Bundle", "type": "searchset", "entry": []}
 
 

@@ -18,6 +18,13 @@ from ims_fhir.sync.capabilities import needs
 BASE = "https://fhir.example.org/r4"
 
 
+@pytest.fixture(autouse=True)
+def _default_namespace_allowed(monkeypatch: pytest.MonkeyPatch) -> None:
+    # BASE is not on this machine and the fixtures name no namespace: these tests are about
+    # other things (test_namespaces.py has the namespace ones).
+    monkeypatch.setenv("IMS_FHIR_ALLOW_DEFAULT_NAMESPACE", "1")
+
+
 def test_dry_run_sends_nothing_and_says_what_would_be_written(root: Path, tmp_path: Path) -> None:
     with respx.mock(assert_all_mocked=True) as router:
         result = CliRunner().invoke(

@@ -193,3 +193,43 @@ def test_a_part_removed_before_a_retraction_is_not_part_of_the_retracted_record(
     report = from_fhir(bundle)
     assert not report.errors, report.errors
     assert report.records == [retracted]
+
+
+@pytest.mark.parametrize("kind", ["health-card", "other"])
+def test_a_registered_health_number_system_is_typed_jhn_whatever_the_kind(kind: str) -> None:
+    record = _record(ENCOUNTER_FILES[0])
+    system = "https://fhir.infoway-inforoute.ca/NamingSystem/ca-bc-patient-healthcare-id"
+    patient = record.patient.model_dump() | {
+        "identifiers": [{"system": system, "value": "9123456789", "kind": kind}]
+    }
+    record = Encounter.model_validate(record.model_dump() | {"patient": patient})
+    assert record.patient.identifiers[0].kind == "health-card"  # what the type will read back as
+    bundle = json.loads(to_fhir_json(record))
+    (patient_resource,) = [
+        e["resource"] for e in bundle["entry"] if e["resource"]["resourceType"] == "Patient"
+    ]
+    (ident,) = [i for i in patient_resource["identifier"] if i["system"] == system]
+    assert [(c["system"], c["code"]) for c in ident["type"]["coding"]] == [
+        ("http://terminology.hl7.org/CodeSystem/v2-0203", "JHN")
+    ]
+    assert from_fhir(bundle).records == [record]
+
+
+def test_an_other_identifier_in_an_unknown_system_stays_untyped() -> None:
+    record = _record(ENCOUNTER_FILES[0])
+    system = "https://fhir.example.ca/sid/ab-phn"  # not registered: a stand-in
+    patient = record.patient.model_dump() | {
+        "identifiers": [{"system": system, "value": "1", "kind": "other"}]
+    }
+    record = Encounter.model_validate(record.model_dump() | {"patient": patient})
+    assert record.patient.identifiers[0].kind == "other"
+    bundle = json.loads(to_fhir_json(record))
+    idents = [
+        i
+        for e in bundle["entry"]
+        if e["resource"]["resourceType"] == "Patient"
+        for i in e["resource"]["identifier"]
+        if i["system"] == system
+    ]
+    assert idents and "type" not in idents[0]
+    assert from_fhir(bundle).records == [record]

@@ -309,3 +309,37 @@ def test_an_older_encounter_never_reverts_a_newer_name(
     (held,) = region.holding("Patient", JHN, region.number(3))
     assert names([held]) == ["After"]
     assert held["meta"]["versionId"] == "2"  # created, renamed once, never written again
+
+
+def test_a_duplicate_made_on_the_server_later_is_never_written_to_or_added_to(
+    fhir_base_url: str, region: Region, tmp_path: Path
+) -> None:
+    """The state knows the practitioner; then the region registers the licence once more.
+
+    Either outcome is safe, and which one depends on the server: the encounter fails as
+    ambiguous (a server that searches the conditional create's match URL again answers 412 for
+    two matches) or it refers to the practitioner ims-fhir created (HAPI remembers the match URL
+    of a conditional create that created a resource, for a while, and answers with that one).
+    Never a third practitioner, never the region's newcomer, never a server error.
+    """
+    namespace = clinic()
+    with StateStore(tmp_path / "state.sqlite3") as state:
+        (first,) = push(
+            [encounter(region, namespace, 1, patient=1, licence=60)], fhir_base_url, state
+        )
+        assert first.action == "created", first
+        (ours,) = region.holding("Practitioner", LICENCE, region.number(60))
+        newcomer = region.register_practitioner(60)  # now two carry the licence
+        (second,) = push(
+            [encounter(region, namespace, 2, patient=1, licence=60, day=7)], fhir_base_url, state
+        )
+    assert len(region.holding("Practitioner", LICENCE, region.number(60))) == 2
+    written = region.holding("Encounter", f"{namespace}/encounter", "enc-2")
+    if second.action == "failed":
+        assert "ambiguous practitioner" in (second.message or ""), second.message
+        assert written == []
+    else:
+        assert second.action == "created", second
+        (held,) = written
+        individual = held["participant"][0]["individual"]["reference"]
+        assert individual == f"Practitioner/{ours['id']}" != f"Practitioner/{newcomer}"

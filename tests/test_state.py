@@ -8,6 +8,7 @@ import stat
 import subprocess
 import sys
 import textwrap
+from dataclasses import replace
 from pathlib import Path
 
 import pytest
@@ -69,6 +70,28 @@ def test_a_state_file_of_the_first_schema_is_migrated(tmp_path: Path) -> None:
     with StateStore(path) as state:
         assert state.resources("s", "enc")["obs"].signature is None
         assert state.resources("s", "enc")["obs"].version == "1"
+
+
+def test_a_state_file_of_schema_3_keeps_its_resources_and_owns_none(tmp_path: Path) -> None:
+    """Shared resources recorded before ownership was (issue 17) are not taken as ims-fhir's."""
+    path = tmp_path / "state.sqlite3"
+    db = sqlite3.connect(path)
+    db.executescript(
+        """
+        CREATE TABLE resource (server TEXT NOT NULL, identifier TEXT NOT NULL, record_key TEXT,
+            resource_type TEXT NOT NULL, resource_id TEXT NOT NULL, version TEXT,
+            retired INTEGER NOT NULL DEFAULT 0, signature TEXT, PRIMARY KEY (server, identifier));
+        INSERT INTO resource VALUES ('s', 'ns/patient|1', NULL, 'Patient', '7', '2', 0, NULL);
+        PRAGMA user_version = 3;
+        """
+    )
+    db.close()
+    with StateStore(path) as state:
+        (patient,) = state.resources_by_identifier("s", ["ns/patient|1"]).values()
+        assert (patient.resource_id, patient.version, patient.owned) == ("7", "2", False)
+        state.commit_written("s", [], [replace(patient, owned=True, signature="sig")])
+    with StateStore(path) as state:
+        assert state.resources_by_identifier("s", ["ns/patient|1"])["ns/patient|1"].owned
 
 
 @pytest.mark.parametrize(

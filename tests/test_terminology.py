@@ -277,3 +277,71 @@ def test_every_needled_site_says_side_and_muscle_in_words(record: Encounter) -> 
     for site in record.treatment.sites if record.treatment else []:
         side, muscle = t.local(site.side).display, t.local(site.muscle).display
         assert texts[f"{record.id}/site/{site.id}"] == f"{side} {muscle[:1].lower()}{muscle[1:]}"
+
+
+# -- the table of jurisdictional identifier systems ---------------------------------------------
+
+CANADA = {"AB", "BC", "MB", "NB", "NL", "NS", "NT", "NU", "ON", "PE", "QC", "SK", "YT"}
+
+
+def test_every_province_and_territory_has_its_registered_health_number_system() -> None:
+    entries = terminology().identifier_systems()
+    canadian = {e.jurisdiction.code: e for e in entries if e.jurisdiction.code.startswith("CA-")}
+    assert {code.removeprefix("CA-") for code in canadian} == CANADA
+    for entry in canadian.values():
+        assert entry.system.startswith("https://fhir.infoway-inforoute.ca/NamingSystem/ca-")
+        assert entry.jurisdiction.system == "urn:iso:std:iso:3166:-2"
+    assert canadian["CA-ON"].system.endswith("/ca-on-patient-hcn")  # Ontario's is not *-id
+    nhi = terminology().identifier_system("https://standards.digital.health.nz/ns/nhi-id")
+    assert nhi is not None and nhi.jurisdiction.code == "NZ"
+
+
+def test_every_table_entry_is_a_health_number_with_a_verified_source() -> None:
+    health_card = terminology().convention("identifier-type-health-card")
+    entries = terminology().identifier_systems()
+    assert len({e.system for e in entries}) == len(entries)
+    for entry in entries:
+        assert entry.identifies == "patient-health-number"
+        assert (entry.type.system, entry.type.code) == (health_card.system, "JHN")
+        assert entry.source.startswith("https://"), entry.system
+        assert not any(label == "example" for label in entry.system.split("/")[2].split("."))
+
+
+@pytest.mark.parametrize(
+    ("change", "message"),
+    [
+        pytest.param({"type": "identifier-type-nope"}, "not in Parameters-conventions", id="type"),
+        pytest.param({"identifies": "dog-licence"}, "identifies 'dog-licence'", id="identifies"),
+        pytest.param({"source": None}, "missing source", id="no-source"),
+    ],
+)
+def test_a_broken_table_entry_is_refused_when_loaded(
+    tmp_path: Path, change: dict[str, Any], message: str
+) -> None:
+    from ims_fhir.record.terminology import Terminology
+
+    for source in MAPPINGS.glob("*.json"):
+        (tmp_path / source.name).write_bytes(source.read_bytes())
+    table = _load("Parameters-jurisdictional-identifiers.json")
+    parts = table["parameter"][0]["part"]
+    for name, value in change.items():
+        part = next(p for p in parts if p["name"] == name)
+        if value is None:
+            parts.remove(part)
+        else:
+            part["valueCode" if name == "identifies" else "valueString"] = value
+    (tmp_path / "Parameters-jurisdictional-identifiers.json").write_text(json.dumps(table))
+    with pytest.raises(ValueError, match=message):
+        Terminology(tmp_path)
+
+
+def test_a_system_listed_twice_is_refused(tmp_path: Path) -> None:
+    from ims_fhir.record.terminology import Terminology
+
+    for source in MAPPINGS.glob("*.json"):
+        (tmp_path / source.name).write_bytes(source.read_bytes())
+    table = _load("Parameters-jurisdictional-identifiers.json")
+    table["parameter"].append(table["parameter"][0])
+    (tmp_path / "Parameters-jurisdictional-identifiers.json").write_text(json.dumps(table))
+    with pytest.raises(ValueError, match="listed twice"):
+        Terminology(tmp_path)

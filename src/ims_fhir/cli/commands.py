@@ -24,6 +24,7 @@ from pathlib import Path
 from typing import Any, NoReturn, TypeVar
 
 import click
+import httpx
 from click.core import ParameterSource
 from pydantic import ValidationError
 from rich.console import Console
@@ -47,16 +48,24 @@ from .._exceptions import (
 )
 from .._version import __version__
 from ..client.asynchronous import AsyncFhirClient
+from ..client.http import is_loopback
 from ..mapping.convert import detect_input, read_fhir
+from ..mapping.identity import default_namespace, example_systems
 from ..mapping.package import PACKAGE_NAME, build_package, package_resources
 from ..mapping.to_fhir import bundle_dict, bundle_json, transaction_json
-from ..record.model import Encounter
+from ..record.model import Encounter, check_namespace
 from ..record.reader import ReadRecord, read_records
 from ..record.schema import record_json_schema_text
 from ..record.synthetic import synthetic_encounter
 from ..sync.capabilities import Check, check_capabilities
 from ..sync.matching import DEFAULT_MATCH_THRESHOLD, MATCH_POLICIES
-from ..sync.pull import DEFAULT_PAGE_SIZE, patient_reference, pull
+from ..sync.pull import (
+    DEFAULT_PAGE_SIZE,
+    OTHER_CLINIC,
+    check_clinic_filter,
+    patient_reference,
+    pull,
+)
 from ..sync.push import (
     DEFAULT_BATCH_SIZE,
     DEFAULT_CONCURRENCY,
@@ -118,6 +127,7 @@ class _Cli(click.Group):
 # What to do about a setting at fault, when there is more to say than "set it".
 _SETTING_FIXES = {
     "allow_insecure_http": "use https, or for a test server on a trusted network pass {where}",
+    "namespace": "give the base URI of the clinic's identifier systems with {where}",
     "server": "pass {where}",
     "validate_server": "pass {where}",
 }
@@ -618,9 +628,41 @@ def _say_skipped(path: Path, reason: str) -> None:
     _stderr().print(f"[yellow]skipped[/yellow] {escape(str(path))}: {reason}")
 
 
+def _namespace(ctx: click.Context, param: click.Parameter, value: str | None) -> str | None:
+    """``--namespace`` (or its variable or config key): an absolute http(s) URI, checked here.
+
+    A namespace the records cannot hold would make every record fail, or worse, write identifier
+    systems that ``pull`` cannot map back; it is a setup error, named where it was set.
+    """
+    if value is None:
+        return None
+    try:
+        return check_namespace(value)
+    except ValueError as exc:
+        source = ctx.get_parameter_source(param.name or "")
+        if source is ParameterSource.ENVIRONMENT:
+            where = SETTINGS["namespace"].env
+        elif source is ParameterSource.DEFAULT_MAP:
+            where = f"`namespace` in {ctx.find_root().meta.get(_CONFIG)}"
+        else:
+            where = "--namespace"
+        raise ConfigurationError(
+            f"namespace {value!r} (from {where}) {exc}", setting="namespace"
+        ) from None
+
+
+def _on_this_machine(server: str | None) -> bool:
+    """Whether the server is on loopback; one that cannot be parsed is the client's to refuse."""
+    try:
+        return bool(server) and is_loopback(httpx.URL(str(server)).host)
+    except (httpx.InvalidURL, TypeError):
+        return True
+
+
 def _with_namespace(record: Encounter, namespace: str | None) -> Encounter:
     if namespace is None or record.clinic.namespace is not None:
         return record
+    # No validation needed: _namespace checked the value, and the mapping validates again.
     return record.model_copy(
         update={"clinic": record.clinic.model_copy(update={"namespace": namespace})}
     )
@@ -691,7 +733,14 @@ def _fatal(err: Console, problem: str | BaseException) -> NoReturn:
 )
 @_option(
     "namespace",
-    help="Identifier namespace for clinics whose records name none.",
+    callback=_namespace,
+    help="Identifier namespace (an https URI the clinic owns) for clinics whose records name none.",
+)
+@_option(
+    "allow_default_namespace",
+    is_flag=True,
+    help="Push records that name no namespace to a server not on this machine, under "
+    "ims-fhir's default one (two clinics with the same id would share patients there).",
 )
 @click.option("--dry-run", is_flag=True, help="Show what would be written; send nothing.")
 @click.option(
@@ -708,6 +757,8 @@ def push(paths: Sequence[Path], **options: Any) -> None:
     results: list[PushResult] = []
     invalid: list[RecordError] = []
     show_progress = err.is_terminal and not options["as_json"]
+    remote = not _on_this_machine(options.get("server"))
+    warned: set[str] = set()
 
     def records() -> Iterator[ReadRecord]:
         for item in read_records(paths, on_skip=_say_skipped):
@@ -716,6 +767,8 @@ def push(paths: Sequence[Path], **options: Any) -> None:
                 err.print(f"[red]invalid[/red] {escape(str(item))}")
             else:
                 record = _with_namespace(item.record, options["namespace"])
+                if remote:
+                    _check_remote(err, item.location, record, options, warned)
                 yield ReadRecord(item.location, record)
 
     async def run() -> None:
@@ -767,6 +820,37 @@ def push(paths: Sequence[Path], **options: Any) -> None:
             "the record by pushing again with --on-conflict overwrite"
         )
     sys.exit(EXIT_OK if summary.ok else EXIT_SOME_FAILED)
+
+
+def _check_remote(
+    err: Console, where: object, record: Encounter, options: dict[str, Any], warned: set[str]
+) -> None:
+    """What a push to a server not on this machine needs of a record, before it is sent.
+
+    Its clinic's own namespace (or the user's word that the default will do), and identifier
+    systems that are not examples: a fixture's ``fhir.example.ca`` system in a regional record
+    names nothing anyone can resolve.
+    """
+    if record.clinic.namespace is None and not options["allow_default_namespace"]:
+        raise ConfigurationError(
+            f"{where}: clinic {record.clinic.id!r} names no identifier namespace, and the "
+            "server is not on this machine: under ims-fhir's default one "
+            f"({default_namespace(record.clinic.id)}) two clinics with the same clinic id would "
+            "match each other's patients and encounters",
+            fix=f"give the clinic's own with {where_to_set('namespace')} (or in the records), "
+            f"or accept the default with {where_to_set('allow_default_namespace')}",
+        )
+    for found in example_systems(record):
+        if found not in warned:
+            warned.add(found)
+            what = "namespace" if found == record.clinic.namespace else "system"
+            err.print(
+                f"[yellow]warning[/yellow] identifier {what} {escape(found)} is under an example "
+                "domain (RFC 2606: example.com, *.example, fhir.example.ca, ...), which no "
+                "registry knows: a regional record cannot resolve it; use the one the clinic or "
+                "jurisdiction registered (ims-fhir knows jurisdictions' health numbers: "
+                "mappings/Parameters-jurisdictional-identifiers.json)"
+            )
 
 
 class _progress:  # noqa: N801 - a context manager used like a function
@@ -895,6 +979,13 @@ def _entered_in_error(reason: str) -> bool:
     "2026-11-01T08:00:00Z).",
 )
 @click.option(
+    "--namespace",
+    "namespace_filter",
+    help="Only encounters of clinics with this identifier namespace (given here only: a "
+    "configured namespace does not narrow a pull).",
+)
+@click.option("--clinic", help="Only encounters of the clinic with this id.")
+@click.option(
     "--page-size", type=click.IntRange(1, 500), default=DEFAULT_PAGE_SIZE, show_default=True
 )
 @click.option(
@@ -907,7 +998,12 @@ def _entered_in_error(reason: str) -> bool:
 def pull_command(**options: Any) -> None:
     """Fetch IMS encounters from a FHIR server and write them as IMS records (NDJSON)."""
     err = _stderr()
-    totals = {"records": 0, "skipped": 0, "retired": 0, "unmappable": 0}
+    totals = {"records": 0, "skipped": 0, "retired": 0, "other_clinic": 0, "unmappable": 0}
+    try:
+        check_clinic_filter(options["namespace_filter"], options["clinic"])
+    except ValueError as exc:
+        option = "--clinic" if str(exc).startswith(repr(options["clinic"])) else "--namespace"
+        raise click.BadParameter(str(exc), param_hint=option) from None
 
     async def run() -> None:
         async with _client(options) as client:
@@ -918,6 +1014,8 @@ def pull_command(**options: Any) -> None:
                     client,
                     patient=options["patient"],
                     since=options["since"],
+                    namespace=options["namespace_filter"],
+                    clinic=options["clinic"],
                     page_size=options["page_size"],
                 ):
                     page += 1
@@ -925,8 +1023,10 @@ def pull_command(**options: Any) -> None:
                         out.write(record.model_dump_json(exclude_defaults=True) + "\n")
                     totals["records"] += len(report.records)
                     retired = sum(1 for r in report.skipped if _entered_in_error(r.reason))
+                    other = sum(1 for r in report.skipped if r.reason.startswith(OTHER_CLINIC))
                     totals["retired"] += retired
-                    totals["skipped"] += len(report.skipped) - retired
+                    totals["other_clinic"] += other
+                    totals["skipped"] += len(report.skipped) - retired - other
                     totals["unmappable"] += len(report.errors)
                     for error in report.errors:
                         err.print(f"[red]unmappable[/red] page {page}: {escape(str(error))}")
@@ -936,6 +1036,11 @@ def pull_command(**options: Any) -> None:
         f"{totals['records']} records pulled, {totals['unmappable']} encounters could not be "
         f"mapped; skipped: {totals['retired']} resources ims-fhir marked entered-in-error, "
         f"{totals['skipped']} not made by ims-fhir"
+        + (
+            f", {totals['other_clinic']} encounters of other clinics"
+            if options["namespace_filter"] or options["clinic"]
+            else ""
+        )
     )
     sys.exit(EXIT_SOME_FAILED if totals["unmappable"] else EXIT_OK)
 

@@ -72,6 +72,7 @@ SETTINGS: dict[str, Setting] = {
         Setting("allow_insecure_http", "IMS_FHIR_ALLOW_INSECURE_HTTP"),
         Setting("timeout", "IMS_FHIR_TIMEOUT"),
         Setting("namespace", "IMS_FHIR_NAMESPACE"),
+        Setting("allow_default_namespace", "IMS_FHIR_ALLOW_DEFAULT_NAMESPACE"),
         Setting("state", "IMS_FHIR_STATE"),
         Setting("batch_size"),
         Setting("concurrency"),
@@ -135,7 +136,7 @@ def load_config(path: Path | None) -> dict[str, Any]:
 _MAX_CONFIG_BYTES = 1024 * 1024
 _NUMBERS = {"timeout"}
 _INTEGERS = {"batch_size", "concurrency"}
-_BOOLEANS = {"allow_insecure_http"}
+_BOOLEANS = {"allow_insecure_http", "allow_default_namespace"}
 _LISTS = {"header"}
 
 

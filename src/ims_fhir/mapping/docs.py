@@ -9,7 +9,7 @@ from __future__ import annotations
 import json
 from typing import Any
 
-from ..record.terminology import mappings_dir
+from ..record.terminology import mappings_dir, terminology
 from .spec import spec
 
 
@@ -83,6 +83,27 @@ def render_mapping_doc() -> str:
             f"| `{_cell(rule['field'])}` | {_cell(_element(rule))} | "
             f"{_cell(_codes(rule))} | {_cell(rule['source'])} |"
         )
+    lines += [
+        "",
+        "## Which identifier decides each shared resource",
+        "",
+        "A sync finds the patient, practitioner and clinic on the server by these identifiers",
+        "(`src/ims_fhir/sync/matching.py`), strongest first; one resource carrying any of them",
+        "is used, none is created (If-None-Exist on all of them), several fail the encounter.",
+        "The encounter refers to each by the server's id and by the clinic's identifier",
+        "(`Reference.identifier`), so one the region holds, without the clinic's identifier,",
+        "still maps back.",
+        "",
+        "| resource | `--match identifier` (default) | `--match create` | `--match mpi` |",
+        "|---|---|---|---|",
+        "| Patient | identifiers typed JHN (`convention:identifier-type-health-card`), then "
+        "`{ns}/patient` | `{ns}/patient` | the server's `Patient/$match`, certain matches at "
+        "or above `--match-threshold` |",
+        "| Practitioner | the licence (typed LN, `convention:identifier-type-licence`), then "
+        "`{ns}/practitioner` | `{ns}/practitioner` | as `identifier` |",
+        "| Organization | `{ns}/organization` (a record names no registered identifier of its "
+        "clinic) | the same | the same |",
+    ]
     lines += ["", "## Codes", ""]
     for group in code_system["concept"]:
         lines += [
@@ -108,6 +129,22 @@ def render_mapping_doc() -> str:
         source = next(p["valueString"] for p in parameter["part"] if p["name"] == "source")
         code = f"`{coding['code']}` {coding['display']}"
         lines.append(f"| `{parameter['name']}` | {coding['system']} | {code} | {_cell(source)} |")
+    lines += [
+        "",
+        "## Jurisdictional identifier systems",
+        "",
+        "From `Parameters-jurisdictional-identifiers.json`: a patient identifier in one of these",
+        "systems is a health number, typed as given here, whatever kind the record gives it.",
+        "",
+        "| system | jurisdiction | identifies | type | verified on |",
+        "|---|---|---|---|---|",
+    ]
+    for entry in terminology().identifier_systems():
+        where = f"{entry.jurisdiction.display} (`{entry.jurisdiction.code}`)"
+        lines.append(
+            f"| {entry.system} | {where} | {entry.identifies} | `{entry.type.code}` | "
+            f"{_cell(entry.source)} |"
+        )
     return "\n".join(lines) + "\n"
 
 

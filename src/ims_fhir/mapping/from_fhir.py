@@ -648,7 +648,9 @@ class _Rebuild:
         a regional record the resource may be one the region (or another clinic) holds, without
         the clinic's identifier (see sync/matching.py). Both, disagreeing, is an error.
         """
-        _Node(target, target.type or "resource", target.data).objs("identifier")  # well formed
+        for ident in _Node(target, target.type or "resource", target.data).objs("identifier"):
+            if ident.string("system") == _system(self.ns, kind) and not ident.string("value"):
+                raise ident.fail("value", "the clinic's identifier without a value")
         own = target.our_identifier(kind, self.ns)
         reference = node.obj(key)
         identifier = reference.obj("identifier") if reference is not None else None

@@ -11,8 +11,9 @@ from __future__ import annotations
 
 import uuid
 from enum import StrEnum
-from urllib.parse import quote
+from urllib.parse import quote, urlsplit
 
+from ..record.model import Encounter
 from ..record.terminology import CANONICAL, EXTENSION_BASE, PROFILE_BASE
 
 DEFAULT_NAMESPACE_BASE = f"{CANONICAL}/sid"
@@ -39,6 +40,34 @@ def identifier_token(identifier_system: str, value: str) -> str:
 def default_namespace(clinic_id: str) -> str:
     """Return the identifier namespace used for a clinic that configures none."""
     return f"{DEFAULT_NAMESPACE_BASE}/{clinic_id}"
+
+
+# Names reserved for examples and tests (RFC 2606, RFC 6761): the example domains and the test,
+# invalid and localhost top-level domains. A label "example" anywhere in a host counts too
+# (fhir.example.ca, standards.example.nz, as the fixtures use): such a name is a stand-in,
+# never a registered identifier system.
+_RESERVED_TLDS = frozenset({"example", "test", "invalid", "localhost"})
+
+
+def is_example_system(identifier_system: str) -> bool:
+    """Tell whether an identifier system's host is a name reserved for examples (RFC 2606)."""
+    try:
+        host = urlsplit(identifier_system).hostname
+    except ValueError:
+        return False
+    if not host:
+        return False  # urn:oid:..., urn:uuid:...: no host to judge
+    labels = host.rstrip(".").split(".")
+    return labels[-1] in _RESERVED_TLDS or "example" in labels
+
+
+def example_systems(record: Encounter) -> list[str]:
+    """The identifier systems (and the clinic namespace) of ``record`` under example names."""
+    candidates = [record.clinic.namespace or default_namespace(record.clinic.id)]
+    candidates += [ident.system for ident in record.patient.identifiers]
+    if record.practitioner.licence is not None:
+        candidates.append(record.practitioner.licence.system)
+    return [c for c in dict.fromkeys(candidates) if is_example_system(c)]
 
 
 class Kind(StrEnum):

@@ -396,7 +396,13 @@ class _Builder:
         extra = []
         for ident in p.identifiers:
             item: JSON = {"system": ident.system, "value": ident.value}
-            if ident.kind == "health-card":
+            # A system a jurisdiction registered is typed as its entry in the table says (JHN
+            # for a health number), whatever kind the record gave; the record model has already
+            # made that kind health-card, so the type reads back as the record's kind.
+            known = self.t.identifier_system(ident.system)
+            if known is not None:
+                item["type"] = {"coding": [known.type.as_fhir()]}
+            elif ident.kind == "health-card":
                 item["type"] = self.convention("identifier-type-health-card")
             elif ident.kind == "licence":
                 item["type"] = self.convention("identifier-type-licence")

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import datetime as dt
 from typing import Annotated, Any, Literal
+from urllib.parse import SplitResult, urlsplit
 
 from pydantic import (
     AfterValidator,
@@ -31,7 +32,7 @@ from pydantic.json_schema import JsonSchemaValue
 from pydantic_core import PydanticCustomError, core_schema
 
 from . import codes
-from .terminology import terminology
+from .terminology import IDENTIFIES, terminology
 
 __all__ = [
     "AdverseEvent",
@@ -49,6 +50,7 @@ __all__ = [
     "Patient",
     "Practitioner",
     "Treatment",
+    "check_namespace",
 ]
 
 
@@ -205,7 +207,36 @@ class Identifier(_Model):
         description="The namespace URI of the identifier."
     )
     value: Annotated[str, StringConstraints(min_length=1, max_length=100)]
-    kind: Literal["health-card", "licence", "other"] = "other"
+    kind: Literal["health-card", "licence", "other"] = Field(
+        default="other",
+        description="A patient identifier in a known jurisdictional health-number system "
+        "(mappings/Parameters-jurisdictional-identifiers.json) is a health-card one.",
+    )
+
+
+def check_namespace(value: str) -> str:
+    """Return ``value`` if it can be a clinic's identifier namespace, else raise ValueError.
+
+    A namespace is the base that ``/patient``, ``/encounter``, ... are appended to, so it is an
+    absolute http(s) URI with a host, and without a query or fragment (the kinds would land in
+    them) or a trailing ``/``.
+    """
+    example = "e.g. https://clinic.example.ca/fhir/sid"
+    parts: SplitResult | None
+    try:
+        parts = urlsplit(value)
+        host = parts.hostname
+    except ValueError:  # an unclosed IPv6 bracket, say
+        parts, host = None, None
+    if parts is None or parts.scheme not in {"http", "https"} or not host:
+        raise ValueError(f"is not an absolute http(s) URI with a host ({example})")
+    if any(c.isspace() or not c.isprintable() for c in value):
+        raise ValueError(f"holds a space or a control character ({example})")
+    if parts.query or parts.fragment or "?" in value or "#" in value:
+        raise ValueError(f"has a query or fragment; a namespace is a base URI ({example})")
+    if value.endswith("/"):
+        raise ValueError(f"ends with '/'; leave it off ({example})")
+    return value
 
 
 class HumanName(_Model):
@@ -220,7 +251,14 @@ class Clinic(_Model):
 
     id: SourceId
     name: ShortText
-    namespace: Annotated[str, StringConstraints(pattern=r"^https?://\S+[^/]$")] | None = Field(
+    namespace: (
+        Annotated[
+            str,
+            StringConstraints(pattern=r"^https?://\S+[^/]$"),
+            AfterValidator(check_namespace),
+        ]
+        | None
+    ) = Field(
         default=None,
         description="Base URI of the clinic's identifier systems; default built from its id.",
     )
@@ -234,6 +272,21 @@ class Patient(_Model):
     name: HumanName
     birth_date: dt.date
     sex: Literal["female", "male", "other", "unknown"]
+
+    @field_validator("identifiers")
+    @classmethod
+    def _known_health_numbers(cls, value: list[Identifier]) -> list[Identifier]:
+        # An identifier in a system a jurisdiction registered for health numbers is one, even
+        # when the record says "other": FHIR types it so (JHN), and the kind read back from
+        # that type must be the record's, for the round trip to be lossless.
+        terms = terminology()
+        out = []
+        for ident in value:
+            known = terms.identifier_system(ident.system)
+            if known is not None and ident.kind == "other":
+                ident = ident.model_copy(update={"kind": IDENTIFIES[known.identifies]})
+            out.append(ident)
+        return out
 
 
 class Practitioner(_Model):

@@ -7,6 +7,8 @@ Every code ims-fhir emits comes from these files (see ``mappings/README.md``):
 - ``ConceptMap-ims-to-standard.json``: local code -> SNOMED CT / LOINC, with TERMINOLOGY.md's
   confidence expressed as the equivalence (``relatedto`` for unverified codes, never emitted).
 - ``Parameters-conventions.json``: fixed FHIR codings (categories, units, ...) with their source.
+- ``Parameters-jurisdictional-identifiers.json``: identifier systems registered by jurisdictions
+  (provincial and national health numbers), each with the page its URI was verified on.
 
 The files are read once, on first use, and indexed.
 """
@@ -47,6 +49,23 @@ class Coding:
         return {"system": self.system, "code": self.code, "display": self.display}
 
 
+@dataclass(frozen=True, slots=True)
+class IdentifierSystem:
+    """A jurisdiction's registered identifier system (``Parameters-jurisdictional-identifiers``)."""
+
+    system: str
+    jurisdiction: Coding
+    identifies: str
+    """What its identifiers are: ``patient-health-number``."""
+    type: Coding
+    """The identifier type ims-fhir writes with it (a convention: JHN for health numbers)."""
+    source: str
+
+
+# What a jurisdictional system may identify, and the record kind its identifiers are.
+IDENTIFIES = {"patient-health-number": "health-card"}
+
+
 def mappings_dir() -> Path:
     """Return the directory holding the mapping artifacts.
 
@@ -71,6 +90,7 @@ class Terminology:
         code_system = _load(directory / "CodeSystem-ims-local.json")
         concept_map = _load(directory / "ConceptMap-ims-to-standard.json")
         conventions = _load(directory / "Parameters-conventions.json")
+        jurisdictional = _load(directory / "Parameters-jurisdictional-identifiers.json")
 
         self._groups: dict[str, dict[str, str]] = {}
         self._local: dict[str, Coding] = {}
@@ -104,6 +124,13 @@ class Terminology:
             self._conventions[parameter["name"]] = Coding(
                 value["system"], value["code"], value["display"]
             )
+
+        self._identifier_systems: dict[str, IdentifierSystem] = {}
+        for parameter in jurisdictional["parameter"]:
+            entry = _identifier_system(parameter, self._conventions)
+            if entry.system in self._identifier_systems:
+                raise ValueError(f"{parameter['name']}: system {entry.system} is listed twice")
+            self._identifier_systems[entry.system] = entry
 
     def vocabulary(self, group: str) -> Mapping[str, str]:
         """Return the codes (and displays) of one group of the local CodeSystem."""
@@ -143,6 +170,14 @@ class Terminology:
         """Return a fixed FHIR coding from ``Parameters-conventions.json``."""
         return self._conventions[name]
 
+    def identifier_system(self, system: str) -> IdentifierSystem | None:
+        """Return the jurisdictional identifier system registered as ``system``, if known."""
+        return self._identifier_systems.get(system)
+
+    def identifier_systems(self) -> list[IdentifierSystem]:
+        """Every known jurisdictional identifier system, in the file's order."""
+        return list(self._identifier_systems.values())
+
     def systems(self) -> set[str]:
         """Every code system this terminology emits codings of."""
         if self._systems is None:
@@ -154,6 +189,31 @@ class Terminology:
         yield from self._local.values()
         yield from self._standard.values()
         yield from self._conventions.values()
+
+
+def _identifier_system(
+    parameter: dict[str, Any], conventions: Mapping[str, Coding]
+) -> IdentifierSystem:
+    """One entry of the jurisdictional identifier table, checked: a typo must not pass."""
+    name = parameter["name"]
+    parts = {part["name"]: part for part in parameter["part"]}
+    missing = {"system", "jurisdiction", "identifies", "type", "source"} - set(parts)
+    if missing:
+        raise ValueError(f"{name}: missing {', '.join(sorted(missing))}")
+    identifies = parts["identifies"]["valueCode"]
+    if identifies not in IDENTIFIES:
+        raise ValueError(f"{name}: identifies {identifies!r}, not one of {', '.join(IDENTIFIES)}")
+    type_name = parts["type"]["valueString"]
+    if type_name not in conventions:
+        raise ValueError(f"{name}: type {type_name!r} is not in Parameters-conventions.json")
+    where = parts["jurisdiction"]["valueCoding"]
+    return IdentifierSystem(
+        system=parts["system"]["valueUri"],
+        jurisdiction=Coding(where["system"], where["code"], where["display"]),
+        identifies=identifies,
+        type=conventions[type_name],
+        source=parts["source"]["valueString"],
+    )
 
 
 def _load(path: Path) -> dict[str, Any]:

@@ -6,6 +6,11 @@ that make those encounters up are fetched with their own paged searches (``Obser
 per page (HAPI at 1,000) and drop the rest without a word, which would lose data. Consents,
 linked from the session by an extension servers do not index, are fetched by id. Each page is
 mapped back on its own, so memory stays bounded however many encounters the server holds.
+
+A pull can be narrowed to one clinic: by its identifier namespace, searched on the server as the
+system of the Encounter's identifier (``identifier=<namespace>/encounter|``, a token search on
+the system alone), and by its clinic id. Either way each record rebuilt is checked again here: a
+server that ignores or widens the search does not bring another clinic's records in.
 """
 
 from __future__ import annotations
@@ -18,20 +23,26 @@ from typing import Any
 from .._exceptions import MappingError
 from ..client.asynchronous import AsyncFhirClient
 from ..client.http import ClientOptions
-from ..mapping.from_fhir import MappingReport, from_fhir
-from ..mapping.identity import Ext, Profile
+from ..mapping.from_fhir import MappingReport, SkippedResource, from_fhir
+from ..mapping.identity import Ext, Kind, Profile, default_namespace, search_escape, system
+from ..record.model import Encounter, check_namespace
 from .push import refuse_own_http_client, run_blocking
 
-__all__ = ["DEFAULT_PAGE_SIZE", "pull", "pull_all", "search_params"]
+__all__ = ["DEFAULT_PAGE_SIZE", "OTHER_CLINIC", "pull", "pull_all", "search_params"]
 
 DEFAULT_PAGE_SIZE = 50
 
 # FHIR R4 id (datatypes.html#id): what may go into a search for it.
 _ID = re.compile(r"[A-Za-z0-9\-.]{1,64}")
+# A clinic id, as the record model takes it (SourceId).
+_CLINIC_ID = re.compile(r"[A-Za-z0-9][A-Za-z0-9.\-_]{0,63}")
+OTHER_CLINIC = "another clinic's encounter"
+"""How a record left out by ``namespace`` or ``clinic`` begins its ``skipped`` reason."""
 
 # Every search parameter pull relies on is named here, and only here: check_capabilities asks
 # a server for each of them (see search_params).
 _PROFILE, _PATIENT, _SINCE, _BY_ID = "_profile", "subject", "_lastUpdated", "_id"
+_IDENTIFIER = "identifier"
 # The resources that make an encounter up, by type: the parameter that points at the Encounter.
 _PARTS = {
     "Observation": "encounter",
@@ -45,7 +56,7 @@ _REFERRED = ("Patient", "Practitioner", "Organization", "Consent")
 
 def search_params() -> dict[str, frozenset[str]]:
     """Resource type -> the search parameters pull uses on it."""
-    params = {"Encounter": frozenset({_PROFILE, _PATIENT, _SINCE})}
+    params = {"Encounter": frozenset({_PROFILE, _PATIENT, _SINCE, _IDENTIFIER})}
     params |= {resource_type: frozenset({param}) for resource_type, param in _PARTS.items()}
     params |= {resource_type: frozenset({_BY_ID}) for resource_type in _REFERRED}
     return params
@@ -64,13 +75,37 @@ def patient_reference(patient: str) -> str:
     return f"Patient/{ref}"
 
 
+def check_clinic_filter(namespace: str | None, clinic: str | None) -> None:
+    """Refuse a ``namespace`` or ``clinic`` to pull by that cannot be one.
+
+    Raises:
+        ValueError: saying why. An empty one (a script's unset variable) must not widen a pull.
+    """
+    if namespace is not None:
+        try:
+            check_namespace(namespace)
+        except ValueError as exc:
+            raise ValueError(f"namespace {namespace!r} {exc}") from None
+    if clinic is not None and not _CLINIC_ID.fullmatch(clinic):
+        raise ValueError(
+            f"{clinic!r} is not a clinic id (letters, digits, '.', '-', '_'; at most 64)"
+        )
+
+
 def pull_params(
-    *, patient: str | None = None, since: str | dt.datetime | None = None, page_size: int
+    *,
+    patient: str | None = None,
+    since: str | dt.datetime | None = None,
+    namespace: str | None = None,
+    page_size: int,
 ) -> dict[str, Any]:
-    """The Encounter search that finds IMS encounters (of one patient, changed since a time)."""
+    """The Encounter search that finds IMS encounters (of one patient, clinic namespace, ...)."""
     params: dict[str, Any] = {_PROFILE: Profile.ENCOUNTER.url, "_count": str(page_size)}
     if patient is not None:
         params[_PATIENT] = patient_reference(patient)
+    if namespace is not None:
+        # A token with the system alone ("system|") matches any value in it (R4 search.html).
+        params[_IDENTIFIER] = search_escape(system(namespace, Kind.ENCOUNTER)) + "|"
     if since is not None:
         params[_SINCE] = "ge" + (since.isoformat() if isinstance(since, dt.datetime) else since)
     return params
@@ -81,10 +116,29 @@ async def pull(
     *,
     patient: str | None = None,
     since: str | dt.datetime | None = None,
+    namespace: str | None = None,
+    clinic: str | None = None,
     page_size: int = DEFAULT_PAGE_SIZE,
 ) -> AsyncIterator[MappingReport]:
-    """Yield, page by page, the records rebuilt and what was skipped or could not be mapped."""
-    params = pull_params(patient=patient, since=since, page_size=page_size)
+    """Yield, page by page, the records rebuilt and what was skipped or could not be mapped.
+
+    Args:
+        client: the server's client.
+        patient: only this patient's encounters (``Patient/123`` or ``123``).
+        since: only encounters changed at or after this date or instant.
+        namespace: only encounters of clinics with this identifier namespace (the default one
+            of a clinic that names none is ``default_namespace(clinic_id)``).
+        clinic: only encounters of the clinic with this id.
+        page_size: encounters per page.
+
+    A record of another clinic that the server sends anyway is left out and listed in
+    ``skipped`` (its reason begins with :data:`OTHER_CLINIC`).
+
+    Raises:
+        ValueError: ``patient``, ``namespace`` or ``clinic`` cannot be one.
+    """
+    check_clinic_filter(namespace, clinic)
+    params = pull_params(patient=patient, since=since, namespace=namespace, page_size=page_size)
     async for page in client.pages("Encounter", params):
         encounters: list[dict[str, Any]] = []
         malformed: list[MappingError] = []
@@ -133,7 +187,28 @@ async def pull(
                 resources += await _all(client, resource_type, {_BY_ID: ",".join(found)})
         report = from_fhir(resources)
         report.errors[:0] = malformed
+        if namespace is not None or clinic is not None:
+            _keep_clinic(report, namespace, clinic)
         yield report
+
+
+def _keep_clinic(report: MappingReport, namespace: str | None, clinic: str | None) -> None:
+    """Leave out the records of other clinics than the one asked for (never trust the server)."""
+    kept: list[Encounter] = []
+    for record in report.records:
+        ns = record.clinic.namespace or default_namespace(record.clinic.id)
+        if (namespace is None or ns == namespace) and (
+            clinic is None or record.clinic.id == clinic
+        ):
+            kept.append(record)
+        else:
+            report.skipped.append(
+                SkippedResource(
+                    f"encounter {record.id!r}",
+                    f"{OTHER_CLINIC}: clinic {record.clinic.id!r}, namespace {ns}",
+                )
+            )
+    report.records = kept
 
 
 def _list(value: Any) -> list[Any]:
@@ -158,6 +233,8 @@ def pull_all(
     *,
     patient: str | None = None,
     since: str | dt.datetime | None = None,
+    namespace: str | None = None,
+    clinic: str | None = None,
     page_size: int = DEFAULT_PAGE_SIZE,
     client_options: ClientOptions | None = None,
 ) -> MappingReport:
@@ -168,11 +245,20 @@ def pull_all(
     :func:`pull` instead, which holds one page at a time.
     """
     refuse_own_http_client(client_options, "pull_all")
+    check_clinic_filter(namespace, clinic)
 
     async def run() -> MappingReport:
         report = MappingReport()
         async with AsyncFhirClient(base_url, **(client_options or {})) as client:
-            async for page in pull(client, patient=patient, since=since, page_size=page_size):
+            pages = pull(
+                client,
+                patient=patient,
+                since=since,
+                namespace=namespace,
+                clinic=clinic,
+                page_size=page_size,
+            )
+            async for page in pages:
                 report.records += page.records
                 report.skipped += page.skipped
                 report.errors += page.errors

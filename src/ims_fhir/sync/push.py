@@ -671,7 +671,9 @@ class Pusher:
         item.record_state = self.state.record(self.server, item.key)
         item.known = self.state.resources(self.server, item.key)
         try:
-            await self._read_current([item])
+            # The shared resources are searched for too: a conditional create that failed may
+            # have found several (a health number the server holds twice).
+            await self._read_current([item], search_shared=True)
             if item.error is not None:
                 return PushResult(item.record.id, "failed", message=item.error)
             self._plan(item)
@@ -714,7 +716,7 @@ class Pusher:
 
     # -- reading what the server holds ----------------------------------------------------------
 
-    async def _read_current(self, batch: list[_Item]) -> None:
+    async def _read_current(self, batch: list[_Item], *, search_shared: bool = False) -> None:
         """Find each item's resources on the server; fill ``item.current``.
 
         By the ids the state holds (each checked to carry the identifier the state says), and by
@@ -736,7 +738,7 @@ class Pusher:
             item.shared_current, item.shared_send, item.shared_state = {}, {}, {}
             item.notes = []
             probe = not item.known and not self.verify
-            self._want_shared(reads, searches, item, read_all=not probe)
+            self._want_shared(reads, searches, item, read_all=not probe, search=search_shared)
             if probe:
                 # Nothing of it known: its Provenance, at an id derived from the encounter's
                 # identifier and written in every transaction that writes any of it, tells by a
@@ -827,15 +829,16 @@ class Pusher:
         else:
             held = item.shared_known.get(identifier)
             found = pool.by_id.get((held.resource_type, held.resource_id)) if held else None
+            unique = {
+                (m["resourceType"], m["id"]): m
+                for key in keys
+                for m in pool.matching(resource_type, key)
+            }
             if found is not None and identifier_keys(found).intersection(keys):
-                matches = [found]
-            else:
-                unique = {
-                    (m["resourceType"], m["id"]): m
-                    for key in keys
-                    for m in pool.matching(resource_type, key)
-                }
-                matches = list(unique.values())
+                # The one the state names first; any other carrying its identifiers (found by
+                # a search, after a conflict) makes it ambiguous.
+                unique = {(found["resourceType"], found["id"]): found} | unique
+            matches = list(unique.values())
             searched = any(key in pool.searched for key in keys)
         noun = resource_type.lower()
         if len(matches) > 1:
@@ -882,6 +885,7 @@ class Pusher:
         item: _Item,
         *,
         read_all: bool,
+        search: bool = False,
     ) -> None:
         """Look up the item's shared resources this push must check.
 
@@ -901,10 +905,10 @@ class Pusher:
             if self.match == "mpi" and resource_type == "Patient":
                 continue  # named by $match
             held = item.shared_known.get(identifier)
-            if held is None:
+            if held is None or search:
                 for key in item.shared_keys[identifier]:
                     self._want(searches, resource_type, key)
-            elif read_all:
+            if held is not None and read_all:
                 reads.add((held.resource_type, held.resource_id))
 
     async def _match_patients(self, batch: list[_Item]) -> None:
