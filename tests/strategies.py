@@ -127,6 +127,14 @@ def encounters(draw: st.DrawFn) -> Encounter:
             {
                 "id": clinic_id,
                 "name": draw(text),
+                "identifiers": draw(
+                    st.lists(
+                        st.fixed_dictionaries(
+                            {"system": st.just("https://example.org/sid/facility"), "value": ids}
+                        ),
+                        max_size=1,
+                    )
+                ),
                 "namespace": draw(_maybe(st.just(f"https://{clinic_id.lower()}.example/sid"))),
             }
         ),

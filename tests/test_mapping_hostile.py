@@ -264,7 +264,8 @@ def _strip(value: Any, key: str | None = None) -> Any:
         # ims-fhir does not know is ignored beside one it knows (another system's coding).
         known = {_MEANING.get((str(c.get("system")), str(c.get("code")))) for c in value}
         known.discard(None)
-        return sorted(known) if known else [json.dumps(_strip(c)) for c in value]
+        # The same coding twice says it once.
+        return sorted(known) if known else sorted({json.dumps(_strip(c)) for c in value})
     if key == "extension" and isinstance(value, list):
         # An extension whose url no one here defined may be ignored (FHIR R4 extensibility.html).
         value = [v for v in value if not isinstance(v, dict) or v.get("url") in _OUR_EXTENSIONS]
@@ -410,7 +411,7 @@ def _shared(resource: JSON) -> JSON:
     return resource
 
 
-SHARED_TYPES = ("Patient", "Practitioner")  # what a region may hold (issue 17)
+SHARED_TYPES = ("Organization", "Patient", "Practitioner")  # a region may hold them
 
 
 def _earlier_references(sent: Any, rebuilt: JSON) -> bool:

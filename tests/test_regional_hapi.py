@@ -343,3 +343,29 @@ def test_a_duplicate_made_on_the_server_later_is_never_written_to_or_added_to(
         (held,) = written
         individual = held["participant"][0]["individual"]["reference"]
         assert individual == f"Practitioner/{ours['id']}" != f"Practitioner/{newcomer}"
+
+
+def test_the_clinic_is_found_by_its_registered_identifier(
+    fhir_base_url: str, region: Region, tmp_path: Path
+) -> None:
+    facility = "https://fhir.example.ca/sid/facility"
+    registered = region.client.create(
+        {
+            "resourceType": "Organization",
+            "identifier": [{"system": facility, "value": region.number(90)}],
+            "name": "Clinic zero",
+        }
+    )
+    namespace = clinic()
+    record = encounter(region, namespace, 1, patient=1)
+    data = record.model_dump(mode="json")
+    data["clinic"]["identifiers"] = [{"system": facility, "value": region.number(90)}]
+    record = Encounter.model_validate(data)
+    with StateStore(tmp_path / "state.sqlite3") as state:
+        (result,) = push([record], fhir_base_url, state)
+    assert result.action == "created", result
+    assert [o["id"] for o in region.holding("Organization", facility, region.number(90))] == [
+        str(registered.id)
+    ]
+    (held,) = region.holding("Encounter", f"{namespace}/encounter", "enc-1")
+    assert held["serviceProvider"]["reference"] == f"Organization/{registered.id}"

@@ -101,8 +101,8 @@ def render_mapping_doc() -> str:
         "or above `--match-threshold` |",
         "| Practitioner | the licence (typed LN, `convention:identifier-type-licence`), then "
         "`{ns}/practitioner` | `{ns}/practitioner` | as `identifier` |",
-        "| Organization | `{ns}/organization` (a record names no registered identifier of its "
-        "clinic) | the same | the same |",
+        "| Organization | the clinic's registered identifiers (`clinic.identifiers`), then "
+        "`{ns}/organization` | `{ns}/organization` | as `identifier` |",
     ]
     lines += ["", "## Codes", ""]
     for group in code_system["concept"]:

@@ -868,14 +868,15 @@ class _Rebuild:
 
     def clinic(self) -> JSON:
         org = self.resolve_required(self.enc, "serviceProvider", "Organization")
-        # The clinic's own identifier on the resource itself: the region's organisations are
-        # not matched (a clinic record names no registered identifier of the clinic).
-        ours = org.our_identifier(Kind.ORGANIZATION, self.ns)
+        ours = self.shared_identifier(org, self.enc, "serviceProvider", Kind.ORGANIZATION)
         node = _Node(org, "Organization", org.data)
         node.no_modifiers()
         if ours is None:
             raise node.fail("identifier", "no ims-fhir organization identifier")
         out = self.read_fields(node, Profile.ORGANIZATION, {"id": ours[1]})
+        registered = self.foreign_identifiers(node, Kind.ORGANIZATION)
+        if registered:
+            out["identifiers"] = registered
         if self.ns != default_namespace(ours[1]):
             out["namespace"] = self.ns
         return out

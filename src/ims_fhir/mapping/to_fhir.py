@@ -386,7 +386,18 @@ class _Builder:
             Kind.ORGANIZATION,
             clinic.id,
             Profile.ORGANIZATION,
-            self.fields(Profile.ORGANIZATION, clinic, {"active": True}),
+            self.fields(
+                Profile.ORGANIZATION,
+                clinic,
+                {
+                    # Registered identifiers, untyped (R4 identifier-type has no code a
+                    # reference list here confirms for them).
+                    "identifier": [
+                        {"system": i.system, "value": i.value} for i in clinic.identifiers
+                    ],
+                    "active": True,
+                },
+            ),
             [f"Clinic: {clinic.name}"],
             create_only=True,
         )

@@ -251,6 +251,11 @@ class Clinic(_Model):
 
     id: SourceId
     name: ShortText
+    identifiers: list[Identifier] = Field(
+        default=[],
+        description="Identifiers others know the clinic by, e.g. a registered facility number: "
+        "how a regional record finds its Organization.",
+    )
     namespace: (
         Annotated[
             str,
