@@ -660,7 +660,12 @@ class _Rebuild:
         if not value or (own is not None and own[1] != value):
             raise identifier.fail("value", f"not the clinic's identifier of {key}'s target")
         if own is None:
-            self.aliases[target] = f"{_system(self.ns, kind)}|{value}"
+            # Its key as the record maps it again: its identifiers and the clinic's.
+            listed = target.data.get("identifier")
+            mine = {"system": _system(self.ns, kind), "value": value}
+            self.aliases[target] = _key_of(
+                {**target.data, "identifier": [*(listed if isinstance(listed, list) else []), mine]}
+            )
         return self.ns, value
 
     def resolve_required(self, node: _Node, key: str, rtype: str) -> _Res:

@@ -206,7 +206,9 @@ class Identifier(_Model):
     system: Annotated[str, StringConstraints(pattern=r"^[a-zA-Z][a-zA-Z0-9+.\-]*:\S+$")] = Field(
         description="The namespace URI of the identifier."
     )
-    value: Annotated[str, StringConstraints(min_length=1, max_length=100)]
+    value: Annotated[str, StringConstraints(min_length=1, max_length=100, pattern=r"^[^|]+$")] = (
+        Field(description="The identifier; never `|`, which FHIR search reads as system|value.")
+    )
     kind: Literal["health-card", "licence", "other"] = Field(
         default="other",
         description="A patient identifier in a known jurisdictional health-number system "

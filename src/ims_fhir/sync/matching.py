@@ -7,9 +7,10 @@ the person or organisation beyond the clinic: *strong* identifiers. What decides
 on the server is the one meant is the user's matching policy:
 
 - ``identifier`` (default): the resource that carries any of its strong identifiers or its
-  clinic-local one. Exactly one is used; none is created, by a conditional create on all of
-  them (``If-None-Exist: identifier=jhn|1,local|pt-1``, so two clinics racing never make two);
-  several fail the encounter as ambiguous, nothing written.
+  clinic-local one. Exactly one is used; several fail the encounter as ambiguous, nothing
+  written; none is created, by a conditional create on its strong identifiers
+  (``If-None-Exist: identifier=jhn|1``: the same query from every clinic, so clinics racing to
+  create one patient make one on a server that keeps one resource per match URL).
 - ``create``: the clinic-local identifier only (servers the clinic owns: what ims-fhir 0.1 did).
 - ``mpi``: the server's master patient index decides for patients (FHIR ``Patient/$match``,
   certain matches at or above a score threshold); practitioners and organisations as
@@ -173,7 +174,7 @@ def mpi_candidates(where: str, answer: JSON, threshold: float) -> list[JSON]:
     """
     if answer.get("resourceType") != "Bundle" or answer.get("type") != "searchset":
         raise ValueError(f"{where}: the answer to Patient/$match is not a searchset Bundle")
-    found = []
+    found: list[JSON] = []
     for entry in answer.get("entry") or []:
         if not isinstance(entry, dict):
             raise ValueError(f"{where}: a Patient/$match answer entry is not an object")
@@ -186,6 +187,6 @@ def mpi_candidates(where: str, answer: JSON, threshold: float) -> list[JSON]:
         score = search.get("score") if isinstance(search, dict) else None
         if isinstance(score, bool) or not isinstance(score, int | float) or not 0 <= score <= 1:
             raise ValueError(f"{where}: a Patient/$match candidate has no score between 0 and 1")
-        if score >= threshold:
-            found.append(resource)
+        if score >= threshold and all(f["id"] != resource["id"] for f in found):
+            found.append(resource)  # a patient named twice is one candidate
     return found

@@ -37,6 +37,7 @@ from __future__ import annotations
 import asyncio
 import concurrent.futures
 import copy
+import datetime as dt
 import hashlib
 import logging
 import sqlite3
@@ -146,6 +147,9 @@ _CONDITIONAL_TYPES = frozenset(
 # Identifiers per search request (the URL stays well under servers' line limits).
 _SEARCH_CHUNK = 20
 
+# How far ahead of this machine's clock a snapshot or an encounter may be and still count.
+_CLOCK_SKEW = dt.timedelta(days=1)
+
 
 class _Seen:
     """The encounters met so far in one push, with where each came from.
@@ -244,6 +248,8 @@ class _Item:
     shared_current: dict[str, _Current] = field(default_factory=dict)
     shared_send: dict[str, JSON | None] = field(default_factory=dict)  # by fullUrl
     shared_state: dict[str, ResourceState] = field(default_factory=dict)
+    shared_missing: set[str] = field(default_factory=set)  # looked up, not on the server
+    shared_literal: dict[str, str] = field(default_factory=dict)  # fullUrl -> Type/id
     notes: list[str] = field(default_factory=list)
     error: str | None = None
     intent: Action = "updated"  # what a successful write of this encounter is reported as
@@ -736,7 +742,7 @@ class Pusher:
         for item in batch:
             item.current, item.error = {}, None
             item.shared_current, item.shared_send, item.shared_state = {}, {}, {}
-            item.notes = []
+            item.shared_missing, item.shared_literal, item.notes = set(), {}, []
             probe = not item.known and not self.verify
             self._want_shared(reads, searches, item, read_all=not probe, search=search_shared)
             if probe:
@@ -852,9 +858,25 @@ class Pusher:
             )
         elif matches:
             current = _current(matches[0])
+            local_system = identifier.rpartition("|")[0]
+            other = [
+                f"{local_system}|{i.get('value')}"
+                for i in matches[0].get("identifier") or []
+                if isinstance(i, dict) and i.get("system") == local_system
+            ]
+            if other and identifier not in other:
+                item.error = (
+                    f"{current.resource_type}/{current.resource_id} is this clinic's {noun} "
+                    f"{other[0].rpartition('|')[2]!r}, and this record's {noun} "
+                    f"{identifier.rpartition('|')[2]!r} has its identifiers too: one person "
+                    "twice in the clinic's records; nothing was written (merge them there)"
+                )
+                return
             item.references.add_id(current.resource_type, current.resource_id, identifier)
             item.shared_current[identifier] = current
-        elif resource_type == "Patient" and not self.create_patients and searched:
+        elif searched:
+            item.shared_missing.add(identifier)
+        if not matches and resource_type == "Patient" and not self.create_patients and searched:
             item.error = (
                 f"no Patient on the server matches this encounter's patient "
                 f"({', '.join(k.partition('|')[0] for k in keys)}); not created, as asked "
@@ -905,7 +927,14 @@ class Pusher:
             if self.match == "mpi" and resource_type == "Patient":
                 continue  # named by $match
             held = item.shared_known.get(identifier)
-            if held is None or search:
+            if (
+                held is None
+                or search
+                # Changed in the clinic's record: what else carries its (maybe new) identifiers?
+                or held.signature != item.shared_desired[identifier]
+                # Never created: it must be on the server, and found there now.
+                or (resource_type == "Patient" and not self.create_patients)
+            ):
                 for key in item.shared_keys[identifier]:
                     self._want(searches, resource_type, key)
             if held is not None and read_all:
@@ -1082,17 +1111,28 @@ class Pusher:
             _mark(resource, sig)
 
     def _plan_shared(self, item: _Item, literal_refs: dict[str, str]) -> None:
-        """Decide what to send of the shared resources read (``matching.py``).
+        """Decide what to send of the shared resources (``matching.py``).
 
-        One ims-fhir owns follows the clinic's record when this encounter is no older than the
-        one it was last written from (an ``If-Match`` update); one it does not own is never
-        written, and a difference in its demographics becomes a note.
+        One found on the server is referred to by id. One ims-fhir owns follows the clinic's
+        record (an ``If-Match`` update) when this encounter is no older than the one it was last
+        written from; one it does not own is never written, and a difference in its demographics
+        becomes a note. One looked up and not found is created by a conditional create on its
+        strong identifiers where it has any: the same query from every clinic, so a server that
+        keeps one resource per match URL (HAPI) never makes two for clinics racing.
         """
+        latest = dt.datetime.now(dt.UTC) + _CLOCK_SKEW
         for entry in item.shared:
+            full = entry["fullUrl"]
             identifier = identifier_key(entry["resource"])
             current = item.shared_current.get(identifier)
             if current is None:
-                continue  # not read: the conditional create finds or creates it
+                if identifier in item.shared_missing:
+                    keys = item.shared_keys[identifier]
+                    query = match_query(keys[:-1] or keys)
+                    item.shared_send[full] = entry | {
+                        "request": entry["request"] | {"ifNoneExist": query}
+                    }
+                continue  # else not read: the conditional create finds it (or creates it)
             held = item.shared_known.get(identifier)
             wanted = item.shared_desired[identifier]
             found = signature(current.content, item.references)
@@ -1107,10 +1147,8 @@ class Pusher:
             )
             item.shared_state[identifier] = state
             where = f"{current.resource_type}/{current.resource_id}"
-            if self.match == "mpi" and current.resource_type == "Patient":
-                # Named by $match, maybe by no identifier of ours: refer to it by id.
-                item.shared_send[entry["fullUrl"]] = None
-                literal_refs[entry["fullUrl"]] = where
+            item.shared_send[full] = None  # checked just now: referred to by id
+            literal_refs[full] = item.shared_literal[full] = where
             if found == wanted:
                 continue
             if not owned:
@@ -1122,18 +1160,24 @@ class Pusher:
                         "with the server's owner)"
                     )
                 continue
+            if item.record.retracted:
+                continue  # a withdrawn record changes no one's details
+            if item.record.start > latest:
+                item.notes.append(
+                    f"{where} not updated from this encounter: it is dated in the future"
+                )
+                continue
             written = snapshot_of(current.content)
-            if written is not None and written > item.record.start:
-                continue  # a newer encounter wrote it: an older one never reverts it
+            if written is not None and item.record.start < written <= latest:
+                # A newer encounter wrote it: an older one never reverts it. (A snapshot in the
+                # future is no encounter's: it freezes nothing.)
+                item.notes.append(f"{where} not updated from this encounter: a newer one wrote it")
+                continue
             resource = dict(entry["resource"]) | {"id": current.resource_id}
             request: JSON = {"method": "PUT", "url": where}
             if current.version:
                 request["ifMatch"] = f'W/"{current.version}"'
-            item.shared_send[entry["fullUrl"]] = {
-                "fullUrl": entry["fullUrl"],
-                "resource": resource,
-                "request": request,
-            }
+            item.shared_send[full] = {"fullUrl": full, "resource": resource, "request": request}
             item.shared_state[identifier] = replace(state, signature=wanted)
 
     @staticmethod
@@ -1248,17 +1292,20 @@ class Pusher:
                         continue  # referred to by id
                 else:
                     chosen = entry
+                # What the item refers to by id, this resource does too (a patient's clinic).
+                chosen = chosen | {"resource": _rewrite(chosen["resource"], item.shared_literal)}
                 at = shared_at.get(full)
                 if at is None:
                     shared_at[full] = len(entries)
                     shared_from[len(entries)] = item
                     entries.append(chosen)
                     owners.append(None)
-                elif chosen["request"]["method"] == "PUT" and (
-                    entries[at]["request"]["method"] != "PUT"
-                    or shared_from[at].record.start < item.record.start
+                elif (chosen["request"]["method"], item.record.start) > (
+                    entries[at]["request"]["method"],
+                    shared_from[at].record.start,
                 ):
-                    # Two encounters of one batch share it: the newer snapshot is written.
+                    # Two encounters of one batch share it: an update before a create, and of
+                    # two alike the newer encounter's is written.
                     entries[at], shared_from[at] = chosen, item
             for entry in item.send:
                 entries.append(entry)
