@@ -246,6 +246,7 @@ def test_invalid_fixtures_are_never_written(path: Path, tmp_path: Path) -> None:
             str(ENCOUNTER_FILES[0]),
             "--server",
             "https://fhir.example.org/r4",
+            "--allow-default-namespace",  # the fixtures name no namespace
             "--state",
             str(tmp_path / "s.sqlite3"),
             "--dry-run",
