@@ -1274,6 +1274,8 @@ _DERIVED = (
     "recordedDate",
     "scope",
     "recorded",
+    "occurredPeriod",
+    "activity",
     "agent",
     "subject",
     "participant",
@@ -1295,8 +1297,11 @@ def _earlier_shape(resource: JSON, encounter: JSON) -> JSON:
 
     A session not done had no ``statusReason``, and the encounter's period and practitioner as
     ``performedPeriod`` and ``performer`` (tests/data/earlier holds such a Bundle); an encounter
-    referred to its patient, practitioner and clinic without their identifiers.
+    referred to its patient, practitioner and clinic without their identifiers; a Provenance
+    had no ``occurredPeriod`` and no ``activity``.
     """
+    if resource["resourceType"] == "Provenance":
+        return {"occurredPeriod": None, "activity": None}  # neither was written
     if resource["resourceType"] == "Encounter":
         # References without the clinic's identifier of their targets (sync/matching.py).
         return {

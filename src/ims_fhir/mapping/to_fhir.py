@@ -11,7 +11,8 @@ One encounter becomes (see ``docs/mapping.md`` for the element-by-element table)
   session;
 - when a treatment was given, the session Procedure with one Procedure per needled site
   (``partOf`` the session) and a Consent linked by the ``session-consent`` extension;
-- one Provenance naming the practitioner and the clinic, recorded at the encounter's end.
+- one Provenance naming the practitioner and the clinic: the record's creation (activity CREATE)
+  of the encounter's period, recorded at the encounter's end.
 
 Every request but the Provenance's is conditional on the resource's business identifier, so
 posting the Bundle twice changes nothing; the Provenance (R4 gives it no identifier) is written
@@ -765,7 +766,11 @@ class _Builder:
             "meta": self.meta(Profile.PROVENANCE),
             "text": _div(f"Provenance of IMS encounter {value} from {self.r.clinic.name}"),
             "target": [{"reference": t} for t in targets],
+            # When the encounter happened; `recorded` is when the record of it was made, for
+            # which a clinic record has no field: the encounter's end, at the latest.
+            "occurredPeriod": {"start": _instant(self.r.start), "end": _instant(self.r.end)},
             "recorded": _instant(self.r.end),
+            "activity": self.convention("provenance-activity-create"),
             "agent": [
                 {
                     "type": self.convention("provenance-author"),
