@@ -8,7 +8,6 @@ with respx.
 
 from __future__ import annotations
 
-import asyncio
 import concurrent.futures
 import datetime as dt
 import json
@@ -17,13 +16,11 @@ from typing import Any
 
 import httpx
 import pytest
-import respx
 
-from ims_fhir import AsyncFhirClient, Encounter, FhirClient, Pusher, StateStore, pull_all, push
+from ims_fhir import Encounter, FhirClient, StateStore, pull_all, push
 from ims_fhir.sync.matching import SYNC_SNAPSHOT_URL
 
-from .test_cli_errors import CAPABILITIES
-from .test_matching import _candidate, _match_answer, _record
+from .test_matching import _candidate, _match_answer, _record, push_to_fake
 from .test_matching import _push as _mpi_push
 from .test_matching import _Server as _MpiServer
 from .test_regional_hapi import JHN, JHN_TYPE, Region, clinic, encounter, names
@@ -357,17 +354,7 @@ class _Fake:
 def _fake_push(
     tmp_path: Path, server: _Fake, records: list[Encounter], **options: Any
 ) -> list[Any]:
-    async def main() -> list[Any]:
-        with respx.mock(base_url=BASE, assert_all_called=False) as mock:
-            mock.get("/metadata").respond(json=CAPABILITIES)
-            mock.get("/Encounter").respond(json={"resourceType": "Bundle", "type": "searchset"})
-            mock.post(path__regex=r".*").mock(side_effect=server.handle)
-            async with AsyncFhirClient(BASE) as client:
-                with StateStore(tmp_path / "state.sqlite3") as state:
-                    pusher = Pusher(client, state, **options)
-                    return [r async for r in pusher.push(records)]
-
-    return asyncio.run(main())
+    return push_to_fake(tmp_path, server.handle, records, **options)
 
 
 def _two_visits() -> tuple[Encounter, Encounter]:

@@ -9,6 +9,7 @@ from __future__ import annotations
 import asyncio
 import datetime as dt
 import json
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 from urllib.parse import unquote
@@ -86,37 +87,26 @@ def test_a_match_query_names_exactly_its_keys(pairs: list[tuple[str, str]]) -> N
     query = match_query([f"{s}|{v}" for s, v in pairs])
     assert query.startswith("identifier=")
     text = unquote(query.removeprefix("identifier="))
-    tokens, current, escaped = [], "", False
-    for char in text:  # split on unescaped commas, as a server does
+    tokens = _split(text, ",", keep_escapes=True)  # as a server splits an OR list
+    assert [tuple(_split(t, "|", keep_escapes=False)) for t in tokens] == pairs
+
+
+def _split(text: str, separator: str, *, keep_escapes: bool) -> list[str]:
+    """``text`` split on each ``separator`` no backslash escapes (R4 search.html#escaping)."""
+    parts, part, escaped = [], "", False
+    for char in text:
         if escaped:
-            current += char
+            part += char
             escaped = False
         elif char == "\\":
-            current += char
+            part += char if keep_escapes else ""
             escaped = True
-        elif char == ",":
-            tokens.append(current)
-            current = ""
+        elif char == separator:
+            parts.append(part)
+            part = ""
         else:
-            current += char
-    tokens.append(current)
-
-    def unescape(token: str) -> list[str]:
-        parts, part, escaped = [], "", False
-        for char in token:
-            if escaped:
-                part += char
-                escaped = False
-            elif char == "\\":
-                escaped = True
-            elif char == "|":
-                parts.append(part)
-                part = ""
-            else:
-                part += char
-        return [*parts, part]
-
-    assert [tuple(unescape(t)) for t in tokens] == pairs
+            part += char
+    return [*parts, part]
 
 
 # -- snapshots and differences -------------------------------------------------------------------
@@ -229,14 +219,25 @@ class _Server:
 
 
 def _push(tmp_path: Path, server: _Server, records: list[Encounter], **options: Any) -> list[Any]:
+    return push_to_fake(tmp_path, server.handle, records, **({"match": "mpi"} | options))
+
+
+def push_to_fake(
+    tmp_path: Path,
+    handle: Callable[[httpx.Request], httpx.Response],
+    records: list[Encounter],
+    **options: Any,
+) -> list[Any]:
+    """Push ``records`` to a fake server whose POSTs ``handle`` answers (respx)."""
+
     async def main() -> list[Any]:
         with respx.mock(base_url=BASE, assert_all_called=False) as mock:
             mock.get("/metadata").respond(json=CAPABILITIES)
             mock.get("/Encounter").respond(json={"resourceType": "Bundle", "type": "searchset"})
-            mock.post(path__regex=r".*").mock(side_effect=server.handle)
+            mock.post(path__regex=r".*").mock(side_effect=handle)
             async with AsyncFhirClient(BASE) as client:
                 with StateStore(tmp_path / "state.sqlite3") as state:
-                    pusher = Pusher(client, state, match="mpi", **options)
+                    pusher = Pusher(client, state, **options)
                     return [r async for r in pusher.push(records)]
 
     return asyncio.run(main())
