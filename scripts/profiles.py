@@ -570,7 +570,17 @@ def profiles() -> list[JSON]:
                 e("Observation.value[x]", min=1, type=[{"code": "boolean"}]),
                 # Laterality uses the core observation-structureLaterality extension (TERMINOLOGY.md);
                 # it is not sliced here because R4 validators do not have its definition.
-                e("Observation.bodySite", min=1, **bound("ims-muscles", "extensible")),
+                # Muscles and skin regions alike (trophic and autonomic signs sit on skin): R4's
+                # body-site value set (SNOMED CT body structures), preferred; a region without
+                # a code is text (TERMINOLOGY.md; http://hl7.org/fhir/R4/valueset-body-site.html).
+                e(
+                    "Observation.bodySite",
+                    min=1,
+                    binding={
+                        "strength": "preferred",
+                        "valueSet": "http://hl7.org/fhir/ValueSet/body-site",
+                    },
+                ),
             ],
         ),
         structure(

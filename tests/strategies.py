@@ -183,6 +183,10 @@ def encounters(draw: st.DrawFn) -> Encounter:
         "end": end,
         "visit_type": visit,
         "retracted": draw(st.booleans()),
+        # When the record was made: at the end (not given), or some minutes to days later.
+        "recorded": draw(
+            _maybe(st.integers(0, 10**6).map(lambda s: end + dt.timedelta(seconds=s)))
+        ),
     }
     if has_assessment:
         count = draw(st.integers(0, 4))

@@ -233,3 +233,27 @@ def test_an_other_identifier_in_an_unknown_system_stays_untyped() -> None:
     ]
     assert idents and "type" not in idents[0]
     assert from_fhir(bundle).records == [record]
+
+
+def test_when_the_record_was_made_is_the_provenance_recorded_time() -> None:
+    import datetime as dt
+
+    from pydantic import ValidationError
+
+    path = FIXTURES / "encounters" / "05-cervical-c5-c6-initial.json"
+    record = Encounter.model_validate_json(path.read_text(encoding="utf-8"))
+    assert record.recorded is not None and record.recorded > record.end
+    bundle = json.loads(to_fhir_json(record))
+    (provenance,) = [
+        e["resource"] for e in bundle["entry"] if e["resource"]["resourceType"] == "Provenance"
+    ]
+    assert provenance["recorded"] == "2026-03-02T17:25:00-05:00"
+    assert provenance["occurredPeriod"]["end"] == "2026-03-02T15:00:00-05:00"
+    assert from_fhir(bundle).records == [record]
+    # Not given: the encounter's end stands for it, and reads back as not given.
+    data = json.loads(path.read_text(encoding="utf-8"))
+    data["recorded"] = "2026-03-02T20:00:00Z"  # the end, in another offset
+    assert Encounter.model_validate(data).recorded is None
+    data["recorded"] = (record.start - dt.timedelta(seconds=1)).isoformat()
+    with pytest.raises(ValidationError, match="before the encounter starts"):
+        Encounter.model_validate(data)

@@ -378,6 +378,7 @@ def _check(original: Encounter, mutated: JSON) -> None:
             source == resource
             or _status_only(source, resource)
             or _earlier_references(source, resource)
+            or _before_issue_16(source, resource)
             or _held_by_the_region(source, resource)
         ), f"{key}: the record does not say what the resource says and no error said why"
 
@@ -433,6 +434,27 @@ def _earlier_references(sent: Any, rebuilt: JSON) -> bool:
         for holder in [sent.get("subject"), sent.get("serviceProvider")]
         + [p.get("individual") for p in sent.get("participant") or [] if isinstance(p, dict)]
     )
+
+
+def _before_issue_16(sent: Any, rebuilt: JSON) -> bool:
+    """What the version before issue 16 wrote where one element differs: the practitioner's
+    identifier untyped (in the Encounter's reference or its own), a Consent without ``policy``."""
+    if not isinstance(sent, dict):
+        return False
+    variants = []
+    kind = rebuilt.get("resourceType")
+    if kind == "Encounter":
+        variant = copy.deepcopy(rebuilt)
+        for p in variant["participant"]:
+            p["individual"]["identifier"].pop("type", None)
+        variants.append(variant)
+    if kind == "Practitioner":
+        variant = copy.deepcopy(rebuilt)
+        variant["identifier"][0].pop("type", None)
+        variants.append(variant)
+    if kind == "Consent":
+        variants.append({k: v for k, v in rebuilt.items() if k != "policy"})
+    return sent in variants
 
 
 def _held_by_the_region(sent: Any, rebuilt: JSON) -> bool:
@@ -630,6 +652,44 @@ def _set(suffix: str, **values: Any) -> Any:
             "Observation.effectiveDateTime",
             id="moved-date",
         ),
+        pytest.param(  # the standard form of the side says the other side
+            lambda b: _find(b, "/site/s1")["contained"][0]["locationQualifier"][0].update(
+                coding=[{"system": "http://snomed.info/sct", "code": "7771000"}]
+            ),
+            "Procedure.contained",
+            id="body-structure-other-side",
+        ),
+        pytest.param(
+            lambda b: _find(b, "/site/s1")["contained"][0]["location"].update(
+                coding=[{"system": "http://snomed.info/sct", "code": "1403006"}]
+            ),
+            "Procedure.contained",
+            id="body-structure-other-muscle",
+        ),
+        pytest.param(
+            lambda b: _extension(_find(b, "/site/s1"), "targetBodyStructure").update(
+                valueReference={"reference": "BodyStructure/elsewhere"}
+            ),
+            "Procedure.extension[8].valueReference.reference",
+            id="body-structure-link-elsewhere",
+        ),
+        pytest.param(
+            lambda b: _find(b, "/site/s1")["extension"].pop(),
+            "Procedure.contained",
+            id="body-structure-without-link",
+        ),
+        pytest.param(
+            lambda b: _find(b, "/consent").update(policy=[{"uri": "https://other.example.org/p"}]),
+            "Consent.policy",
+            id="other-consent-policy",
+        ),
+        pytest.param(
+            lambda b: _find(b, "/consent").update(
+                policyRule={"coding": [{"system": "http://example.org", "code": "OPTOUT"}]}
+            ),
+            "Consent.policyRule",
+            id="policy-rule-beside-policy",
+        ),
     ],
 )
 def test_what_reverses_the_meaning_is_an_error(change: Any, path: str) -> None:
@@ -643,6 +703,42 @@ def _refused_at(change: Any, path: str) -> None:
     report = from_fhir(bundle)
     assert report.records == []
     assert [e.path for e in report.errors] == [path]
+
+
+def test_what_the_previous_version_wrote_maps_back_the_same() -> None:
+    """Before the standard side, the consent policy URI and the practitioner's type (issue 16)."""
+    bundle = _bundle(LUMBAR)
+    for entry in bundle["entry"]:
+        resource = entry["resource"]
+        if "contained" in resource:
+            del resource["contained"]
+            resource["extension"] = [
+                x for x in resource["extension"] if x["url"] != Ext.TARGET_BODY_STRUCTURE.url
+            ]
+        if resource["resourceType"] == "Consent":
+            del resource["policy"]
+            resource["policyRule"] = {
+                "coding": [
+                    {"system": "http://terminology.hl7.org/CodeSystem/v3-ActCode", "code": "OPTIN"}
+                ]
+            }
+        if resource["resourceType"] == "Practitioner":
+            resource["identifier"][0].pop("type")
+        if resource["resourceType"] == "Encounter":
+            resource["participant"][0]["individual"]["identifier"].pop("type")
+    assert from_fhir(bundle).records == [LUMBAR]
+    assert from_fhir(_bundle(LUMBAR)).records == [LUMBAR]
+
+
+def test_a_practitioner_number_of_another_type_is_an_error() -> None:
+    bundle = _bundle(LUMBAR)
+    practitioner = _resource(bundle, "Practitioner")
+    practitioner["identifier"][0]["type"] = {
+        "coding": [{"system": "http://terminology.hl7.org/CodeSystem/v2-0203", "code": "MR"}]
+    }
+    report = from_fhir(bundle)
+    assert report.records == []
+    assert [e.path for e in report.errors] == ["Practitioner.identifier[0].type.coding"]
 
 
 def test_the_same_resource_twice_differing_only_in_meta_is_one() -> None:
@@ -774,7 +870,7 @@ def _extension(resource: JSON, tail: str) -> JSON:
             lambda b: _resource(b, "Procedure", "/site/s1")["extension"].append(
                 {"url": Ext.SESSION_CONSENT.url, "valueReference": {"reference": "Consent/1"}}
             ),
-            "Procedure.extension[8].url",
+            "Procedure.extension[9].url",
         ),
         (
             lambda b: _extension(_resource(b, "Procedure", "/site/s1"), "/insertions").update(

@@ -159,10 +159,11 @@ def test_every_extension_and_bound_value_set_is_defined() -> None:
     for ext in Ext:
         if "ims-fhir.org" in ext.url:
             assert ext.url in defined, ext
+    core = {"http://hl7.org/fhir/ValueSet/body-site"}  # R4's own, bound by ims-finding
     for path in MAPPINGS.glob("StructureDefinition-*.json"):
         for element in json.loads(path.read_text())["differential"]["element"]:
             if "binding" in element:
-                assert element["binding"]["valueSet"] in defined, (path.name, element["id"])
+                assert element["binding"]["valueSet"] in defined | core, (path.name, element["id"])
 
 
 def test_each_mapping_file_names_its_sources() -> None:
@@ -277,6 +278,43 @@ def test_every_needled_site_says_side_and_muscle_in_words(record: Encounter) -> 
     for site in record.treatment.sites if record.treatment else []:
         side, muscle = t.local(site.side).display, t.local(site.muscle).display
         assert texts[f"{record.id}/site/{site.id}"] == f"{side} {muscle[:1].lower()}{muscle[1:]}"
+
+
+@settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(record=encounters())
+def test_every_needled_site_gives_its_side_in_a_standard_r4_form(record: Encounter) -> None:
+    """Read as a system without ims-fhir would: the core procedure-targetBodyStructure
+    extension names a BodyStructure whose locationQualifier is the side in SNOMED CT."""
+    standard = {
+        "left": "7771000",
+        "right": "24028007",
+        "bilateral": "51440002",
+        "midline": "399488007",
+    }
+    bundle = json.loads(to_fhir_json(record))
+    procedures = {
+        r["identifier"][0]["value"]: r
+        for r in (e["resource"] for e in bundle["entry"])
+        if r["resourceType"] == "Procedure"
+    }
+    for site in record.treatment.sites if record.treatment else []:
+        procedure = procedures[f"{record.id}/site/{site.id}"]
+        (link,) = [
+            x["valueReference"]["reference"]
+            for x in procedure["extension"]
+            if x["url"] == "http://hl7.org/fhir/StructureDefinition/procedure-targetBodyStructure"
+        ]
+        (target,) = [c for c in procedure["contained"] if f"#{c['id']}" == link]
+        assert target["resourceType"] == "BodyStructure"
+        assert target["patient"] == procedure["subject"]
+        sides = {
+            c["code"]
+            for q in target["locationQualifier"]
+            for c in q["coding"]
+            if c["system"] == "http://snomed.info/sct"
+        }
+        assert sides == ({standard[site.side]} if site.side in standard else set())
+        assert target["location"]["coding"] == procedure["bodySite"][0]["coding"]
 
 
 # -- the table of jurisdictional identifier systems ---------------------------------------------

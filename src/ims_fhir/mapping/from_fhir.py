@@ -34,6 +34,7 @@ from ..record.model import Encounter
 from ..record.reader import decode_json
 from ..record.terminology import Terminology, terminology
 from .identity import (
+    LOCAL_IDENTIFIER_TYPES,
     Ext,
     Kind,
     Profile,
@@ -59,6 +60,7 @@ __all__ = ["MappingReport", "SkippedResource", "from_fhir"]
 
 JSON = dict[str, Any]
 _CONSENT_LINKS = frozenset({Ext.SESSION_CONSENT.url, Ext.SUPPORTING_INFO.url})
+_TARGET = Ext.TARGET_BODY_STRUCTURE.url
 # Identifier kinds whose value is "<encounter id>/...": the parts of one encounter.
 _PART_KINDS = frozenset({Kind.OBSERVATION, Kind.CONDITION, Kind.PROCEDURE, Kind.CONSENT})
 # FHIR R4 integer: a signed 32-bit value (datatypes.html#integer).
@@ -769,6 +771,10 @@ class _Rebuild:
             "end": period.need_string("end"),
         }
         self.read_fields(enc, Profile.ENCOUNTER, data)
+        for prov in self.provenances:  # when the record was made (the end: not given)
+            recorded = _Node(prov, "Provenance", prov.data).string("recorded")
+            if recorded is not None:
+                data["recorded"] = recorded
         if enc.string("status") == "entered-in-error":
             data["retracted"] = True
         observations = self.of_type("Observation")
@@ -848,11 +854,12 @@ class _Rebuild:
             for element in _DERIVED:
                 want = _normal(resource.get(element), lambda ref: keys.get(ref, ref), systems)
                 got = _normal(source.data.get(element), key_in_source, systems)
-                if got != want and element in earlier:
+                if got != want and any(
                     # What an earlier version wrote for the same record is read as well.
-                    old = _normal(earlier[element], lambda ref: keys.get(ref, ref), systems)
-                    if got == old:
-                        continue
+                    got == _normal(old, lambda ref: keys.get(ref, ref), systems)
+                    for old in earlier.get(element, ())
+                ):
+                    continue
                 if got != want:
                     raise node.fail(
                         element, f"says {_short(got)}; the record implies {_short(want)}"
@@ -919,6 +926,21 @@ class _Rebuild:
             )
         return out
 
+    def local_type(self, node: _Node, kind: Kind) -> None:
+        """The clinic's own identifier of ``node`` has its type, or none (earlier versions)."""
+        want = self.t.convention(LOCAL_IDENTIFIER_TYPES[kind])
+        for ident in node.objs("identifier"):
+            concept = (
+                ident.obj("type") if ident.string("system") == _system(self.ns, kind) else None
+            )
+            if concept is not None and not any(
+                (c.string("system"), c.string("code")) == (want.system, want.code)
+                for c in concept.objs("coding")
+            ):
+                raise concept.fail(
+                    "coding", f"the clinic's {kind.value} number is typed {want.code}"
+                )
+
     def patient(self) -> JSON:
         p = self.patient_res = self.resolve_required(self.enc, "subject", "Patient")
         ours = self.shared_identifier(p, self.enc, "subject", Kind.PATIENT)
@@ -926,19 +948,7 @@ class _Rebuild:
         node.no_modifiers()
         if ours is None:
             raise node.fail("identifier", "no ims-fhir patient identifier")
-        mr = self.t.convention("identifier-type-mr")
-        for ident in node.objs("identifier"):
-            kind = (
-                ident.obj("type")
-                if ident.string("system") == _system(self.ns, Kind.PATIENT)
-                else None
-            )
-            # The clinic's patient number is typed MR (earlier versions wrote no type).
-            if kind is not None and not any(
-                (c.string("system"), c.string("code")) == (mr.system, mr.code)
-                for c in kind.objs("coding")
-            ):
-                raise kind.fail("coding", "the clinic's patient number is typed MR")
+        self.local_type(node, Kind.PATIENT)
         out = {
             "id": ours[1],
             "identifiers": self.foreign_identifiers(node, Kind.PATIENT),
@@ -956,6 +966,7 @@ class _Rebuild:
         node.no_modifiers()
         if ours is None:
             raise node.fail("identifier", "no ims-fhir practitioner identifier")
+        self.local_type(node, Kind.PRACTITIONER)
         out: JSON = {"id": ours[1], "name": self.human_name(node)}
         licences = self.foreign_identifiers(node, Kind.PRACTITIONER)
         if licences:
@@ -1018,8 +1029,8 @@ class _Rebuild:
             )
             slot = by_key.get(key or "")
             if slot is None:
-                if extension and key not in _OUR_EXTENSION_URLS:
-                    continue  # another system's extension
+                if extension and (key not in _OUR_EXTENSION_URLS or key == _TARGET):
+                    continue  # another system's extension, or one read apart (site())
                 where, kind = ("url", "an extension") if extension else ("code", "a component")
                 raise node.fail(where, f"not {kind} ims-fhir writes on {what}")
             value = self.slot_value(slot, node)
@@ -1247,6 +1258,21 @@ class _Rebuild:
         assert body_site is not None  # the muscle, required, was read from it
         site = Profile.NEEDLED_SITE
         self.read_slots(body_site, "extension", site, BODY_SITE_EXTENSION, s, "a body site")
+        # The side as a contained BodyStructure (to_fhir.py site()); its content is checked
+        # with what the record implies (check_links), the link to it here. Earlier versions
+        # wrote neither.
+        targets = [x for x in proc.objs("extension") if x.string("url") == _TARGET]
+        if len(targets) > 1:
+            raise targets[1].fail("url", "a second target body structure")
+        if targets:
+            _one_value(targets[0], "valueReference")
+            link = targets[0].need_obj("valueReference")
+            if link.string("reference") != "#site" or set(link.data) != {"reference"}:
+                raise link.fail("reference", "not the contained BodyStructure '#site'")
+        if bool(targets) != proc.has("contained"):
+            raise proc.fail(
+                "contained", "a target body structure without its link, or a link without it"
+            )
         self.read_slots(
             proc, "extension", Profile.NEEDLED_SITE, PROCEDURE_EXTENSION, s, "a needled site"
         )
@@ -1277,6 +1303,9 @@ _DERIVED = (
     "occurredPeriod",
     "activity",
     "agent",
+    "contained",
+    "policy",
+    "policyRule",
     "subject",
     "participant",
     "serviceProvider",
@@ -1292,36 +1321,55 @@ def _one_value(node: _Node, key: str | None) -> None:
         raise node.fail("dataAbsentReason", "a reason the value is absent, beside the value")
 
 
-def _earlier_shape(resource: JSON, encounter: JSON) -> JSON:
-    """Derived elements as ims-fhir 0.1.0 wrote them, where they differ from today's.
+def _earlier_shape(resource: JSON, encounter: JSON) -> dict[str, list[Any]]:
+    """Derived elements as earlier versions wrote them, where they differ from today's.
 
-    A session not done had no ``statusReason``, and the encounter's period and practitioner as
+    For each element, the shapes an earlier version wrote for the same record. A session not
+    done had no ``statusReason``, and the encounter's period and practitioner as
     ``performedPeriod`` and ``performer`` (tests/data/earlier holds such a Bundle); an encounter
-    referred to its patient, practitioner and clinic without their identifiers; a Provenance
-    had no ``occurredPeriod`` and no ``activity``.
+    referred to its patient, practitioner and clinic without their identifiers (0.1), then with
+    the practitioner's untyped; a Provenance had no ``occurredPeriod`` and no ``activity``; a
+    Consent had ``policyRule`` OPTIN and no ``policy``; a needled site had no contained
+    BodyStructure.
     """
-    if resource["resourceType"] == "Provenance":
-        return {"occurredPeriod": None, "activity": None}  # neither was written
-    if resource["resourceType"] == "Encounter":
+    kind = resource["resourceType"]
+    if kind == "Provenance":
+        return {"occurredPeriod": [None], "activity": [None]}  # neither was written
+    if kind == "Consent":
+        opt_in = terminology().convention("consent-policy-opt-in")
+        return {"policy": [None], "policyRule": [{"coding": [opt_in.as_fhir()]}]}
+    if kind == "Encounter":
+        participants = resource["participant"]
+        untyped = [
+            {"individual": {**p["individual"], "identifier": _untyped(p["individual"])}}
+            for p in participants
+        ]
         # References without the clinic's identifier of their targets (sync/matching.py).
         return {
-            "subject": {"reference": resource["subject"]["reference"]},
+            "subject": [{"reference": resource["subject"]["reference"]}],
             "participant": [
-                {"individual": {"reference": p["individual"]["reference"]}}
-                for p in resource["participant"]
+                [{"individual": {"reference": p["individual"]["reference"]}} for p in participants],
+                untyped,
             ],
-            "serviceProvider": {"reference": resource["serviceProvider"]["reference"]},
+            "serviceProvider": [{"reference": resource["serviceProvider"]["reference"]}],
         }
-    if resource["resourceType"] != "Procedure" or "statusReason" not in resource:
+    if kind != "Procedure":
         return {}
+    if "contained" in resource:
+        return {"contained": [None]}
+    if "statusReason" not in resource:
+        return {}
+    actor = encounter["participant"][0]["individual"]
     return {
-        "statusReason": None,
-        "performedPeriod": encounter["period"],
+        "statusReason": [None],
+        "performedPeriod": [encounter["period"]],
         # A reference only: the clinic's identifier in it came later (sync/matching.py).
-        "performer": [
-            {"actor": {"reference": encounter["participant"][0]["individual"]["reference"]}}
-        ],
+        "performer": [[{"actor": {"reference": actor["reference"]}}]],
     }
+
+
+def _untyped(reference: JSON) -> JSON:
+    return {k: v for k, v in reference["identifier"].items() if k != "type"}
 
 
 def _normal(value: Any, key: Callable[[str], str], systems: set[str], depth: int = 0) -> Any:

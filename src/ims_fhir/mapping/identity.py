@@ -90,6 +90,19 @@ def system(namespace: str, kind: Kind) -> str:
     return f"{namespace}/{kind.value}"
 
 
+# The type of the clinic's own identifier of a resource, by kind: a convention's name
+# (Parameters-conventions.json; codes from R4's identifier-type value set).
+LOCAL_IDENTIFIER_TYPES = {
+    Kind.PATIENT: "identifier-type-mr",  # the clinic's patient number: a medical record number
+    Kind.PRACTITIONER: "identifier-type-prn",  # its number for a physiotherapist: provider number
+}
+
+
+def consent_policy(namespace: str) -> str:
+    """The URI naming a clinic's IMS consent policy (``Consent.policy.uri``), in its namespace."""
+    return f"{namespace}/policy/ims-consent"
+
+
 def split_system(value: str) -> tuple[str, Kind] | None:
     """Split an identifier system into (namespace, kind), or None if it is not ours."""
     namespace, _, last = value.rpartition("/")
@@ -151,6 +164,9 @@ class Ext(StrEnum):
     # Core extensions (FHIR extensions pack), named in TERMINOLOGY.md.
     STRUCTURE_LATERALITY = "http://hl7.org/fhir/StructureDefinition/observation-structureLaterality"
     SUPPORTING_INFO = "http://hl7.org/fhir/StructureDefinition/workflow-supportingInfo"
+    # R4 core: a Procedure's target as a BodyStructure, whose locationQualifier holds the side
+    # a Procedure.bodySite cannot (TERMINOLOGY.md, "Laterality on a Procedure").
+    TARGET_BODY_STRUCTURE = "http://hl7.org/fhir/StructureDefinition/procedure-targetBodyStructure"
 
     @property
     def url(self) -> str:

@@ -36,9 +36,11 @@ from ..record.model import Encounter, Finding, HumanName, NeedledSite, PainScore
 from ..record.reader import check_record
 from ..record.terminology import Terminology, terminology
 from .identity import (
+    LOCAL_IDENTIFIER_TYPES,
     Ext,
     Kind,
     Profile,
+    consent_policy,
     default_namespace,
     full_url,
     identifier_query,
@@ -305,8 +307,8 @@ class _Builder:
 
     def identifier(self, kind: Kind, value: str) -> JSON:
         out: JSON = {"use": "official"}
-        if kind is Kind.PATIENT:  # the clinic's patient number: a medical record number
-            out["type"] = self.convention("identifier-type-mr")
+        if kind in LOCAL_IDENTIFIER_TYPES:  # e.g. the clinic's patient number: MR
+            out["type"] = self.convention(LOCAL_IDENTIFIER_TYPES[kind])
         return out | {"system": system(self.ns, kind), "value": value}
 
     def shared_ref(self, url: str, kind: Kind, value: str) -> JSON:
@@ -651,7 +653,9 @@ class _Builder:
             "patient": {"reference": self.patient},
             "performer": [performer],
             "organization": [{"reference": self.org}],
-            "policyRule": self.convention("consent-policy-opt-in"),
+            # The clinic's consent policy by URI: R4's consent-policy value set has no opt-in
+            # code (TERMINOLOGY.md; ims-fhir 0.1 wrote policyRule OPTIN, still read).
+            "policy": [{"uri": consent_policy(self.ns)}],
             "provision": {"type": "permit" if c.given else "deny"},
         }
         self.fields(Profile.CONSENT, c, body)
@@ -724,7 +728,28 @@ class _Builder:
     def site(self, s: NeedledSite) -> str:
         t = self.t
         extensions = self.slots(Profile.NEEDLED_SITE, PROCEDURE_EXTENSION, s)
+        # The side in a standard R4 form as well (TERMINOLOGY.md, "Laterality on a Procedure"):
+        # a contained BodyStructure, the muscle its location and the side its locationQualifier,
+        # named by the core procedure-targetBodyStructure extension.
+        muscle, side = t.local(s.muscle).display, t.local(s.side).display
+        extensions.append(
+            {"url": Ext.TARGET_BODY_STRUCTURE.url, "valueReference": {"reference": "#site"}}
+        )
         body: JSON = {
+            "contained": [
+                {
+                    "resourceType": "BodyStructure",
+                    "id": "site",
+                    "location": {
+                        "coding": [c.as_fhir() for c in t.codings(s.muscle)],
+                        "text": muscle,
+                    },
+                    "locationQualifier": [
+                        {"coding": [c.as_fhir() for c in t.codings(s.side)], "text": side}
+                    ],
+                    "patient": {"reference": self.patient},
+                }
+            ],
             "extension": extensions,
             "partOf": [{"reference": self.session_url}],
             "status": self.status("completed"),
@@ -734,7 +759,7 @@ class _Builder:
                 {
                     "extension": self.slots(Profile.NEEDLED_SITE, BODY_SITE_EXTENSION, s),
                     # The side and the muscle in words, for every reader (TERMINOLOGY.md).
-                    "text": f"{t.local(s.side).display} {_lower_first(t.local(s.muscle).display)}",
+                    "text": f"{side} {_lower_first(muscle)}",
                 }
             ],
             "usedCode": [self.convention("device-needle")],
@@ -766,10 +791,10 @@ class _Builder:
             "meta": self.meta(Profile.PROVENANCE),
             "text": _div(f"Provenance of IMS encounter {value} from {self.r.clinic.name}"),
             "target": [{"reference": t} for t in targets],
-            # When the encounter happened; `recorded` is when the record of it was made, for
-            # which a clinic record has no field: the encounter's end, at the latest.
+            # When the encounter happened; `recorded` is when the record of it was made: the
+            # record's own time if it has one, else the encounter's end.
             "occurredPeriod": {"start": _instant(self.r.start), "end": _instant(self.r.end)},
-            "recorded": _instant(self.r.end),
+            "recorded": _instant(self.r.recorded or self.r.end),
             "activity": self.convention("provenance-activity-create"),
             "agent": [
                 {

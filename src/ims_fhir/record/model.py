@@ -462,11 +462,21 @@ class Encounter(_Model):
     retracted: bool = Field(
         default=False, description="True when the clinic withdrew the record (entered in error)."
     )
+    recorded: Instant | None = Field(
+        default=None,
+        description="When the clinician made the record, if not at the encounter's end "
+        "(Provenance.recorded; the end when not given).",
+    )
 
     @model_validator(mode="after")
     def _clinical(self) -> Encounter:
         if self.end <= self.start:
             raise ValueError("the encounter ends before (or when) it starts")
+        if self.recorded is not None and self.recorded < self.start:
+            raise ValueError("the record is made before the encounter starts ('recorded')")
+        if self.recorded == self.end:
+            # The default, said explicitly: one record, one form (what FHIR gives back).
+            object.__setattr__(self, "recorded", None)
         if self.patient.birth_date > self.start.date():
             raise ValueError("the patient is born after the encounter")
         if self.assessment is None and self.treatment is None:
