@@ -835,11 +835,21 @@ class _Rebuild:
         systems = self.t.systems()
         mine = {_key_of(r.data): r for r in self.used | set(self.provenances)}
 
+        memo: dict[str, str] = {}
+
+        def forward_key(ref: str) -> str:
+            return keys.get(ref, ref)
+
         def key_in_source(ref: str) -> str:
-            target = self.index.resolve({"reference": ref})
-            if not isinstance(target, _Res):
-                return ref
-            return self.aliases.get(target) or _key_of(target.data)
+            known = memo.get(ref)
+            if known is None:
+                target = self.index.resolve({"reference": ref})
+                if not isinstance(target, _Res):
+                    known = ref
+                else:
+                    known = self.aliases.get(target) or _key_of(target.data)
+                memo[ref] = known
+            return known
 
         encounter = next(
             e["resource"] for e in forward if e["resource"]["resourceType"] == "Encounter"
@@ -851,12 +861,16 @@ class _Rebuild:
                 continue
             node = _Node(source, source.type, source.data)
             earlier = _earlier_shape(resource, encounter)
+            data = source.data
             for element in _DERIVED:
-                want = _normal(resource.get(element), lambda ref: keys.get(ref, ref), systems)
-                got = _normal(source.data.get(element), key_in_source, systems)
+                ours, theirs = resource.get(element), data.get(element)
+                if ours is None and theirs is None and element not in earlier:
+                    continue  # neither says anything (most elements, most resources)
+                want = _normal(ours, forward_key, systems)
+                got = _normal(theirs, key_in_source, systems)
                 if got != want and any(
                     # What an earlier version wrote for the same record is read as well.
-                    got == _normal(old, lambda ref: keys.get(ref, ref), systems)
+                    got == _normal(old, forward_key, systems)
                     for old in earlier.get(element, ())
                 ):
                     continue
@@ -1380,7 +1394,14 @@ def _normal(value: Any, key: Callable[[str], str], systems: set[str], depth: int
     """
     if depth > 20:
         return "<too deep>"
-    if isinstance(value, Mapping):
+    kind = type(value)  # JSON's own types first: isinstance of an ABC costs a lookup each time
+    if value is None or kind is bool or kind is int or kind is float:
+        return value
+    if kind is list:
+        return [_normal(v, key, systems, depth + 1) for v in value]
+    if kind is not dict and kind is not str and not isinstance(value, Mapping | list | str):
+        return value
+    if kind is dict or isinstance(value, Mapping):
         out: dict[str, Any] = {}
         for k, v in value.items():
             if k == "reference" and isinstance(v, str):
