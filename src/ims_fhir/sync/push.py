@@ -1564,20 +1564,42 @@ def _quote(value: str) -> str:
 
 
 def _rewrite(value: Any, literal_refs: dict[str, str]) -> Any:
-    """A copy of ``value`` with references to entries not sent made literal (``Type/id``)."""
-    if not literal_refs and isinstance(value, dict):
-        return dict(value)  # nothing to rewrite: a shallow copy (its meta is replaced whole)
-    if isinstance(value, dict):
-        return {
-            key: (
-                literal_refs.get(item, item)
-                if key == "reference" and isinstance(item, str)
-                else _rewrite(item, literal_refs)
-            )
-            for key, item in value.items()
-        }
-    if isinstance(value, list):
-        return [_rewrite(item, literal_refs) for item in value]
+    """``value`` with references to entries not sent made literal (``Type/id``).
+
+    A new top-level dict (callers set its ``id`` and replace its ``meta`` whole); below it, only
+    what holds such a reference is copied, the rest is shared with ``value``, which nothing
+    changes in place.
+    """
+    out = _literal(value, literal_refs) if literal_refs else value
+    return dict(out) if out is value and isinstance(value, dict) else out
+
+
+def _literal(value: Any, literal_refs: dict[str, str]) -> Any:
+    kind = type(value)
+    if kind is dict:
+        changed: dict[str, Any] | None = None
+        for key, item in value.items():
+            if key == "reference" and type(item) is str:
+                new = literal_refs.get(item, item)
+            elif type(item) is dict or type(item) is list:
+                new = _literal(item, literal_refs)
+            else:
+                continue
+            if new is not item:
+                if changed is None:
+                    changed = dict(value)
+                changed[key] = new
+        return value if changed is None else changed
+    if kind is list:
+        items: list[Any] | None = None
+        for n, item in enumerate(value):
+            if type(item) is dict or type(item) is list:
+                new = _literal(item, literal_refs)
+                if new is not item:
+                    if items is None:
+                        items = list(value)
+                    items[n] = new
+        return value if items is None else items
     return value
 
 
