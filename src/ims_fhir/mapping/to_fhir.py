@@ -146,6 +146,12 @@ def _transaction(records: Iterable[Encounter]) -> JSON:
     return {"resourceType": "Bundle", "type": "transaction", "entry": list(entries.values())}
 
 
+def record_key(record: Encounter) -> str:
+    """``system|value`` of the encounter's identifier: what the sync state keys it by."""
+    namespace = record.clinic.namespace or default_namespace(record.clinic.id)
+    return f"{system(namespace, Kind.ENCOUNTER)}|{record.id}"
+
+
 def bundle_dict(record: Encounter, *, checked: bool = False) -> JSON:
     """Map one encounter to its transaction Bundle as plain JSON data.
 

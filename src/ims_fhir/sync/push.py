@@ -61,7 +61,7 @@ from .._exceptions import (
 from ..client.asynchronous import AsyncFhirClient
 from ..client.http import ClientOptions, entries_repeatable, objects
 from ..mapping.identity import identifier_query, literal, search_escape
-from ..mapping.to_fhir import bundle_dict
+from ..mapping.to_fhir import bundle_dict, record_key
 from ..record.model import Encounter
 from ..record.reader import ReadRecord
 from ..record.terminology import CANONICAL, terminology
@@ -81,6 +81,7 @@ from .signature import (
     canonical_json,
     identifier_key,
     identifier_keys,
+    record_digest,
     signature,
     standard_json,
 )
@@ -224,6 +225,7 @@ class _Item:
     record: Encounter
     key: str
     content_hash: str
+    record_digest: str | None
     entries: list[JSON]  # its own entries (not the shared Patient/Practitioner/Organization)
     shared: list[JSON]
     references: References
@@ -352,6 +354,9 @@ class Pusher:
         self.on_conflict = on_conflict
         self.dry_run = dry_run
         self.verify = verify
+        # (record key, content hash, record digest) of records found unchanged by mapping them:
+        # their digests go to the state in groups, so the next push need not map them.
+        self._digests: list[tuple[str, str, str]] = []
         self.run_preflight = preflight
         self._preflight_done = False
         self._preflight_lock = asyncio.Lock()
@@ -472,6 +477,8 @@ class Pusher:
                         )
                         continue
                     if item is None:
+                        if len(self._digests) >= 256:
+                            self._save_digests()
                         await results.put(PushResult(record.id, "unchanged"))
                         continue
                     batch.append(item)
@@ -486,6 +493,7 @@ class Pusher:
                 cancelled = True
                 raise
             finally:
+                self._save_digests()
                 if not cancelled:
                     for _ in range(self.concurrency):
                         await queue.put(None)
@@ -531,10 +539,28 @@ class Pusher:
                 runner.cancel()
             await asyncio.gather(runner, return_exceptions=True)
 
+    def _save_digests(self) -> None:
+        digests, self._digests = self._digests, []
+        if digests and not self.dry_run:
+            self.state.note_digests(self.server, digests)
+
     # -- preparing -----------------------------------------------------------------------------
 
     def _prepare(self, record: Encounter) -> tuple[str, _Item | None]:
         """Map one encounter and compare it with the state; no item when nothing is to be done."""
+        # A record whose digest the state holds maps to the Bundle last written: unchanged,
+        # known without mapping it (--verify maps and reads everything).
+        quick = None if self.verify else record_digest(record)
+        if quick is not None:
+            key = record_key(record)
+            record_state = self.state.record(self.server, key)
+            if (
+                record_state is not None
+                and record_state.record_digest == quick
+                and record_state.content_hash is not None
+                and record_state.pending_hash is None
+            ):
+                return key, None
         bundle = bundle_dict(record)
         digest = content_hash(bundle)
         entries = bundle["entry"]
@@ -547,6 +573,8 @@ class Pusher:
             and _same_content(record_state.content_hash, digest, bundle)
             and record_state.pending_hash is None
         ):
+            if quick is not None and record_state.content_hash is not None:
+                self._digests.append((key, record_state.content_hash, quick))
             return key, None
         own = [e for e in entries if e["request"]["method"] != "POST"]
         shared = [e for e in entries if e["request"]["method"] == "POST"]
@@ -566,6 +594,7 @@ class Pusher:
             record=record,
             key=key,
             content_hash=digest,
+            record_digest=quick,
             entries=own,
             shared=shared,
             references=references,
@@ -1352,7 +1381,9 @@ class Pusher:
             written += item.keep + item.retired_keep
             # Shared resources read and not sent: what was learnt of them (owner, content).
             written += [s for k, s in item.shared_state.items() if k not in shared_written]
-        self.state.commit_written(self.server, [(i.key, i.content_hash) for i in done], written)
+        self.state.commit_written(
+            self.server, [(i.key, i.content_hash, i.record_digest) for i in done], written
+        )
         for item in items:
             if item in unsure:
                 why = "a create found the resource on the server already"

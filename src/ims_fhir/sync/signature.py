@@ -16,18 +16,25 @@ FHIR R4 lets servers keep (HAPI), drop or replace them across versions.
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import json
 import math
 from collections.abc import Iterable, Mapping
 from decimal import Decimal
-from typing import Any
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
 
 import orjson
 
+from .._version import __version__
 from ..mapping.identity import literal
+from ..record.terminology import mappings_dir
 
-__all__ = ["References", "identifier_key", "identifier_keys", "signature"]
+if TYPE_CHECKING:
+    from ..record.model import Encounter
+
+__all__ = ["References", "identifier_key", "identifier_keys", "record_digest", "signature"]
 
 JSON = dict[str, Any]
 
@@ -128,6 +135,41 @@ def signature(resource: Mapping[str, Any], references: References) -> str:
     """The signature of ``resource``: its content without server-owned parts, references as keys."""
     content = {k: v for k, v in resource.items() if k not in _SERVER_OWNED}
     return hashlib.sha256(canonical_json(_normalised(content, references))).hexdigest()[:32]
+
+
+@functools.cache
+def mapping_fingerprint() -> bytes:
+    """The digest of what decides how a record maps, read once per process.
+
+    ims-fhir's version, its mapping and record code, and the artifacts in ``mappings/``.
+    """
+    digest = hashlib.sha256(f"ims-fhir {__version__}\n".encode())
+    package = Path(__file__).resolve().parents[1]
+    files = [
+        *sorted((package / "mapping").glob("*.py")),
+        *sorted((package / "record").glob("*.py")),
+        *sorted(mappings_dir().glob("*.json")),
+    ]
+    for file in files:
+        digest.update(f"{file.parent.name}/{file.name}\n".encode())
+        digest.update(file.read_bytes())
+    return digest.digest()
+
+
+def record_digest(record: Encounter) -> str | None:
+    """A digest of ``record`` and of the mapping: equal digests map to the same Bundle.
+
+    Lets a re-push tell an unchanged record without mapping it (the state keeps the digest
+    beside the Bundle's content hash). None where the record cannot be written out (a record
+    built in code that skipped validation): the caller maps and checks it instead.
+    """
+    try:
+        text = record.model_dump_json(warnings="error")
+    except (ValueError, TypeError):  # pydantic's serialisation errors and warnings
+        return None
+    digest = hashlib.sha256(mapping_fingerprint())
+    digest.update(text.encode("utf-8", "surrogatepass"))
+    return "r1:" + digest.hexdigest()[:40]
 
 
 def canonical_json(value: Any) -> bytes:

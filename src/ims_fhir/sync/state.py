@@ -35,7 +35,7 @@ from .._exceptions import StateError
 
 __all__ = ["RecordState", "ResourceState", "StateStore", "default_state_path"]
 
-SCHEMA_VERSION = 4
+SCHEMA_VERSION = 5
 
 _SCHEMA = """
 CREATE TABLE IF NOT EXISTS record (
@@ -43,6 +43,7 @@ CREATE TABLE IF NOT EXISTS record (
     record_key TEXT NOT NULL,
     content_hash TEXT,
     pending_hash TEXT,
+    record_digest TEXT,
     PRIMARY KEY (server, record_key)
 );
 CREATE TABLE IF NOT EXISTS resource (
@@ -106,6 +107,9 @@ class RecordState:
 
     content_hash: str | None
     pending_hash: str | None
+    record_digest: str | None = None
+    """The digest of the record (and the mapping) whose Bundle had ``content_hash``: a record
+    with this digest maps to that Bundle, so a re-push need not map it to know it unchanged."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -232,6 +236,10 @@ class StateStore:
                 columns = {row[1] for row in db.execute("PRAGMA table_info(resource)")}
                 if "signature" not in columns and {"server", "identifier"} <= columns:
                     db.execute("ALTER TABLE resource ADD COLUMN signature TEXT")
+            if "record" in tables and version < 5:
+                columns = {row[1] for row in db.execute("PRAGMA table_info(record)")}
+                if "record_digest" not in columns and {"server", "record_key"} <= columns:
+                    db.execute("ALTER TABLE record ADD COLUMN record_digest TEXT")
             if "resource" in tables and version < 4:
                 columns = {row[1] for row in db.execute("PRAGMA table_info(resource)")}
                 if "owned" not in columns and {"server", "identifier"} <= columns:
@@ -275,10 +283,11 @@ class StateStore:
     def record(self, server: str, record_key: str) -> RecordState | None:
         """Return the state of one encounter on ``server``, or None if never pushed there."""
         row = self._connection.execute(
-            "SELECT content_hash, pending_hash FROM record WHERE server = ? AND record_key = ?",
+            "SELECT content_hash, pending_hash, record_digest FROM record "
+            "WHERE server = ? AND record_key = ?",
             (server, record_key),
         ).fetchone()
-        return RecordState(row[0], row[1]) if row else None
+        return RecordState(row[0], row[1], row[2]) if row else None
 
     @_guarded
     def resources(self, server: str, record_key: str) -> dict[str, ResourceState]:
@@ -379,16 +388,19 @@ class StateStore:
     def commit_written(
         self,
         server: str,
-        records: Iterable[tuple[str, str]],
+        records: Iterable[tuple[str, str] | tuple[str, str, str | None]],
         resources: Iterable[ResourceState],
     ) -> None:
         """Record a successful write: the records' hashes and the resources' ids and versions.
+
+        ``records`` are ``(record_key, content_hash)``, or with the record's digest as a third
+        item (see :class:`RecordState`); without one, any digest held before is dropped.
 
         Resources with ``retired`` set were made entered-in-error because the record no longer
         holds them; they stay recorded (with their new version) so the state keeps agreeing
         with the server. The records' pending marks are cleared.
         """
-        records = list(records)
+        rows = [(key, content, digest[0] if digest else None) for key, content, *digest in records]
         resources = list(resources)
         with self._transaction():
             db = self._connection
@@ -405,14 +417,16 @@ class StateStore:
                 ),
             )
             db.executemany(
-                "INSERT INTO record (server, record_key, content_hash) VALUES (?, ?, ?) "
+                "INSERT INTO record (server, record_key, content_hash, record_digest) "
+                "VALUES (?, ?, ?, ?) "
                 "ON CONFLICT (server, record_key) DO UPDATE SET "
-                "content_hash = excluded.content_hash, pending_hash = NULL",
-                ((server, key, content_hash) for key, content_hash in records),
+                "content_hash = excluded.content_hash, pending_hash = NULL, "
+                "record_digest = excluded.record_digest",
+                ((server, key, content, digest) for key, content, digest in rows),
             )
             db.executemany(
                 "DELETE FROM pending WHERE server = ? AND record_key = ?",
-                ((server, key) for key, _ in records),
+                ((server, key) for key, _, _ in rows),
             )
             db.executemany(
                 "INSERT INTO resource (server, identifier, record_key, resource_type, "
@@ -437,6 +451,20 @@ class StateStore:
                     )
                     for item in resources
                 ),
+            )
+
+    @_guarded
+    def note_digests(self, server: str, records: Iterable[tuple[str, str, str]]) -> None:
+        """Remember the digests of records found unchanged by their Bundle's content hash.
+
+        ``records`` are ``(record_key, content_hash, record_digest)``; a digest is kept only
+        where the state still holds that content hash and no write is in flight.
+        """
+        with self._transaction():
+            self._connection.executemany(
+                "UPDATE record SET record_digest = ? WHERE server = ? AND record_key = ? "
+                "AND content_hash = ? AND pending_hash IS NULL",
+                ((digest, server, key, content) for key, content, digest in records),
             )
 
     @_guarded
