@@ -10,6 +10,7 @@ from typing import Any
 import pytest
 from fhir.resources.R4B import get_fhir_model_class
 from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
 
 from ims_fhir import Encounter, from_fhir, to_fhir, to_fhir_json, to_transaction
 
@@ -257,3 +258,24 @@ def test_when_the_record_was_made_is_the_provenance_recorded_time() -> None:
     data["recorded"] = (record.start - dt.timedelta(seconds=1)).isoformat()
     with pytest.raises(ValidationError, match="before the encounter starts"):
         Encounter.model_validate(data)
+
+
+@settings(max_examples=300, deadline=None)
+@given(system=st.text(), value=st.text())
+def test_full_urls_are_uuid5_of_the_identifier(system: str, value: str) -> None:
+    import uuid
+
+    from ims_fhir.mapping.identity import full_url, identifier_token, search_escape
+
+    name = f"{system}|{value}"
+    try:
+        expected = f"urn:uuid:{uuid.uuid5(uuid.NAMESPACE_URL, name)}"
+    except UnicodeEncodeError:  # a lone surrogate: no UUID either way
+        with pytest.raises(UnicodeEncodeError):
+            full_url(system, value)
+        return
+    assert full_url(system, value) == expected
+    from urllib.parse import quote
+
+    token = f"{quote(search_escape(system), safe=':/')}|{quote(search_escape(value), safe='')}"
+    assert identifier_token(system, value) == token

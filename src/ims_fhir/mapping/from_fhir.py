@@ -20,6 +20,7 @@ the time is linear in the number of resources.
 from __future__ import annotations
 
 import datetime as dt
+import functools
 import json
 import math
 from collections import defaultdict
@@ -1032,9 +1033,8 @@ class _Rebuild:
         Another system's extensions are left alone; a component ims-fhir does not write, a
         second value of a field that holds one, or a missing required one is an error.
         """
-        slots = spec().slots_of(profile.value, container)
         extension = element == "extension"
-        by_key = {slot.url if extension else slot.key: slot for slot in slots}
+        slots, by_key = _slots_by_key(profile.value, container, extension)
         for node in parent.objs(element):
             key = (
                 node.need_string("url")
@@ -1324,6 +1324,15 @@ _DERIVED = (
     "participant",
     "serviceProvider",
 )
+
+
+@functools.cache
+def _slots_by_key(
+    profile: str, container: str, extension: bool
+) -> tuple[tuple[Slot, ...], dict[str, Slot]]:
+    """A profile's slots in ``container``, and by URL (extensions) or component code."""
+    slots = tuple(spec().slots_of(profile, container))
+    return slots, {slot.url if extension else slot.key: slot for slot in slots}
 
 
 def _one_value(node: _Node, key: str | None) -> None:

@@ -9,6 +9,9 @@ mapping a record twice gives the same bytes.
 
 from __future__ import annotations
 
+import functools
+import hashlib
+import re
 import uuid
 from enum import StrEnum
 from urllib.parse import quote, urlsplit
@@ -33,8 +36,22 @@ def identifier_query(identifier_system: str, value: str) -> str:
 
 def identifier_token(identifier_system: str, value: str) -> str:
     """``system|value`` as a token of a search in a URL: escaped, then percent-encoded."""
-    system = quote(search_escape(identifier_system), safe=":/")
-    return f"{system}|{quote(search_escape(value), safe='')}"
+    return f"{_system_token(identifier_system)}|{_value_token(value)}"
+
+
+@functools.lru_cache(maxsize=256)
+def _system_token(identifier_system: str) -> str:
+    return quote(search_escape(identifier_system), safe=":/")  # a few systems, met many times
+
+
+# What neither escaping nor percent-encoding changes: most values are such (ids, numbers).
+_PLAIN = re.compile(r"[A-Za-z0-9_.~-]*")
+
+
+def _value_token(value: str) -> str:
+    if _PLAIN.fullmatch(value):
+        return value
+    return quote(search_escape(value), safe="")
 
 
 def default_namespace(clinic_id: str) -> str:
@@ -113,8 +130,20 @@ def split_system(value: str) -> tuple[str, Kind] | None:
 
 
 def full_url(identifier_system: str, value: str) -> str:
-    """Return the deterministic ``urn:uuid`` fullUrl of the resource with this identifier."""
-    return f"urn:uuid:{uuid.uuid5(uuid.NAMESPACE_URL, f'{identifier_system}|{value}')}"
+    """Return the deterministic ``urn:uuid`` fullUrl of the resource with this identifier.
+
+    The UUID is version 5 (RFC 4122: SHA-1 of the URL namespace and the name), as
+    ``uuid.uuid5(uuid.NAMESPACE_URL, name)`` gives, computed without building UUID objects.
+    """
+    name = f"{identifier_system}|{value}".encode()  # as uuid5 encodes a name
+    digest = bytearray(hashlib.sha1(_URL_NAMESPACE + name, usedforsecurity=False).digest()[:16])
+    digest[6] = (digest[6] & 0x0F) | 0x50  # version 5
+    digest[8] = (digest[8] & 0x3F) | 0x80  # the RFC 4122 variant
+    h = digest.hex()
+    return f"urn:uuid:{h[:8]}-{h[8:12]}-{h[12:16]}-{h[16:20]}-{h[20:]}"
+
+
+_URL_NAMESPACE = uuid.NAMESPACE_URL.bytes
 
 
 def literal(reference: str) -> str:
