@@ -607,6 +607,8 @@ def convert(
                 for error in result.errors:
                     failed += 1
                     err.print(f"[red]unmappable[/red] {escape(str(error))}")
+                for warning in result.warnings:
+                    err.print(f"[yellow]warning[/yellow] {escape(str(warning))}")
                 for skipped in result.skipped:
                     err.print(f"[yellow]skipped[/yellow] {skipped.resource}: {skipped.reason}")
     err.print(f"{converted} converted, {failed} failed")
@@ -1030,6 +1032,8 @@ def pull_command(**options: Any) -> None:
                     totals["unmappable"] += len(report.errors)
                     for error in report.errors:
                         err.print(f"[red]unmappable[/red] page {page}: {escape(str(error))}")
+                    for warning in report.warnings:
+                        err.print(f"[yellow]warning[/yellow] page {page}: {escape(str(warning))}")
 
     asyncio.run(run())
     err.print(

@@ -88,6 +88,9 @@ class MappingReport:
     records: list[Encounter] = field(default_factory=list)
     skipped: list[SkippedResource] = field(default_factory=list)
     errors: list[MappingError] = field(default_factory=list)
+    warnings: list[MappingError] = field(default_factory=list)
+    """What the input did not say about a record rebuilt: e.g. an encounter without its
+    Provenance, whose record reads ``recorded`` as not given."""
 
 
 def from_fhir(resources: Any) -> MappingReport:
@@ -160,6 +163,15 @@ def from_fhir(resources: Any) -> MappingReport:
             )
         else:
             report.records.append(record)
+            if not rebuild.provenances:
+                report.warnings.append(
+                    MappingError(
+                        found[0].name,
+                        "Encounter",
+                        "no Provenance names it in the input: when the record was made is not "
+                        "known, and the record says none (the encounter's end)",
+                    )
+                )
             for retired in rebuild.retired:
                 report.skipped.append(
                     SkippedResource(retired.name, "entered in error: no longer part of the record")
@@ -772,8 +784,10 @@ class _Rebuild:
             "end": period.need_string("end"),
         }
         self.read_fields(enc, Profile.ENCOUNTER, data)
+        recorded_at: _Node | None = None
         for prov in self.provenances:  # when the record was made (the end: not given)
-            recorded = _Node(prov, "Provenance", prov.data).string("recorded")
+            recorded_at = _Node(prov, "Provenance", prov.data)
+            recorded = recorded_at.string("recorded")
             if recorded is not None:
                 data["recorded"] = recorded
         if enc.string("status") == "entered-in-error":
@@ -794,6 +808,11 @@ class _Rebuild:
             return Encounter.model_validate(data)
         except ValidationError as exc:
             first = exc.errors()[0]
+            if recorded_at is not None and (
+                first["loc"][:1] == ("recorded",) or "('recorded')" in first["msg"]
+            ):
+                # When the record was made is the Provenance's to say: name it there.
+                raise recorded_at.fail("recorded", first["msg"]) from exc
             path = ".".join(str(p) for p in first["loc"]) or "<record>"
             raise MappingError(
                 self.res.name, path, f"rebuilt record is invalid: {first['msg']}"
@@ -867,6 +886,10 @@ class _Rebuild:
                 ours, theirs = resource.get(element), data.get(element)
                 if ours is None and theirs is None and element not in earlier:
                     continue  # neither says anything (most elements, most resources)
+                if element == "contained":
+                    if source.type in _SHARED_TYPES:
+                        continue  # the region's (a patient's contained GP): not the record's
+                    ours, theirs = _without_ids(ours), _without_ids(theirs)
                 want = _normal(ours, forward_key, systems)
                 got = _normal(theirs, key_in_source, systems)
                 if got != want and any(
@@ -940,6 +963,36 @@ class _Rebuild:
                 {"system": system, "value": ident.string("value"), "kind": self._kind(ident)}
             )
         return out
+
+    def known_displays(self, node: _Node, depth: int = 0) -> None:
+        """Each coding under ``node`` of a code the mapping knows displays that code, or nothing.
+
+        A display is what most systems show: one naming another concept (the other side) is a
+        contradiction, not a detail.
+        """
+        if depth > 8:
+            return
+        for key, value in node.data.items():
+            if key == "coding" and isinstance(value, list):
+                for n, coding in enumerate(value):
+                    if not isinstance(coding, Mapping):
+                        continue
+                    system, code, shown = (coding.get(k) for k in ("system", "code", "display"))
+                    if not (isinstance(system, str) and isinstance(code, str)) or shown is None:
+                        continue
+                    known = self.t.displays(system, code)
+                    if known and shown not in known:
+                        raise node.fail(
+                            f"coding[{n}].display", f"{shown!r}, but {code} is {min(known)!r}"
+                        )
+            elif isinstance(value, Mapping):
+                self.known_displays(_Node(node.res, node.at(key), value), depth + 1)
+            elif isinstance(value, list):
+                for n, item in enumerate(value):
+                    if isinstance(item, Mapping):
+                        self.known_displays(
+                            _Node(node.res, f"{node.at(key)}[{n}]", item), depth + 1
+                        )
 
     def local_type(self, node: _Node, kind: Kind) -> None:
         """The clinic's own identifier of ``node`` has its type, or none (earlier versions)."""
@@ -1043,8 +1096,14 @@ class _Rebuild:
             )
             slot = by_key.get(key or "")
             if slot is None:
-                if extension and (key not in _OUR_EXTENSION_URLS or key == _TARGET):
-                    continue  # another system's extension, or one read apart (site())
+                if extension and key not in _OUR_EXTENSION_URLS:
+                    continue  # another system's extension
+                if (
+                    key == _TARGET
+                    and profile is Profile.NEEDLED_SITE
+                    and container == PROCEDURE_EXTENSION
+                ):
+                    continue  # read apart (site())
                 where, kind = ("url", "an extension") if extension else ("code", "a component")
                 raise node.fail(where, f"not {kind} ims-fhir writes on {what}")
             value = self.slot_value(slot, node)
@@ -1210,8 +1269,12 @@ class _Rebuild:
         session = self.ours(sessions[0])
         self.expect(session, "ims-session")
         t: JSON = {}
+        session_slots = _slots_by_key(Profile.SESSION.value, PROCEDURE_EXTENSION, True)[1]
         for ext in session.objs("extension"):
-            if ext.need_string("url") in _CONSENT_LINKS:
+            url = ext.need_string("url")
+            if url in _OUR_EXTENSION_URLS and url not in _CONSENT_LINKS | session_slots.keys():
+                raise ext.fail("url", "not an extension ims-fhir writes on a session")
+            if url in _CONSENT_LINKS:
                 consent = self.resolve(ext, "valueReference", ext.obj("valueReference"))
                 if consent is None or consent.type != "Consent":
                     raise ext.fail("valueReference", "does not resolve to a Consent in the input")
@@ -1239,6 +1302,8 @@ class _Rebuild:
         return self.read_fields(session, Profile.SESSION, t)
 
     def consent(self, consent: _Node) -> JSON:
+        if not consent.has("policy") and not consent.has("policyRule"):
+            raise consent.fail("policy", "missing, and no policyRule either (R4 ppc-1)")
         performer = consent.only("performer")
         if performer is None:
             raise consent.fail("performer", "missing")
@@ -1280,9 +1345,22 @@ class _Rebuild:
             raise targets[1].fail("url", "a second target body structure")
         if targets:
             _one_value(targets[0], "valueReference")
+            extra = sorted(set(targets[0].data) - {"url", "valueReference"})
+            if extra:
+                raise targets[0].fail(extra[0], "beside the link to the target body structure")
             link = targets[0].need_obj("valueReference")
-            if link.string("reference") != "#site" or set(link.data) != {"reference"}:
-                raise link.fail("reference", "not the contained BodyStructure '#site'")
+            reference = link.string("reference")
+            # A contained resource's id is local to its resource: a server may assign its own
+            # ('#1' for ims-fhir's '#site'); the link names the one BodyStructure contained.
+            named = [
+                c
+                for c in proc.objs("contained")
+                if reference == f"#{c.string('id')}" and c.string("resourceType") == "BodyStructure"
+            ]
+            if set(link.data) != {"reference"} or len(named) != 1:
+                raise link.fail("reference", "not the contained BodyStructure of the site")
+        for where in (*proc.objs("bodySite"), *proc.objs("contained")):
+            self.known_displays(where)
         if bool(targets) != proc.has("contained"):
             raise proc.fail(
                 "contained", "a target body structure without its link, or a link without it"
@@ -1391,6 +1469,21 @@ def _earlier_shape(resource: JSON, encounter: JSON) -> dict[str, list[Any]]:
     }
 
 
+_SHARED_TYPES = frozenset({"Patient", "Practitioner", "Organization"})
+
+
+def _without_ids(contained: Any) -> Any:
+    """Contained resources without their ids, which are local to their resource.
+
+    A server may assign its own; the links to them are checked where they are read (site()).
+    """
+    if not isinstance(contained, list):
+        return contained
+    return [
+        {k: v for k, v in c.items() if k != "id"} if isinstance(c, dict) else c for c in contained
+    ]
+
+
 def _untyped(reference: JSON) -> JSON:
     return {k: v for k, v in reference["identifier"].items() if k != "type"}
 
@@ -1418,7 +1511,7 @@ def _normal(value: Any, key: Callable[[str], str], systems: set[str], depth: int
             elif k == "coding" and isinstance(v, list):
                 out[k] = sorted(
                     {
-                        f"{c.get('system')}|{c.get('code')}"
+                        f"{c.get('system')}|{_emitted(c.get('system'), c.get('code'))}"
                         for c in v
                         if not isinstance(c, Mapping) or _str(c.get("system")) in systems
                     }
@@ -1441,6 +1534,13 @@ def _normal(value: Any, key: Callable[[str], str], systems: set[str], depth: int
             except OverflowError:  # 9999-12-31T23:59:59-14:00 is past the last UTC instant
                 return value
     return value
+
+
+def _emitted(system: Any, code: Any) -> Any:
+    """A code as the concept it stands for: the one ims-fhir emits for it (TERMINOLOGY.md)."""
+    if isinstance(system, str) and isinstance(code, str):
+        return terminology().emitted_code(system, code)
+    return code
 
 
 def _short(value: Any) -> str:

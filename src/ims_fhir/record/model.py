@@ -465,7 +465,8 @@ class Encounter(_Model):
     recorded: Instant | None = Field(
         default=None,
         description="When the clinician made the record, if not at the encounter's end "
-        "(Provenance.recorded; the end when not given).",
+        "(Provenance.recorded; the end when not given: a time equal to the end is none, as "
+        "validation makes it).",
     )
 
     @model_validator(mode="after")

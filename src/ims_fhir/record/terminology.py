@@ -108,6 +108,7 @@ class Terminology:
 
         self._standard: dict[str, Coding] = {}
         self._reverse: dict[tuple[str, str], str] = {}
+        self._displays = {(LOCAL_SYSTEM, code): c.display for code, c in self._local.items()}
         self._systems: set[str] | None = None
         for cm_group in concept_map["group"]:
             for element in cm_group["element"]:
@@ -115,6 +116,7 @@ class Terminology:
                     if target["equivalence"] not in _EMITTABLE:
                         continue
                     coding = Coding(cm_group["target"], target["code"], target["display"])
+                    self._displays[(coding.system, coding.code)] = coding.display
                     self._standard.setdefault(element["code"], coding)
                     self._reverse[(coding.system, coding.code)] = element["code"]
 
@@ -153,6 +155,28 @@ class Terminology:
         standard = self._standard.get(code)
         local = self._local[code]
         return [standard, local] if standard else [local]
+
+    def displays(self, system: str, code: str) -> set[str]:
+        """What a code the mapping knows (local, or a standard code it maps) may display.
+
+        Its own display, or its local concept's (ims-fhir 0.1 wrote that for muscles); empty if
+        the code is not one the mapping knows.
+        """
+        own = self._displays.get((system, code))
+        if own is None:
+            return set()
+        local = code if system == LOCAL_SYSTEM else self._reverse.get((system, code))
+        return {own} | ({self._local[local].display} if local in self._local else set())
+
+    def emitted_code(self, system: str, code: str) -> str:
+        """The code ims-fhir emits for the concept ``system|code`` stands for, in ``system``.
+
+        Itself, unless it is another standard code of a local concept that the mapping reads
+        (R4's 419161000 *Unilateral left* for 7771000 *Left*, TERMINOLOGY.md).
+        """
+        local = self._reverse.get((system, code))
+        emitted = self._standard.get(local) if local is not None else None
+        return emitted.code if emitted is not None and emitted.system == system else code
 
     def from_coding(self, system: str | None, code: str | None, group: str) -> str | None:
         """Return the local code in ``group`` that a coding stands for, or None."""

@@ -262,6 +262,7 @@ def pull_all(
                 report.records += page.records
                 report.skipped += page.skipped
                 report.errors += page.errors
+                report.warnings += page.warnings
         return report
 
     return run_blocking(run)

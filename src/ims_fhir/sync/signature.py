@@ -132,9 +132,37 @@ def _number(value: float) -> str:
 
 
 def signature(resource: Mapping[str, Any], references: References) -> str:
-    """The signature of ``resource``: its content without server-owned parts, references as keys."""
+    """The signature of ``resource``: its content without server-owned parts, references as keys.
+
+    Contained resources are named by their place, not their id: a contained resource's id is
+    local to its resource, and a server may assign its own (``#1`` for ``#site``).
+    """
     content = {k: v for k, v in resource.items() if k not in _SERVER_OWNED}
+    contained = content.get("contained")
+    if isinstance(contained, list) and contained:
+        local = {
+            f"#{c['id']}": f"#contained[{n}]"
+            for n, c in enumerate(contained)
+            if isinstance(c, dict) and isinstance(c.get("id"), str)
+        }
+        content["contained"] = [
+            {k: v for k, v in c.items() if k != "id"} if isinstance(c, dict) else c
+            for c in contained
+        ]
+        references = _Local(references, local)
     return hashlib.sha256(canonical_json(_normalised(content, references))).hexdigest()[:32]
+
+
+class _Local(References):
+    """References, with those to contained resources (``#id``) by their place instead."""
+
+    def __init__(self, outer: References, local: dict[str, str]) -> None:
+        super().__init__()
+        self.full_urls, self.ids, self.local = outer.full_urls, outer.ids, local
+
+    def resolve(self, reference: str) -> str:
+        found = self.local.get(reference)
+        return found if found is not None else super().resolve(reference)
 
 
 @functools.cache
