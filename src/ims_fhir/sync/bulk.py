@@ -88,6 +88,7 @@ __all__ = [
     "bulk_pull",
     "bulk_pull_all",
     "rebuild_ndjson",
+    "remove_export",
 ]
 
 logger = logging.getLogger("ims_fhir.bulk")
@@ -493,7 +494,9 @@ class _Exporter:
             "GET",
             self.state.request["path"],
             self.state.request["params"],
-            {"Accept": FHIR_JSON, "Prefer": "respond-async"},
+            # no-cache: a pull wants what the server holds now; HAPI, for one, otherwise hands
+            # back the files of an earlier export with the same parameters.
+            {"Accept": FHIR_JSON, "Prefer": "respond-async", "Cache-Control": "no-cache"},
         )
         try:
             response = await self.client.send(call)
@@ -822,6 +825,18 @@ def _encounters_of(kind: str, resource: dict[str, Any]) -> list[str]:
             if encounter is not None:
                 found.append(encounter)
     return found
+
+
+def remove_export(work_dir: str | os.PathLike[str]) -> None:
+    """Remove what a bulk pull keeps in ``work_dir`` (its files and state; nothing else)."""
+    work = Path(work_dir)
+    if not work.is_dir():
+        return
+    for path in work.iterdir():
+        if _FILE_NAME.fullmatch(path.name) or path.name in {STATE_FILE, INDEX_FILE}:
+            path.unlink(missing_ok=True)
+    with contextlib.suppress(OSError):
+        work.rmdir()  # only if nothing else is in it
 
 
 # -- offline and blocking -------------------------------------------------------------------
