@@ -611,9 +611,16 @@ class _Exporter:
             done += 1
             self.progress(BulkProgress("downloading", done=done, total=total))
 
-        async with asyncio.TaskGroup() as group:
-            for file, name in todo:
-                group.create_task(fetch(file, name))
+        tasks = [asyncio.create_task(fetch(file, name)) for file, name in todo]
+        try:
+            await asyncio.gather(*tasks)
+        except BaseException:
+            # One file failed for good (or the pull is cancelled): stop the others, whose
+            # parts are removed; the files completed stay for the next run.
+            for task in tasks:
+                task.cancel()
+            await asyncio.gather(*tasks, return_exceptions=True)
+            raise
         self.state.files = names
         _save_state(self.work, self.state)
         return [e for _, name in errors_named for e in _export_errors(self.work / name)]
@@ -625,16 +632,19 @@ class _Exporter:
         while True:
             attempt += 1
             try:
-                with partial.open("wb") as out:
-                    await self.client.download(
-                        file.url,
-                        out.write,
-                        credentials=file.credentials,
-                        accept=NDJSON,
-                        max_bytes=self.max_file_bytes,
-                    )
-                os.replace(partial, path)
-                return
+                try:
+                    with partial.open("wb") as out:
+                        await self.client.download(
+                            file.url,
+                            out.write,
+                            credentials=file.credentials,
+                            accept=NDJSON,
+                            max_bytes=self.max_file_bytes,
+                        )
+                    os.replace(partial, path)
+                    return
+                finally:
+                    partial.unlink(missing_ok=True)  # a part is never taken for a whole file
             except (TransportError, ServerError, RateLimitError) as exc:
                 retry = self.client.retry
                 if attempt > retry.max_retries:
