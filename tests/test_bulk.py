@@ -8,10 +8,16 @@ compare what was rebuilt with what went in. The round trip on a real server is i
 from __future__ import annotations
 
 import asyncio
+import http.server
 import json
+import signal
+import subprocess
+import sys
+import threading
+import time
 from collections.abc import AsyncIterator, Callable
 from pathlib import Path
-from typing import Any
+from typing import Any, ClassVar
 
 import httpx
 import pytest
@@ -488,3 +494,57 @@ def test_cli_says_when_the_server_has_no_export(tmp_path: Path) -> None:
 def test_cli_refuses_bulk_with_a_patient(tmp_path: Path) -> None:
     result = CliRunner().invoke(cli, ["pull", "--bulk", "--server", BASE, "--patient", "1"])
     assert result.exit_code == 2 and "--level group" in result.output
+
+
+class _Exporting(http.server.BaseHTTPRequestHandler):
+    """A server whose export never finishes; it records the requests it gets."""
+
+    seen: ClassVar[list[str]] = []
+
+    def do_GET(self) -> None:  # noqa: N802 (http.server's name)
+        self.seen.append(f"GET {self.path.split('?')[0]}")
+        self.send_response(202)
+        if "$export" in self.path:
+            self.send_header("Content-Location", f"http://{self.headers['Host']}/fhir/status/1")
+        else:
+            self.send_header("Retry-After", "1")
+        self.send_header("Content-Length", "0")
+        self.end_headers()
+
+    def do_DELETE(self) -> None:  # noqa: N802
+        self.seen.append(f"DELETE {self.path}")
+        self.send_response(202)
+        self.send_header("Content-Length", "0")
+        self.end_headers()
+
+    def log_message(self, *args: Any) -> None:
+        pass
+
+
+def test_ctrl_c_cancels_the_export_on_the_server(tmp_path: Path) -> None:
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), _Exporting)
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    base = f"http://127.0.0.1:{server.server_address[1]}/fhir"
+    try:
+        process = subprocess.Popen(
+            [sys.executable, "-m", "ims_fhir", "pull", "--bulk", "--server", base,
+             "--bulk-dir", str(tmp_path)],
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+        )  # fmt: skip
+        deadline = time.monotonic() + 60
+        while "GET /fhir/status/1" not in _Exporting.seen and time.monotonic() < deadline:
+            time.sleep(0.05)
+        process.send_signal(signal.SIGINT)
+        _, err = process.communicate(timeout=60)
+    finally:
+        server.shutdown()
+        server.server_close()
+        thread.join()
+    assert "DELETE /fhir/status/1" in _Exporting.seen
+    assert process.returncode == 130
+    assert "Traceback" not in err
+    assert err.strip().splitlines()[-1] == "cancelled the export was cancelled on the server"
+    assert not (tmp_path / "export.json").exists()
