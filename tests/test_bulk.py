@@ -348,6 +348,15 @@ def test_a_connection_lost_mid_file_fetches_the_file_again(tmp_path: Path) -> No
     assert _pulled(reports) == _by_id(records)
 
 
+def test_a_file_gone_from_the_server_says_to_start_again(tmp_path: Path) -> None:
+    files = _files(tmp_path, _records(3))
+    with respx.mock(assert_all_called=False) as mock:
+        server = Server(mock, files)
+        server.files["Patient"].return_value = httpx.Response(404)
+        with pytest.raises(ConfigurationError, match="no longer has the file.*remove .*export"):
+            _run(tmp_path / "work")
+
+
 # -- interruption and cancellation ----------------------------------------------------------
 
 

@@ -53,8 +53,10 @@ import orjson
 from .._exceptions import (
     ConfigurationError,
     FhirError,
+    GoneError,
     InvalidResponseError,
     MappingError,
+    NotFoundError,
     RateLimitError,
     ServerError,
     StatusError,
@@ -222,7 +224,6 @@ def check_manifest(
     base_url: httpx.URL,
     *,
     file_hosts: frozenset[str] = frozenset(),
-    allow_insecure_http: bool = False,
     where: str = "the export manifest",
 ) -> tuple[list[ExportFile], list[ExportFile]]:
     """The output files and the error files of a manifest, checked; raise if it cannot be used.
@@ -262,10 +263,13 @@ def check_manifest(
             if key == "output" and kind not in ENCOUNTER_TYPES:
                 raise bad(f"{key}[{n}] is of type {kind[:40]!r}, which was not asked for")
             try:
-                checked = check_url(url, allow_insecure_http=allow_insecure_http)
-            except ConfigurationError as exc:
-                raise bad(f"{key}[{n}]: {exc.reason}") from None
-            ours = same_origin(checked, base_url)
+                checked = httpx.URL(url)
+                ours = checked.is_absolute_url and same_origin(checked, base_url)
+                if not ours:  # another host: https only (or this machine)
+                    checked = check_url(url, allow_insecure_http=False)
+            except (ConfigurationError, httpx.InvalidURL) as exc:
+                reason = exc.reason if isinstance(exc, ConfigurationError) else str(exc)
+                raise bad(f"{key}[{n}]: {reason}") from None
             if not ours and checked.host not in file_hosts:
                 raise bad(
                     f"{key}[{n}] is on another host ({checked.host}); not fetched (name the "
@@ -545,6 +549,11 @@ class _Exporter:
     async def wait(self, max_poll_wait: float) -> None:
         """Poll the status URL until the manifest comes; keep it in the work directory."""
         assert self.state.status_url is not None
+        if not same_origin(httpx.URL(self.state.status_url), self.client.base_url):
+            raise ConfigurationError(
+                f"{self.work / STATE_FILE} names a status URL on another host",
+                fix="remove it to start the export anew",
+            )
         backoff = FIRST_POLL_WAIT
         while True:
             response = await self.client.send(
@@ -588,7 +597,6 @@ class _Exporter:
             manifest,
             self.client.base_url,
             file_hosts=self.file_hosts,
-            allow_insecure_http=self.client.base_url.scheme == "http",
         )
 
     async def download(self) -> list[MappingError]:
@@ -645,6 +653,11 @@ class _Exporter:
                     return
                 finally:
                     partial.unlink(missing_ok=True)  # a part is never taken for a whole file
+            except (NotFoundError, GoneError) as exc:
+                raise ConfigurationError(
+                    f"{path.name}: the server no longer has the file ({exc})",
+                    fix=f"the export has expired: remove {self.work / STATE_FILE} and pull again",
+                ) from None
             except (TransportError, ServerError, RateLimitError) as exc:
                 retry = self.client.retry
                 if attempt > retry.max_retries:
