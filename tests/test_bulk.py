@@ -208,6 +208,67 @@ def test_server_errors_mid_poll_are_retried_then_reported(tmp_path: Path) -> Non
     assert json.loads((tmp_path / "export.json").read_text())["status_url"] == STATUS
 
 
+def _searches(mock: respx.MockRouter, files: dict[str, bytes]) -> None:
+    """Answer pull's searches (by ``_id``, by the Encounter a part points at) from ``files``."""
+    held = {t: [json.loads(line) for line in body.splitlines()] for t, body in files.items()}
+
+    def search(request: httpx.Request) -> httpx.Response:
+        kind = request.url.path.rsplit("/", 1)[-1]
+        params = request.url.params
+        found = []
+        for resource in held.get(kind, []):
+            if "_id" in params:
+                keep = resource["id"] in params["_id"].split(",")
+            else:
+                (param,) = (p for p in ("encounter", "target") if p in params)
+                value = resource.get(param)
+                refs = {r["reference"] for r in (value if isinstance(value, list) else [value])}
+                keep = bool(refs & set(params[param].split(",")))
+            if keep:
+                found.append({"resource": resource})
+        return httpx.Response(
+            200, json={"resourceType": "Bundle", "type": "searchset", "entry": found}
+        )
+
+    mock.get(url__regex=rf"^{BASE}/[A-Z][A-Za-z]+(\?.*)?$").mock(side_effect=search)
+
+
+def test_since_rebuilds_the_changed_encounters_whole(tmp_path: Path) -> None:
+    """An export since a date holds what changed: one finding, say. Its record is rebuilt whole."""
+    records = _records()
+    files = _files(tmp_path, records)
+    changed = records[4]
+    observation = next(
+        line
+        for line in files["Observation"].splitlines()
+        if b'"Encounter/' in line
+        and json.loads(line)["identifier"][0]["value"].startswith(changed.id + "/")
+    )
+    export = {"Observation": observation + b"\n"}  # nothing else changed
+    with respx.mock(assert_all_called=False) as mock:
+        server = Server(mock, export)
+        _searches(mock, files)
+        reports = _run(tmp_path / "work", since="2026-11-01T00:00:00Z")
+    assert server.kickoff.calls.last.request.url.params["_since"] == "2026-11-01T00:00:00+00:00"
+    assert _errors(reports) == []
+    assert _pulled(reports) == [changed]
+
+
+def test_what_a_group_export_lacks_is_read_by_id(tmp_path: Path) -> None:
+    records = _records()
+    files = _files(tmp_path, records)
+    exported = {t: b for t, b in files.items() if t not in {"Practitioner", "Organization"}}
+    with respx.mock(assert_all_called=False) as mock:
+        mock.get(f"{BASE}/Group/g1/$export").respond(202, headers={"Content-Location": STATUS})
+        mock.get(STATUS).respond(200, json=_manifest(exported))
+        for t, body in exported.items():
+            mock.get(f"{BASE}/files/{t}.ndjson").respond(200, content=body)
+        _searches(mock, files)
+        reports = _run(tmp_path / "work", level="group", group="g1")
+    assert _errors(reports) == []
+    assert _pulled(reports) == _by_id(records)
+
+
 # -- what the server must not get away with -------------------------------------------------
 
 
