@@ -618,3 +618,16 @@ def test_ctrl_c_cancels_the_export_on_the_server(tmp_path: Path) -> None:
     assert "Traceback" not in err
     assert err.strip().splitlines()[-1] == "cancelled the export was cancelled on the server"
     assert not (tmp_path / "export.json").exists()
+
+
+@pytest.mark.parametrize(
+    "args",
+    [
+        pytest.param(["--level", "group", "--group", "g1"], id="level"),
+        pytest.param(["--file-host", "files.example.net"], id="file-host"),
+        pytest.param(["--no-type-filter"], id="no-type-filter"),
+    ],
+)
+def test_cli_bulk_options_need_bulk(args: list[str]) -> None:
+    result = CliRunner().invoke(cli, ["pull", "--server", BASE, *args])
+    assert result.exit_code == 2 and "only with --bulk" in result.output

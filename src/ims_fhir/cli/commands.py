@@ -1110,6 +1110,14 @@ def pull_command(**options: Any) -> None:
         )
     if (options["group"] is not None) != (options["level"] == "group"):
         raise click.BadParameter("give --group ID with --level group (and only then)")
+    bulk_only = {
+        "--level": options["level"] != "system",
+        "--no-type-filter": not options["type_filter"],
+        "--file-host": bool(options["file_hosts"]),
+    }
+    given = [flag for flag, used in bulk_only.items() if used]
+    if given and not bulk:
+        raise click.BadParameter(f"{', '.join(given)} only with --bulk", param_hint="--bulk")
 
     def reports(client: AsyncFhirClient) -> AsyncIterator[MappingReport]:
         if not bulk:
