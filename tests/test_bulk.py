@@ -631,3 +631,12 @@ def test_ctrl_c_cancels_the_export_on_the_server(tmp_path: Path) -> None:
 def test_cli_bulk_options_need_bulk(args: list[str]) -> None:
     result = CliRunner().invoke(cli, ["pull", "--server", BASE, *args])
     assert result.exit_code == 2 and "only with --bulk" in result.output
+
+
+@pytest.mark.parametrize(
+    "text", ["[]", "{", '{"server": 1}'], ids=["list", "not-json", "no-request"]
+)
+def test_a_broken_state_file_is_named(tmp_path: Path, text: str) -> None:
+    (tmp_path / "export.json").write_text(text)
+    with pytest.raises(ConfigurationError, match="export.json"):
+        _run(tmp_path)

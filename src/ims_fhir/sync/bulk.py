@@ -306,7 +306,7 @@ def _load_state(work_dir: Path) -> _Export | None:
             manifest=data.get("manifest"),
             files=[str(f) for f in data.get("files", [])],
         )
-    except (KeyError, TypeError, ValueError):
+    except (AttributeError, KeyError, TypeError, ValueError):
         raise ConfigurationError(
             f"{path} is not an ims-fhir bulk export state file",
             fix="remove it, or choose another work directory",
