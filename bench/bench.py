@@ -980,7 +980,8 @@ def main() -> int:
         type=int,
         nargs=2,
         metavar=("SMALL", "LARGE"),
-        help="encounters of the bulk rebuild memory row (default: 10000 100000)",
+        help="encounters of the bulk rebuild memory row (default: 10000 100000; with "
+        "--bulk-only, 0 0 leaves it out)",
     )
     parser.add_argument(
         "--bulk-only",
@@ -1046,8 +1047,9 @@ def bulk_only(args: argparse.Namespace, sizes: Sizes) -> int:
                 warm_up(base, sizes.warmup, workdir)
                 results["bulk"] = bench_bulk(base, sizes.bulk, workdir)
                 print("bulk", json.dumps(results["bulk"]), flush=True)
-        results["bulk_memory"] = bench_bulk_memory(sizes.bulk_memory, workdir)
-        print("bulk_memory", json.dumps(results["bulk_memory"]), flush=True)
+        if min(sizes.bulk_memory) > 0:  # --bulk-memory 0 0 leaves the row out
+            results["bulk_memory"] = bench_bulk_memory(sizes.bulk_memory, workdir)
+            print("bulk_memory", json.dumps(results["bulk_memory"]), flush=True)
     m = results["machine"]
     text = (
         f"Measured {results['date']} on {m['cpu']} ({m['cores']} cores, {m['memory_gib']} GiB), "
