@@ -4,6 +4,7 @@
     bench/run            # full sizes; writes bench/RESULTS.md and bench/results.json
     bench/run --quick    # tiny sizes (the test suite runs this as a smoke test)
     bench/run --profile  # also profile one push with pyinstrument (bench/profile-push.txt)
+    bench/run --bulk-only --bulk 2000   # only the bulk rows (RESULTS-bulk.md, results-bulk.json)
 
 Every number comes with the baseline measured in the same run, and the ratio between the two.
 The encounters are deterministic (ims_fhir.synthetic_encounters, seeded). A local HAPI FHIR JPA
@@ -40,15 +41,18 @@ from pyinstrument import Profiler
 
 from ims_fhir import (
     AsyncFhirClient,
+    BulkProgress,
     Encounter,
+    FhirClient,
     Pusher,
     StateStore,
+    bulk_pull,
     from_fhir,
     pull,
     synthetic_encounters,
     to_fhir_json,
 )
-from ims_fhir.mapping.identity import identifier_query
+from ims_fhir.mapping.identity import Kind, identifier_query, system
 from ims_fhir.mapping.to_fhir import transaction_json
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
@@ -75,10 +79,14 @@ class Sizes:
     one_bundle: tuple[int, int]  # encounters in one Bundle mapped back: small, large
     cpu: int  # encounters pushed through the instant server for the client-CPU rows
     incremental: int  # encounters on the server for the nightly-sync row (1 % changed)
+    bulk: int  # encounters pulled page by page and with pull --bulk
+    bulk_memory: tuple[int, int]  # encounters rebuilt from NDJSON per type: small, large
 
 
 SIZES = {
-    "quick": Sizes(20, 3, [20], [20], 10, 10, (50, 500), (100, 1000), (10, 200), 20, 20),
+    "quick": Sizes(
+        20, 3, [20], [20], 10, 10, (50, 500), (100, 1000), (10, 200), 20, 20, 20, (100, 1000)
+    ),
     "full": Sizes(
         300,
         5,
@@ -91,6 +99,8 @@ SIZES = {
         (100, 10000),
         1000,
         2000,
+        10000,
+        (10000, 100000),
     ),
 }
 
@@ -624,6 +634,134 @@ def bench_latency(base: str, size: int, latency: float, workdir: Path) -> dict[s
     }
 
 
+# -- 4b. bulk pull ----------------------------------------------------------------------------
+
+
+def group_of_patients(base: str, namespace: str) -> str:
+    """A Group of the namespace's patients: what a Bulk Data server exports for a cohort."""
+    with FhirClient(base, timeout=300) as client:
+        patients = client.search(
+            "Patient",
+            {"identifier": system(namespace, Kind.PATIENT) + "|", "_count": "500"},
+            raw=True,
+        )
+        members = [{"entity": {"reference": f"Patient/{p['id']}"}} for p in patients]
+        outcome = client.create(
+            {"resourceType": "Group", "type": "person", "actual": True, "member": members}
+        )
+    assert outcome.id
+    return outcome.id
+
+
+async def pull_paged(base: str, namespace: str) -> tuple[int, float]:
+    async with AsyncFhirClient(base, timeout=300) as client:
+        start = time.perf_counter()
+        count = 0
+        async for report in pull(client, namespace=namespace, page_size=50):
+            count += len(report.records)
+        return count, time.perf_counter() - start
+
+
+async def pull_bulk(base: str, namespace: str, group: str, work: Path) -> tuple[int, float, float]:
+    """Encounters, seconds in all, seconds until the manifest came (the server's export)."""
+
+    async def poll_sleep(seconds: float) -> None:
+        await asyncio.sleep(min(seconds, 1.0))  # HAPI asks for 120 s whatever the job
+
+    exported: list[float] = []
+
+    def progress(step: BulkProgress) -> None:
+        if step.stage == "downloading" and not exported:
+            exported.append(time.perf_counter())
+
+    async with AsyncFhirClient(base, timeout=300) as client:
+        start = time.perf_counter()
+        count = 0
+        async for report in bulk_pull(
+            client,
+            work,
+            level="group",
+            group=group,
+            namespace=namespace,
+            sleep=poll_sleep,
+            on_progress=progress,
+        ):
+            count += len(report.records)
+        return count, time.perf_counter() - start, exported[0] - start
+
+
+def bench_bulk(base: str, size: int, workdir: Path) -> dict[str, Any]:
+    """The same encounters pulled page by page and with Bulk Data $export (a Group of them)."""
+    records = namespaced(list(synthetic_encounters(size, seed=77_000 + size)), "bulk")
+    namespace = str(records[0].clinic.namespace)
+    with StateStore(workdir / "state-bulk.sqlite3") as state:
+        pushed = asyncio.run(push_ours(base, records, state))
+    group = group_of_patients(base, namespace)
+    paged_n, paged_s = asyncio.run(pull_paged(base, namespace))
+    bulk_n, bulk_s, export_s = asyncio.run(pull_bulk(base, namespace, group, workdir / "bulk"))
+    assert paged_n == bulk_n == size, (paged_n, bulk_n, size)
+    return {
+        "encounters": size,
+        "push_s": pushed["s"],
+        "paged_s": paged_s,
+        "bulk_s": bulk_s,
+        "bulk_export_s": export_s,
+        "bulk_client_s": bulk_s - export_s,
+        "bulk_client_per_s": size / (bulk_s - export_s),
+        "paged_per_s": size / paged_s,
+        "bulk_per_s": size / bulk_s,
+        "bulk_over_paged": paged_s / bulk_s,
+    }
+
+
+_REBUILD = """
+import sys
+from pathlib import Path
+from ims_fhir import rebuild_ndjson
+files = sorted(Path(sys.argv[1]).glob("*.ndjson"))
+count = sum(len(r.records) for r in rebuild_ndjson(files, index_dir=sys.argv[2]))
+assert count == int(sys.argv[3]), count
+hwm = [l for l in open("/proc/self/status") if l.startswith("VmHWM")][0].split()[1]
+print(hwm, file=sys.stderr)
+"""
+
+
+def bench_bulk_memory(sizes: tuple[int, int], workdir: Path) -> dict[str, Any]:
+    """Peak RSS of the bulk rebuild, from NDJSON per type (convert --ndjson-per-type), offline."""
+    out: dict[str, Any] = {}
+    for count in sizes:
+        source = workdir / f"enc-{count}.ndjson"
+        if not source.exists():
+            write_ndjson(source, count)
+        files = workdir / f"per-type-{count}"
+        subprocess.run(
+            [
+                sys.executable,
+                "-m",
+                "ims_fhir",
+                "convert",
+                str(source),
+                "--ndjson-per-type",
+                str(files),
+            ],
+            check=True,
+            capture_output=True,
+        )
+        start = time.perf_counter()
+        result = subprocess.run(
+            [sys.executable, "-c", _REBUILD, str(files), str(workdir), str(count)],
+            capture_output=True,
+            text=True,
+            check=True,
+        )
+        out[f"{count}_s"] = time.perf_counter() - start
+        out[str(count)] = int(result.stderr.strip().splitlines()[-1])
+    small, large = sizes
+    out["ratio"] = out[str(large)] / out[str(small)]
+    out["large_per_s"] = large / out[f"{large}_s"]
+    return out
+
+
 # -- 5. memory ---------------------------------------------------------------------------------
 
 
@@ -699,6 +837,9 @@ def server() -> Iterator[str]:
             str(log),
             "--",
             f"--ims.h2-url=jdbc:h2:file:{here / 'db'}",
+            # Batch2 advances a Bulk Data export once per pass: once a minute on stock HAPI,
+            # which alone takes an export 3-4 minutes (see RESULTS.md).
+            "--ims.batch2-maintenance-ms=2000",
         ],
         stdout=subprocess.PIPE,
         text=True,
@@ -716,6 +857,25 @@ def server() -> Iterator[str]:
         process.stdout.close()
         for path in here.glob("db*"):
             path.unlink()
+
+
+def bulk_rows(results: dict[str, Any]) -> list[str]:
+    lines: list[str] = []
+    if "bulk" in results:
+        b = results["bulk"]
+        lines.append(
+            f"| pull --bulk vs paged pull, the same {b['encounters']:,} encounters (a Group export of their patients; Batch2 maintenance every 2 s), enc/s | {b['bulk_per_s']:.1f} ({b['bulk_s']:.1f} s) | {b['paged_per_s']:.1f} ({b['paged_s']:.1f} s, pull, page size 50) | {b['bulk_over_paged']:.2f}x the speed | >= 10x at 10,000 |"
+        )
+        lines.append(
+            f"| of which: HAPI's export (kick-off to manifest) / ims-fhir's part (download, index, rebuild), s | {b['bulk_export_s']:.1f} / {b['bulk_client_s']:.1f} ({b['bulk_client_per_s']:.0f} enc/s) | {b['paged_s']:.1f} (paged pull) | ims-fhir's part: {b['paged_s'] / b['bulk_client_s']:.1f}x faster than a paged pull | |"
+        )
+    if "bulk_memory" in results:
+        bm = results["bulk_memory"]
+        small, large = (k for k in bm if k.isdigit())
+        lines.append(
+            f"| peak RSS, bulk rebuild from NDJSON per type (offline): {int(large):,} vs {int(small):,} encounters | {bm[large] / 1024:.0f} MiB ({bm['large_per_s']:.0f} enc/s) | {bm[small] / 1024:.0f} MiB | {bm['ratio']:.2f}x | flat (~1x) |"
+        )
+    return lines
 
 
 def table(results: dict[str, Any]) -> str:
@@ -778,6 +938,7 @@ def table(results: dict[str, Any]) -> str:
     if "pull" in results:
         pr = results["pull"]
         lines.append(f"| pull, enc/s | {pr['per_s']:.1f} ({pr['encounters']} encounters) | | | |")
+    lines += bulk_rows(results)
     mem = results["memory"]
     small, large = list(mem["convert"])
     lines.append(
@@ -812,6 +973,22 @@ def main() -> int:
         help="only what needs no server: mapping and memory (RESULTS-offline.md)",
     )
     parser.add_argument(
+        "--bulk", type=int, metavar="N", help="encounters of the bulk pull row (default: 10000)"
+    )
+    parser.add_argument(
+        "--bulk-memory",
+        type=int,
+        nargs=2,
+        metavar=("SMALL", "LARGE"),
+        help="encounters of the bulk rebuild memory row (default: 10000 100000; with "
+        "--bulk-only, 0 0 leaves it out)",
+    )
+    parser.add_argument(
+        "--bulk-only",
+        action="store_true",
+        help="only the bulk rows: pull --bulk vs pull, rebuild memory (RESULTS-bulk.md)",
+    )
+    parser.add_argument(
         "--profile",
         action="store_true",
         help="profile one more push of the first size with pyinstrument (profile-push.txt)",
@@ -822,6 +999,12 @@ def main() -> int:
     sizes = SIZES[mode]
     if args.push:
         sizes = replace(sizes, push=args.push)
+    if args.bulk:
+        sizes = replace(sizes, bulk=args.bulk)
+    if args.bulk_memory:
+        sizes = replace(sizes, bulk_memory=tuple(args.bulk_memory))
+    if args.bulk_only:
+        return bulk_only(args, sizes)
     results: dict[str, Any] = {
         "mode": mode,
         "date": time.strftime("%Y-%m-%d"),
@@ -840,6 +1023,8 @@ def main() -> int:
                 measure_server(args, sizes, results, base, workdir)
         results["memory"] = bench_memory({"convert": sizes.convert, "dry": sizes.dry}, workdir)
         print("memory", json.dumps(results["memory"]), flush=True)
+        results["bulk_memory"] = bench_bulk_memory(sizes.bulk_memory, workdir)
+        print("bulk_memory", json.dumps(results["bulk_memory"]), flush=True)
     args.out.mkdir(parents=True, exist_ok=True)
     suffix = ("" if mode == "full" else "-quick") + ("-offline" if args.offline else "")
     (args.out / f"results{suffix}.json").write_text(
@@ -849,6 +1034,34 @@ def main() -> int:
         "# Benchmark results\n\n" + table(results), encoding="utf-8"
     )
     print(table(results))
+    return 0
+
+
+def bulk_only(args: argparse.Namespace, sizes: Sizes) -> int:
+    """The bulk rows alone, written to RESULTS-bulk.md and results-bulk.json."""
+    results: dict[str, Any] = {"date": time.strftime("%Y-%m-%d"), "machine": machine()}
+    with tempfile.TemporaryDirectory() as tmp:
+        workdir = Path(tmp)
+        if not args.offline:
+            with server() as base:
+                warm_up(base, sizes.warmup, workdir)
+                results["bulk"] = bench_bulk(base, sizes.bulk, workdir)
+                print("bulk", json.dumps(results["bulk"]), flush=True)
+        if min(sizes.bulk_memory) > 0:  # --bulk-memory 0 0 leaves the row out
+            results["bulk_memory"] = bench_bulk_memory(sizes.bulk_memory, workdir)
+            print("bulk_memory", json.dumps(results["bulk_memory"]), flush=True)
+    m = results["machine"]
+    text = (
+        f"Measured {results['date']} on {m['cpu']} ({m['cores']} cores, {m['memory_gib']} GiB), "
+        f"Python {m['python']}; bench/run --bulk-only.\n\n"
+        "| measure | ims-fhir | baseline | ratio | target |\n|---|---|---|---|---|\n"
+        + "\n".join(bulk_rows(results))
+        + "\n"
+    )
+    args.out.mkdir(parents=True, exist_ok=True)
+    (args.out / "results-bulk.json").write_text(json.dumps(results, indent=2) + "\n", "utf-8")
+    (args.out / "RESULTS-bulk.md").write_text("# Benchmark results: bulk\n\n" + text, "utf-8")
+    print(text)
     return 0
 
 
@@ -877,6 +1090,8 @@ def measure_server(
     print("latency", json.dumps(results["latency"]), flush=True)
     count, seconds = asyncio.run(pull_rate(base))
     results["pull"] = {"encounters": count, "seconds": seconds, "per_s": count / seconds}
+    results["bulk"] = bench_bulk(base, sizes.bulk, workdir)
+    print("bulk", json.dumps(results["bulk"]), flush=True)
 
 
 if __name__ == "__main__":

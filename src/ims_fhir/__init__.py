@@ -32,6 +32,7 @@ from .client.asynchronous import AsyncFhirClient
 from .client.auth import BearerAuth, ClientCredentialsAuth, SmartBackendAuth, TokenAuth
 from .client.blocking import FhirClient
 from .client.http import ClientOptions, Outcome, RetryPolicy
+from .mapping.convert import NdjsonPerType
 from .mapping.from_fhir import MappingReport, SkippedResource, from_fhir
 from .mapping.to_fhir import to_fhir, to_fhir_json, to_resources, to_transaction
 from .record.codes import (
@@ -69,6 +70,7 @@ from .record.reader import ReadRecord, read_records, validate_record
 from .record.schema import record_json_schema
 from .record.synthetic import synthetic_encounters
 from .record.terminology import CANONICAL, Terminology, terminology
+from .sync.bulk import BulkProgress, bulk_pull, bulk_pull_all, rebuild_ndjson
 from .sync.capabilities import Check, check_capabilities
 from .sync.pull import pull, pull_all
 from .sync.push import Pusher, PushResult, PushSummary, push
@@ -83,6 +85,7 @@ __all__ = [
     "AuthenticationError",
     "BadRequestError",
     "BearerAuth",
+    "BulkProgress",
     "Check",
     "ClientCredentialsAuth",
     "ClientOptions",
@@ -107,6 +110,7 @@ __all__ = [
     "MappingError",
     "MappingReport",
     "MuscleCode",
+    "NdjsonPerType",
     "NeedleResponseCode",
     "NeedledSite",
     "NotFoundError",
@@ -147,12 +151,15 @@ __all__ = [
     "VersionConflictError",
     "VisitTypeCode",
     "__version__",
+    "bulk_pull",
+    "bulk_pull_all",
     "check_capabilities",
     "from_fhir",
     "pull",
     "pull_all",
     "push",
     "read_records",
+    "rebuild_ndjson",
     "record_json_schema",
     "synthetic_encounters",
     "terminology",

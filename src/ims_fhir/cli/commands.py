@@ -19,7 +19,7 @@ import os
 import re
 import sqlite3
 import sys
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import AsyncIterator, Callable, Iterator, Sequence
 from pathlib import Path
 from typing import Any, NoReturn, TypeVar
 
@@ -49,7 +49,8 @@ from .._exceptions import (
 from .._version import __version__
 from ..client.asynchronous import AsyncFhirClient
 from ..client.http import is_loopback
-from ..mapping.convert import detect_input, read_fhir
+from ..mapping.convert import NdjsonPerType, detect_input, read_fhir
+from ..mapping.from_fhir import MappingReport
 from ..mapping.identity import default_namespace, example_systems
 from ..mapping.package import PACKAGE_NAME, build_package, package_resources
 from ..mapping.to_fhir import bundle_dict, bundle_json, transaction_json
@@ -57,6 +58,13 @@ from ..record.model import Encounter, check_namespace
 from ..record.reader import ReadRecord, read_records
 from ..record.schema import record_json_schema_text
 from ..record.synthetic import synthetic_encounter
+from ..sync.bulk import (
+    DEFAULT_BULK_CONCURRENCY,
+    MAX_POLL_WAIT,
+    BulkProgress,
+    bulk_pull,
+    remove_export,
+)
 from ..sync.capabilities import Check, check_capabilities
 from ..sync.matching import DEFAULT_MATCH_THRESHOLD, MATCH_POLICIES
 from ..sync.pull import (
@@ -557,18 +565,54 @@ def _error_json(error: RecordError) -> dict[str, Any]:
     is_flag=True,
     help="IMS in: also check each Bundle against the FHIR R4 models (about 20x slower).",
 )
+@click.option(
+    "--ndjson-per-type",
+    "per_type",
+    type=click.Path(file_okay=False, path_type=Path),
+    help="IMS in: write DIR/<Type>.ndjson, one resource a line (the Bulk Data format that "
+    "$import and bulk loaders take), not Bundles.",
+)
 def convert(
-    paths: Sequence[Path], output: Path | None, single: bool, source: str, validate: bool
+    paths: Sequence[Path],
+    output: Path | None,
+    single: bool,
+    source: str,
+    validate: bool,
+    per_type: Path | None,
 ) -> None:
     """Convert IMS records to FHIR transaction Bundles (NDJSON), or FHIR back to IMS records.
 
-    IMS records in: one Bundle per encounter, one per line (or one Bundle with --single).
-    FHIR Bundles or NDJSON of resources in: one IMS record per line. Bad input is reported on
-    stderr with its file, record and field; the rest is converted. Exit code 1 if any failed.
+    IMS records in: one Bundle per encounter, one per line (or one Bundle with --single, or
+    one NDJSON file per resource type with --ndjson-per-type). FHIR Bundles or NDJSON of
+    resources in: one IMS record per line. Bad input is reported on stderr with its file,
+    record and field; the rest is converted. Exit code 1 if any failed.
     """
     kind = detect_input(paths) if source == "auto" else source
     err = _stderr()
     failed = converted = 0
+    if per_type is not None:
+        if output is not None or single or validate:
+            raise click.BadParameter(
+                "--ndjson-per-type writes its own files: give it without -o, --single and "
+                "--validate",
+                param_hint="--ndjson-per-type",
+            )
+        if kind != "ims":
+            raise click.BadParameter(
+                "--ndjson-per-type takes IMS records (the inputs hold FHIR)",
+                param_hint="--ndjson-per-type",
+            )
+        with NdjsonPerType(per_type) as writer:
+            for item in read_records(paths, on_skip=_say_skipped):
+                if isinstance(item, RecordError):
+                    failed += 1
+                    err.print(f"[red]invalid[/red] {escape(str(item))}")
+                    continue
+                writer.write(item.record, checked=True)
+                converted += 1
+        files = ", ".join(f"{t}.ndjson {n}" for t, n in sorted(writer.counts.items()))
+        err.print(f"{converted} converted, {failed} failed ({per_type}: {files or 'no files'})")
+        sys.exit(EXIT_SOME_FAILED if failed else EXIT_OK)
     with click.open_file(str(output) if output else "-", "w", encoding="utf-8") as out:
         if kind == "ims":
             good = []
@@ -997,8 +1041,61 @@ def _entered_in_error(reason: str) -> bool:
     callback=_output_file,
     help="NDJSON file (default stdout).",
 )
+@click.option(
+    "--bulk",
+    is_flag=True,
+    help="Use the server's Bulk Data $export (NDJSON files), not page by page searches.",
+)
+@click.option(
+    "--bulk-dir",
+    type=click.Path(file_okay=False, path_type=Path),
+    default=Path("ims-fhir-bulk"),
+    show_default=True,
+    help="--bulk: where the export's files are kept; run again with it to resume. Emptied "
+    "after a pull without errors.",
+)
+@click.option(
+    "--level",
+    type=click.Choice(["system", "patient", "group"]),
+    default="system",
+    show_default=True,
+    help="--bulk: $export, Patient/$export or Group/ID/$export.",
+)
+@click.option("--group", help="--bulk --level group: the Group's id.")
+@click.option(
+    "--type-filter/--no-type-filter",
+    default=True,
+    show_default=True,
+    help="--bulk: send _typeFilter (the Encounter profile, the namespace).",
+)
+@click.option(
+    "--file-host",
+    "file_hosts",
+    multiple=True,
+    help="--bulk: a host besides the server's that may hold the export's files (it is never "
+    "sent the token); repeatable.",
+)
+@click.option(
+    "--bulk-concurrency",
+    type=click.IntRange(1, 32),
+    default=DEFAULT_BULK_CONCURRENCY,
+    show_default=True,
+    help="--bulk: files downloaded at once.",
+)
+@click.option(
+    "--max-poll-wait",
+    type=_SECONDS,
+    default=MAX_POLL_WAIT,
+    show_default=True,
+    help="--bulk: the longest wait between status polls, whatever Retry-After asks.",
+)
 def pull_command(**options: Any) -> None:
-    """Fetch IMS encounters from a FHIR server and write them as IMS records (NDJSON)."""
+    """Fetch IMS encounters from a FHIR server and write them as IMS records (NDJSON).
+
+    With --bulk, the server exports them (FHIR Bulk Data $export) into NDJSON files, fetched
+    in parallel and rebuilt here; an interrupted run resumes from --bulk-dir, and Ctrl-C
+    cancels the export on the server.
+    """
     err = _stderr()
     totals = {"records": 0, "skipped": 0, "retired": 0, "other_clinic": 0, "unmappable": 0}
     try:
@@ -1006,20 +1103,55 @@ def pull_command(**options: Any) -> None:
     except ValueError as exc:
         option = "--clinic" if str(exc).startswith(repr(options["clinic"])) else "--namespace"
         raise click.BadParameter(str(exc), param_hint=option) from None
+    bulk = options["bulk"]
+    if bulk and options["patient"] is not None:
+        raise click.BadParameter(
+            "--bulk exports whole populations: use --level group with a Group of the "
+            "patients, or pull --patient without --bulk",
+            param_hint="--patient",
+        )
+    if (options["group"] is not None) != (options["level"] == "group"):
+        raise click.BadParameter("give --group ID with --level group (and only then)")
+    bulk_only = {
+        "--level": options["level"] != "system",
+        "--no-type-filter": not options["type_filter"],
+        "--file-host": bool(options["file_hosts"]),
+    }
+    given = [flag for flag, used in bulk_only.items() if used]
+    if given and not bulk:
+        raise click.BadParameter(f"{', '.join(given)} only with --bulk", param_hint="--bulk")
+
+    def reports(client: AsyncFhirClient) -> AsyncIterator[MappingReport]:
+        if not bulk:
+            return pull(
+                client,
+                patient=options["patient"],
+                since=options["since"],
+                namespace=options["namespace_filter"],
+                clinic=options["clinic"],
+                page_size=options["page_size"],
+            )
+        return bulk_pull(
+            client,
+            options["bulk_dir"],
+            level=options["level"],
+            group=options["group"],
+            since=options["since"],
+            namespace=options["namespace_filter"],
+            clinic=options["clinic"],
+            type_filter=options["type_filter"],
+            file_hosts=options["file_hosts"],
+            concurrency=options["bulk_concurrency"],
+            max_poll_wait=options["max_poll_wait"],
+            on_progress=_BulkProgressLine(err) if bulk else None,
+        )
 
     async def run() -> None:
         async with _client(options) as client:
             output = options["output"]
             with click.open_file(str(output) if output else "-", "w", encoding="utf-8") as out:
                 page = 0
-                async for report in pull(
-                    client,
-                    patient=options["patient"],
-                    since=options["since"],
-                    namespace=options["namespace_filter"],
-                    clinic=options["clinic"],
-                    page_size=options["page_size"],
-                ):
+                async for report in reports(client):
                     page += 1
                     for record in report.records:
                         out.write(record.model_dump_json(exclude_defaults=True) + "\n")
@@ -1031,11 +1163,24 @@ def pull_command(**options: Any) -> None:
                     totals["skipped"] += len(report.skipped) - retired - other
                     totals["unmappable"] += len(report.errors)
                     for error in report.errors:
-                        err.print(f"[red]unmappable[/red] page {page}: {escape(str(error))}")
+                        where = "batch" if bulk else "page"
+                        err.print(f"[red]unmappable[/red] {where} {page}: {escape(str(error))}")
                     for warning in report.warnings:
-                        err.print(f"[yellow]warning[/yellow] page {page}: {escape(str(warning))}")
+                        where = "batch" if bulk else "page"
+                        err.print(
+                            f"[yellow]warning[/yellow] {where} {page}: {escape(str(warning))}"
+                        )
 
-    asyncio.run(run())
+    try:
+        asyncio.run(run())
+    except KeyboardInterrupt:
+        err.print(
+            "[red]cancelled[/red] "
+            + ("the export was cancelled on the server" if bulk else "pull stopped")
+        )
+        sys.exit(130)
+    if bulk and not totals["unmappable"]:
+        remove_export(options["bulk_dir"])
     err.print(
         f"{totals['records']} records pulled, {totals['unmappable']} encounters could not be "
         f"mapped; skipped: {totals['retired']} resources ims-fhir marked entered-in-error, "
@@ -1152,6 +1297,24 @@ async def _delete(client: AsyncFhirClient, written: Sequence[ResourceState]) -> 
     ]
     await client.transaction({"resourceType": "Bundle", "type": "transaction", "entry": deletes})
     click.echo(f"ok   removed the {len(written)} resources written")
+
+
+class _BulkProgressLine:
+    """A line on stderr when a bulk pull moves on (a stage, a new X-Progress, 10% more)."""
+
+    def __init__(self, err: Console) -> None:
+        self.err = err
+        self.last: tuple[str, str, int] | None = None
+
+    def __call__(self, progress: BulkProgress) -> None:
+        tenth = progress.done * 10 // progress.total if progress.total else 0
+        key = (progress.stage, progress.message, tenth)
+        if key == self.last:
+            return
+        self.last = key
+        count = f" {progress.done}/{progress.total}" if progress.total is not None else ""
+        message = f": {escape(progress.message)}" if progress.message else ""
+        self.err.print(f"[dim]bulk[/dim] {progress.stage}{count}{message}")
 
 
 def main() -> None:

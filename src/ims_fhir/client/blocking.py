@@ -31,6 +31,7 @@ from .http import (
     Outcome,
     ResourceType,
     RetryPolicy,
+    Sink,
     bundle_call,
     bundle_outcomes,
     capabilities_call,
@@ -215,15 +216,9 @@ class FhirClient:
                     raise translate_transport_error(exc, request, time.monotonic()) from exc
                 time.sleep(wait)
                 continue
-            # The body is decoded already: the rebuilt response must not decode it again.
-            headers = [
-                (k, v)
-                for k, v in response.headers.multi_items()
-                if k.lower() not in {"content-encoding", "content-length", "transfer-encoding"}
-            ]
             response = httpx.Response(
                 response.status_code,
-                headers=headers,
+                headers=_decoded_headers(response),
                 content=body,
                 request=response.request,
                 extensions=response.extensions,
@@ -264,6 +259,73 @@ class FhirClient:
             max_bytes=self.max_response_bytes,
             request=response.request,
         )
+
+    def send(self, call: Call, *, ok: frozenset[int] = frozenset()) -> httpx.Response:
+        """Send ``call`` with retries; the answer with its body read (within the limits).
+
+        For operations this client has no method for (the Bulk Data ``$export`` kick-off and
+        status): a success, or a status in ``ok``, is returned with its headers; any other
+        status raises its :class:`~ims_fhir.StatusError`.
+        """
+        return self._send(call, ok=ok)
+
+    def download(
+        self,
+        url: str,
+        sink: Sink,
+        *,
+        credentials: bool,
+        accept: str,
+        max_bytes: int,
+    ) -> int:
+        """GET ``url`` once and hand its body to ``sink`` chunk by chunk, as it arrives.
+
+        For files too large to hold (Bulk Data NDJSON): nothing is kept here. The body is asked
+        for unencoded (``Accept-Encoding: identity``) and one encoded anyway is refused, so
+        what ``sink`` gets is what is counted against ``max_bytes``. ``credentials=False``
+        sends neither the auth nor the extra headers: for a file on another host. No retries
+        and no deadline (a large file takes what it takes; each read still times out): the
+        caller decides whether to start the file again. Returns the bytes received.
+
+        Raises:
+            StatusError: an error status (its body read within the response limit).
+            InvalidResponseError: an encoded body, or one larger than ``max_bytes``.
+            TransportError: the connection failed or timed out.
+        """
+        headers = {"Accept": accept, "Accept-Encoding": "identity"}
+        if credentials:
+            headers |= self._headers
+        request = self._http.build_request("GET", url, headers=headers, timeout=self._timeout)
+        auth = (self._auth or httpx.USE_CLIENT_DEFAULT) if credentials else None
+        try:
+            response = self._http.send(request, stream=True, auth=auth, follow_redirects=False)
+            try:
+                if not response.is_success:
+                    body = self._read_body(response)
+                    raise make_status_error(
+                        httpx.Response(
+                            response.status_code,
+                            headers=_decoded_headers(response),
+                            content=body,
+                            request=response.request,
+                        )
+                    )
+                encoding = response.headers.get("Content-Encoding", "identity").strip().lower()
+                if encoding not in {"", "identity"}:
+                    raise InvalidResponseError(
+                        f"{describe_request(request)}: file sent encoded as {encoding!r} "
+                        "though asked for unencoded",
+                        request=request,
+                    )
+                counter = BodyCounter(response, max_bytes)
+                for chunk in response.iter_raw():
+                    counter.add(chunk, time.monotonic())
+                    sink(chunk)
+                return counter.size
+            finally:
+                response.close()
+        except httpx.TransportError as exc:
+            raise translate_transport_error(exc, request, time.monotonic()) from exc
 
     # -- operations ------------------------------------------------------------------------
 
@@ -489,3 +551,12 @@ class FhirClient:
         """Run ``$validate`` and return the OperationOutcome (errors do not raise)."""
         response = self._send(validate_call(resource, profile), ok=frozenset({400, 412, 422}))
         return expect_resource(response, "OperationOutcome")
+
+
+def _decoded_headers(response: httpx.Response) -> list[tuple[str, str]]:
+    """The headers for a response rebuilt around its decoded body (not to be decoded again)."""
+    return [
+        (k, v)
+        for k, v in response.headers.multi_items()
+        if k.lower() not in {"content-encoding", "content-length", "transfer-encoding"}
+    ]

@@ -61,6 +61,8 @@ logger = logging.getLogger("ims_fhir.client")
 
 JSON = dict[str, Any]
 ResourceType = str | type[Resource]
+Sink = Callable[[bytes], object]
+"""Where a download's chunks go, one at a time (a file's ``write``)."""
 
 _SAFE_METHODS = frozenset({"GET", "HEAD", "PUT", "DELETE"})
 

@@ -2,15 +2,22 @@
 
 from __future__ import annotations
 
+import re
+from collections import Counter
 from collections.abc import Callable, Iterable, Iterator
 from pathlib import Path
-from typing import Any, Literal
+from types import TracebackType
+from typing import IO, Any, Literal
+
+import orjson
 
 from .._exceptions import FieldIssue, RecordError
+from ..record.model import Encounter
 from ..record.reader import json_values, walk
 from .from_fhir import MappingReport, from_fhir
+from .to_fhir import bundle_dict
 
-__all__ = ["detect_input", "read_fhir"]
+__all__ = ["NdjsonPerType", "detect_input", "read_fhir"]
 
 InputKind = Literal["ims", "fhir"]
 
@@ -58,3 +65,73 @@ def read_fhir(
                 yield RecordError(location, [FieldIssue("<json>", "not a FHIR resource")])
     if loose:
         yield from_fhir(loose)
+
+
+_URN_REFERENCE = re.compile(rb'"reference":"urn:uuid:([0-9a-f-]{36})"')
+# Resources many encounters share (one patient, one practitioner, one clinic): written once.
+_SHARED = frozenset({"Patient", "Practitioner", "Organization"})
+
+
+class NdjsonPerType:
+    """Write records as Bulk Data NDJSON: one file per resource type, ``<Type>.ndjson``.
+
+    What ``$import`` and bulk loaders take, and what a Bulk Data ``$export`` gives, so
+    ``bulk_pull``'s rebuild reads it back. Each resource gets an id (the uuid of its
+    ``urn:uuid`` full URL in the transaction Bundle, stable for the same record), and each
+    ``urn:uuid`` reference becomes ``Type/id``. A patient, practitioner or clinic many records
+    share is written once (the first time): the ids seen are kept, a few dozen bytes each;
+    everything else streams. Use as a context manager; :meth:`write` one record at a time.
+    """
+
+    def __init__(self, directory: str | Path) -> None:
+        """Write into ``directory`` (created if missing); its ``<Type>.ndjson`` are replaced."""
+        self.directory = Path(directory)
+        self.directory.mkdir(parents=True, exist_ok=True)
+        self.counts: Counter[str] = Counter()
+        self._files: dict[str, IO[bytes]] = {}
+        self._seen: set[str] = set()
+
+    def __enter__(self) -> NdjsonPerType:
+        return self
+
+    def __exit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        self.close()
+
+    def close(self) -> None:
+        """Close the files."""
+        for handle in self._files.values():
+            handle.close()
+        self._files.clear()
+
+    def write(self, record: Encounter, *, checked: bool = False) -> None:
+        """Write one record's resources (``checked``: it was just validated, as read)."""
+        entries = bundle_dict(record, checked=checked)["entry"]
+        local = {}
+        for entry in entries:
+            uuid = str(entry["fullUrl"]).removeprefix("urn:uuid:")
+            local[uuid.encode()] = f"{entry['resource']['resourceType']}/{uuid}".encode()
+
+        def literal(match: re.Match[bytes]) -> bytes:
+            target = local.get(match.group(1))
+            return b'"reference":"' + target + b'"' if target else match.group(0)
+
+        for entry in entries:
+            resource = entry["resource"]
+            kind = resource["resourceType"]
+            uuid = str(entry["fullUrl"]).removeprefix("urn:uuid:")
+            if kind in _SHARED:
+                key = f"{kind}/{uuid}"
+                if key in self._seen:
+                    continue
+                self._seen.add(key)
+            body = orjson.dumps({"resourceType": kind, "id": uuid} | resource)
+            handle = self._files.get(kind)
+            if handle is None:
+                handle = self._files[kind] = (self.directory / f"{kind}.ndjson").open("wb")
+            handle.write(_URN_REFERENCE.sub(literal, body) + b"\n")
+            self.counts[kind] += 1

@@ -28,7 +28,16 @@ from ..mapping.identity import Ext, Kind, Profile, default_namespace, search_esc
 from ..record.model import Encounter, check_namespace
 from .push import refuse_own_http_client, run_blocking
 
-__all__ = ["DEFAULT_PAGE_SIZE", "OTHER_CLINIC", "pull", "pull_all", "search_params"]
+__all__ = [
+    "DEFAULT_PAGE_SIZE",
+    "ENCOUNTER_TYPES",
+    "OTHER_CLINIC",
+    "PARTS",
+    "REFERRED",
+    "pull",
+    "pull_all",
+    "search_params",
+]
 
 DEFAULT_PAGE_SIZE = 50
 
@@ -43,22 +52,25 @@ OTHER_CLINIC = "another clinic's encounter"
 # a server for each of them (see search_params).
 _PROFILE, _PATIENT, _SINCE, _BY_ID = "_profile", "subject", "_lastUpdated", "_id"
 _IDENTIFIER = "identifier"
-# The resources that make an encounter up, by type: the parameter that points at the Encounter.
-_PARTS = {
+PARTS = {
     "Observation": "encounter",
     "Procedure": "encounter",
     "Condition": "encounter",
     "Provenance": "target",
 }
-# What encounters and their sessions refer to, fetched by id.
-_REFERRED = ("Patient", "Practitioner", "Organization", "Consent")
+"""The resources that make an encounter up, by type: the element (and search parameter, of the
+same name) that points at the Encounter."""
+REFERRED = ("Patient", "Practitioner", "Organization", "Consent")
+"""What encounters and their sessions refer to, fetched by id."""
+ENCOUNTER_TYPES = ("Encounter", *PARTS, *REFERRED)
+"""Every resource type an IMS encounter is made of."""
 
 
 def search_params() -> dict[str, frozenset[str]]:
     """Resource type -> the search parameters pull uses on it."""
     params = {"Encounter": frozenset({_PROFILE, _PATIENT, _SINCE, _IDENTIFIER})}
-    params |= {resource_type: frozenset({param}) for resource_type, param in _PARTS.items()}
-    params |= {resource_type: frozenset({_BY_ID}) for resource_type in _REFERRED}
+    params |= {resource_type: frozenset({param}) for resource_type, param in PARTS.items()}
+    params |= {resource_type: frozenset({_BY_ID}) for resource_type in REFERRED}
     return params
 
 
@@ -160,39 +172,61 @@ async def pull(
             if malformed:
                 yield MappingReport(errors=malformed)
             continue
-        refs = ",".join(f"Encounter/{e['id']}" for e in encounters)
-        resources: list[Any] = list(encounters)
-        for resource_type, param in _PARTS.items():
-            resources += await _all(client, resource_type, {param: refs})
-        wanted = {
-            "Patient": {_ref_id(e.get("subject")) for e in encounters},
-            "Practitioner": {
-                _ref_id(p.get("individual") if isinstance(p, dict) else None)
-                for e in encounters
-                for p in _list(e.get("participant"))
-            },
-            "Organization": {_ref_id(e.get("serviceProvider")) for e in encounters},
-            "Consent": {
-                _ref_id(ext.get("valueReference") if isinstance(ext, dict) else None)
-                for r in resources
-                if isinstance(r, dict) and r.get("resourceType") == "Procedure"
-                for ext in _list(r.get("extension"))
-                if isinstance(ext, dict)
-                and ext.get("url") in (Ext.SESSION_CONSENT.url, Ext.SUPPORTING_INFO.url)
-            },
-        }
-        for resource_type in _REFERRED:
-            found = sorted(i for i in wanted[resource_type] if i is not None)
-            if found:
-                resources += await _all(client, resource_type, {_BY_ID: ",".join(found)})
-        report = from_fhir(resources)
+        report = await rebuild(client, encounters)
         report.errors[:0] = malformed
         if namespace is not None or clinic is not None:
-            _keep_clinic(report, namespace, clinic)
+            keep_clinic(report, namespace, clinic)
         yield report
 
 
-def _keep_clinic(report: MappingReport, namespace: str | None, clinic: str | None) -> None:
+async def rebuild(client: AsyncFhirClient, encounters: list[dict[str, Any]]) -> MappingReport:
+    """Rebuild the records of ``encounters`` (Encounter JSON with ids) from what the server holds.
+
+    The resources that make them up are searched for by their reference to the Encounters, and
+    those the encounters and sessions refer to are read by id, then all are mapped back at once.
+    """
+    refs = ",".join(f"Encounter/{e['id']}" for e in encounters)
+    resources: list[Any] = list(encounters)
+    for resource_type, param in PARTS.items():
+        resources += await _all(client, resource_type, {param: refs})
+    wanted = referred_ids(encounters, resources)
+    for resource_type in REFERRED:
+        found = sorted(wanted[resource_type])
+        if found:
+            resources += await fetch_by_id(client, resource_type, found)
+    return from_fhir(resources)
+
+
+def referred_ids(encounters: list[Any], resources: list[Any]) -> dict[str, set[str]]:
+    """Type in :data:`REFERRED` -> the ids that ``encounters`` and their ``resources`` point at."""
+    wanted = {
+        "Patient": {ref_id(e.get("subject")) for e in encounters},
+        "Practitioner": {
+            ref_id(p.get("individual") if isinstance(p, dict) else None)
+            for e in encounters
+            for p in _list(e.get("participant"))
+        },
+        "Organization": {ref_id(e.get("serviceProvider")) for e in encounters},
+        "Consent": {
+            ref_id(ext.get("valueReference") if isinstance(ext, dict) else None)
+            for r in resources
+            if isinstance(r, dict) and r.get("resourceType") == "Procedure"
+            for ext in _list(r.get("extension"))
+            if isinstance(ext, dict)
+            and ext.get("url") in (Ext.SESSION_CONSENT.url, Ext.SUPPORTING_INFO.url)
+        },
+    }
+    return {
+        resource_type: {i for i in ids if i is not None} for resource_type, ids in wanted.items()
+    }
+
+
+async def fetch_by_id(client: AsyncFhirClient, resource_type: str, ids: list[str]) -> list[Any]:
+    """The resources of ``resource_type`` with these ids (those the server has), as JSON."""
+    return await _all(client, resource_type, {_BY_ID: ",".join(ids)})
+
+
+def keep_clinic(report: MappingReport, namespace: str | None, clinic: str | None) -> None:
     """Leave out the records of other clinics than the one asked for (never trust the server)."""
     kept: list[Encounter] = []
     for record in report.records:
@@ -219,7 +253,7 @@ async def _all(client: AsyncFhirClient, resource_type: str, params: dict[str, st
     return [r async for r in client.search(resource_type, params | {"_count": "200"}, raw=True)]
 
 
-def _ref_id(reference: Any) -> str | None:
+def ref_id(reference: Any) -> str | None:
     """The id a reference points at, if it is a FHIR id (what else could be searched for?)."""
     ref = reference.get("reference") if isinstance(reference, dict) else None
     if not isinstance(ref, str) or "/" not in ref:

@@ -1,6 +1,8 @@
 package org.imsfhir.testserver;
 
 import ca.uhn.fhir.batch2.jobs.config.Batch2JobsConfig;
+import ca.uhn.fhir.batch2.jobs.export.BulkDataExportProvider;
+import ca.uhn.fhir.batch2.maintenance.JobMaintenanceServiceImpl;
 import ca.uhn.fhir.context.FhirContext;
 import ca.uhn.fhir.context.support.IValidationSupport;
 import ca.uhn.fhir.jpa.api.config.JpaStorageSettings;
@@ -26,6 +28,7 @@ import jakarta.persistence.EntityManagerFactory;
 import java.util.Properties;
 import javax.sql.DataSource;
 import org.apache.commons.dbcp2.BasicDataSource;
+import org.springframework.beans.factory.config.BeanPostProcessor;
 import org.springframework.beans.factory.config.ConfigurableListableBeanFactory;
 import org.springframework.beans.factory.annotation.Value;
 import org.springframework.boot.web.servlet.ServletRegistrationBean;
@@ -39,7 +42,7 @@ import org.springframework.orm.jpa.LocalContainerEntityManagerFactoryBean;
 /**
  * The beans HAPI's JPA server needs beyond its own configuration classes. What each one enables
  * is what ims-fhir relies on: transactions, conditional create and update, versioned updates
- * (If-Match), _history, paging, $validate.
+ * (If-Match), _history, paging, $validate, Bulk Data $export.
  */
 @Configuration
 @Import({
@@ -61,7 +64,31 @@ public class FhirConfig {
 		// Multiple delete and delete-expunge stay off, as there.
 		settings.setAllowInlineMatchUrlReferences(true);
 		settings.setExpungeEnabled(true);
+		// Bulk Data $export (system, Patient and Group level), as jpaserver-starter's
+		// hapi.fhir.bulk_export_enabled=true sets it: the job runs on Batch2 and its NDJSON
+		// files are Binary resources. Retention, file size and job reuse keep HAPI's defaults.
+		settings.setEnableTaskBulkExportJobExecution(true);
 		return settings;
+	}
+
+	/**
+	 * How often Batch2 advances its jobs ({@code --ims.batch2-maintenance-ms}; HAPI's default,
+	 * one minute, when not given). A Bulk Data export is a Batch2 job that moves one step per
+	 * pass, so on stock settings even a tiny export takes three to four minutes; the tests pass
+	 * a few seconds. The export's protocol (202, Retry-After, the manifest) is HAPI's own.
+	 */
+	@Bean
+	public static BeanPostProcessor batch2MaintenanceFrequency(
+			@Value("${ims.batch2-maintenance-ms:0}") long millis) {
+		return new BeanPostProcessor() {
+			@Override
+			public Object postProcessAfterInitialization(Object bean, String name) {
+				if (millis > 0 && bean instanceof JobMaintenanceServiceImpl maintenance) {
+					maintenance.setScheduledJobFrequencyMillis(millis);
+				}
+				return bean;
+			}
+		};
 	}
 
 	@Bean
@@ -160,11 +187,13 @@ public class FhirConfig {
 			ISearchParamRegistry searchParamRegistry,
 			IValidationSupport validationSupport,
 			DatabaseBackedPagingProvider pagingProvider,
+			BulkDataExportProvider bulkDataExportProvider,
 			Database database,
 			@Value("${ims.page-size:20}") int pageSize) {
 		RestfulServer server = new RestfulServer(systemDao.getContext());
 		server.registerProviders(resourceProviderFactory.createProviders());
 		server.registerProvider(systemProvider);
+		server.registerProvider(bulkDataExportProvider);
 		JpaCapabilityStatementProvider capabilities = new JpaCapabilityStatementProvider(
 				server, systemDao, storageSettings, searchParamRegistry, validationSupport);
 		capabilities.setImplementationDescription("ims-fhir test server (HAPI FHIR JPA, " + database.name() + ")");
