@@ -437,8 +437,9 @@ def _earlier_references(sent: Any, rebuilt: JSON) -> bool:
 
 
 def _before_issue_16(sent: Any, rebuilt: JSON) -> bool:
-    """What the version before issue 16 wrote where one element differs: the practitioner's
-    identifier untyped (in the Encounter's reference or its own), a Consent without ``policy``."""
+    """What an earlier version wrote where one element differs: the practitioner's identifier
+    untyped (in the Encounter's reference or its own), a Provenance without ``occurredPeriod``
+    or ``activity``."""
     if not isinstance(sent, dict):
         return False
     variants = []
@@ -452,8 +453,11 @@ def _before_issue_16(sent: Any, rebuilt: JSON) -> bool:
         variant = copy.deepcopy(rebuilt)
         variant["identifier"][0].pop("type", None)
         variants.append(variant)
-    if kind == "Consent":
-        variants.append({k: v for k, v in rebuilt.items() if k != "policy"})
+    if kind == "Provenance":  # 0.1 wrote neither
+        variants += [
+            {k: v for k, v in rebuilt.items() if k != name}
+            for name in ("occurredPeriod", "activity")
+        ]
     return sent in variants
 
 
