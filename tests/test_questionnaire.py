@@ -15,6 +15,7 @@ from typing import Any, get_args, get_origin
 import pytest
 from click.testing import CliRunner
 from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
 from pydantic import BaseModel
 
 import ims_fhir
@@ -40,9 +41,7 @@ def captured_only(record: Encounter) -> Encounter:
         target = data
         for part in parents:
             target = target[part]
-        default = Encounter.model_fields.get(last)
         target[last] = [] if last == "identifiers" else (False if last == "retracted" else None)
-        del default
     return Encounter.model_validate(data)
 
 
@@ -488,3 +487,40 @@ def test_convert_reads_responses_and_reports_a_bad_one_by_link_id(tmp_path: Path
 def test_the_functions_are_exported() -> None:
     assert ims_fhir.from_questionnaire_response is from_questionnaire_response
     assert "to_questionnaire_response" in ims_fhir.__all__
+
+
+JSON_VALUES = st.recursive(
+    st.none() | st.booleans() | st.integers() | st.floats(allow_nan=False) | st.text(max_size=8),
+    lambda inner: (
+        st.lists(inner, max_size=3) | st.dictionaries(st.text(max_size=8), inner, max_size=3)
+    ),
+    max_leaves=6,
+)
+
+
+def _paths(value: Any, prefix: tuple[Any, ...] = ()) -> Iterator[tuple[Any, ...]]:
+    yield prefix
+    if isinstance(value, dict):
+        for key, sub in value.items():
+            yield from _paths(sub, (*prefix, key))
+    elif isinstance(value, list):
+        for index, sub in enumerate(value):
+            yield from _paths(sub, (*prefix, index))
+
+
+@settings(max_examples=300, deadline=None)
+@given(st.data())
+def test_any_element_replaced_by_any_json_gives_a_record_or_a_mapping_error(
+    data: st.DataObject,
+) -> None:
+    qr = to_questionnaire_response(fixture("06-"))
+    path = data.draw(st.sampled_from(list(_paths(qr))[1:]))
+    *parents, last = path
+    target: Any = qr
+    for step in parents:
+        target = target[step]
+    target[last] = data.draw(JSON_VALUES)
+    try:
+        from_questionnaire_response(qr)
+    except MappingError as exc:
+        assert exc.path, exc

@@ -123,9 +123,14 @@ def _metadata(annotation: Any, found: list[Any]) -> list[Any]:
 
 
 def _spec_rule(path: str) -> Slot | Element | None:
-    rules: list[Slot | Element] = [*spec().slots, *spec().elements]
-    for rule in rules:
-        if rule.path == path:
+    rules: list[tuple[str, Slot | Element]] = [
+        *((r.path, r) for r in spec().slots),
+        *((r.path, r) for r in spec().elements),
+        # A complex extension's parts: named by their bare field within the parent's path.
+        *((f"{s.path}.{p.path}", p) for s in spec().slots for p in s.parts),
+    ]
+    for rule_path, rule in rules:
+        if rule_path == path:
             return rule
     return None
 
@@ -170,27 +175,10 @@ def _leaf(
         options=options,
         min_value=low,
         max_value=high,
-        unit=_unit(record_path, unit),
+        unit=unit,
         hidden=hidden,
         enable_when=enable_when,
     )
-
-
-# Units of the record fields the spec holds as numbers without a Quantity (the record's own
-# field names say the unit: *_mm, *_s, *_hz, *_ma, minutes).
-_FIELD_UNITS = {
-    "frequency_hz": "Hz",
-    "intensity_ma": "mA",
-    "minutes": "min",
-    "degrees": "deg",
-    "dwell_time_s": "s",
-}
-
-
-def _unit(record_path: str, unit: str | None) -> str | None:
-    if unit is not None:
-        return unit
-    return _FIELD_UNITS.get(record_path.rsplit(".", 1)[-1].removesuffix("[]"))
 
 
 def _sign(code: str) -> tuple[str, str]:
