@@ -369,9 +369,33 @@ HOSTILE: list[tuple[str, Callable[[JSON], None], str, str]] = [
         "enables it only when",
     ),
     (
+        "after-treatment-pain-without-treatment",
+        _both(_set_answer("treatment-done", {"valueBoolean": False}), _drop("treatment")),
+        "pain.timing",
+        "needs a treatment",
+    ),
+    (
+        "needled-although-consent-refused",
+        _set_answer("treatment.consent.given", {"valueBoolean": False}),
+        "treatment.consent.given",
+        "consent was refused",
+    ),
+    (
+        "treatment-only-with-an-assessment",
+        _set_answer("visit_type", _code("treatment-only")),
+        "visit_type",
+        "no assessment",
+    ),
+    (
+        "born-after-the-visit",
+        _set_answer("patient.birth_date", {"valueDate": "2030-01-01"}),
+        "patient.birth_date",
+        "born after",
+    ),
+    (
         "end-before-start",
         _set_answer("end", {"valueDateTime": "2000-01-01T00:00:00Z"}),
-        "encounter",
+        "end",
         "ends before",
     ),
     (

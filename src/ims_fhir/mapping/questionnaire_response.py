@@ -96,7 +96,7 @@ def from_questionnaire_response(qr: Any) -> Encounter:
         return Encounter.model_validate(data)
     except ValidationError as exc:
         error = exc.errors()[0]
-        link_id, where = _link_id_of(error["loc"])
+        link_id, where = _link_id_of(error["loc"], error["msg"])
         raise MappingError(name, link_id, where + error["msg"]) from None
 
 
@@ -121,7 +121,19 @@ def _check_questionnaire(name: str, canonical: Any) -> None:
         )
 
 
-def _link_id_of(loc: tuple[int | str, ...]) -> tuple[str, str]:
+# The record's checks across fields, and the item a clinician corrects for each.
+_ACROSS_FIELDS = (
+    ("ends before", "end"),
+    ("made before the encounter starts", "end"),
+    ("born after the encounter", "patient.birth_date"),
+    ("treatment-only visit has no assessment", "visit_type"),
+    ("after-treatment pain score needs a treatment", "pain.timing"),
+    ("needs an assessment, a treatment or both", "assessment-done"),
+    ("although consent was refused", "treatment.consent.given"),
+)
+
+
+def _link_id_of(loc: tuple[int | str, ...], message: str) -> tuple[str, str]:
     """The linkId of a record validation error's location, and which repetition it is in."""
     known = items_by_link_id()
     names = [str(part) for part in loc if isinstance(part, str)]
@@ -131,6 +143,9 @@ def _link_id_of(loc: tuple[int | str, ...]) -> tuple[str, str]:
     where = ""
     if indexes:
         where = f"in repetition {indexes[0] + 1} of its group: "
+    for words, link_id in _ACROSS_FIELDS:
+        if words in message:
+            return link_id, where
     while names:
         candidate = ".".join(names)
         if candidate in known:
