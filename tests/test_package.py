@@ -40,7 +40,7 @@ def test_package_layout(tmp_path: Path) -> None:
             resource["url"],
         )
     kinds = {r["resourceType"] for r in resources.values()}
-    assert kinds == {"CodeSystem", "ConceptMap", "ValueSet", "StructureDefinition"}
+    assert kinds == {"CodeSystem", "ConceptMap", "ValueSet", "StructureDefinition", "Questionnaire"}
     profiles = [
         r
         for r in resources.values()

@@ -34,6 +34,10 @@ from .client.blocking import FhirClient
 from .client.http import ClientOptions, Outcome, RetryPolicy
 from .mapping.convert import NdjsonPerType
 from .mapping.from_fhir import MappingReport, SkippedResource, from_fhir
+from .mapping.questionnaire_response import (
+    from_questionnaire_response,
+    to_questionnaire_response,
+)
 from .mapping.to_fhir import to_fhir, to_fhir_json, to_resources, to_transaction
 from .record.codes import (
     AdverseEventCode,
@@ -155,6 +159,7 @@ __all__ = [
     "bulk_pull_all",
     "check_capabilities",
     "from_fhir",
+    "from_questionnaire_response",
     "pull",
     "pull_all",
     "push",
@@ -165,6 +170,7 @@ __all__ = [
     "terminology",
     "to_fhir",
     "to_fhir_json",
+    "to_questionnaire_response",
     "to_resources",
     "to_transaction",
     "validate_record",

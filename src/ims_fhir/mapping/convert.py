@@ -15,6 +15,7 @@ from .._exceptions import FieldIssue, RecordError
 from ..record.model import Encounter
 from ..record.reader import json_values, walk
 from .from_fhir import MappingReport, from_fhir
+from .questionnaire_response import questionnaire_report
 from .to_fhir import bundle_dict
 
 __all__ = ["NdjsonPerType", "detect_input", "read_fhir"]
@@ -39,7 +40,8 @@ def read_fhir(
 ) -> Iterator[MappingReport | RecordError]:
     """Map FHIR input back to records; files are found as :func:`~ims_fhir.read_records` does.
 
-    Each Bundle is mapped on its own as it is read (so NDJSON of Bundles streams); loose
+    Each Bundle, and each QuestionnaireResponse to the IMS visit form, is mapped on its own as
+    it is read (so NDJSON of Bundles streams); loose
     resources and searchset pages are gathered and mapped together at the end, since they
     refer to each other.
     What is not FHIR JSON is a RecordError naming the file and line or index.
@@ -59,6 +61,8 @@ def read_fhir(
                     loose.append(value)
                 else:
                     yield from_fhir(value)
+            elif isinstance(value, dict) and value.get("resourceType") == "QuestionnaireResponse":
+                yield questionnaire_report(value)  # the IMS visit form, filled in
             elif isinstance(value, dict) and isinstance(value.get("resourceType"), str):
                 loose.append(value)
             else:

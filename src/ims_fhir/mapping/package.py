@@ -2,9 +2,10 @@
 
 The package (a gzipped tar with ``package/package.json``, ``package/.index.json`` and one JSON
 file per resource) holds the profiles, extensions, ValueSets, CodeSystem and ConceptMap, so that
-any FHIR server can check IMS data. Servers install it the way they install any IG package (for
-HAPI: the package installer, or ``tests/hapi/run -- --ims.package=FILE``). Builds are
-reproducible: the same mappings give the same bytes.
+any FHIR server can check IMS data, and the IMS visit Questionnaire (``questionnaire.py``).
+Servers install it the way they install any IG package (for HAPI: the package installer, or
+``tests/hapi/run -- --ims.package=FILE``). Builds are reproducible: the same mappings give the
+same bytes.
 """
 
 from __future__ import annotations
@@ -22,7 +23,7 @@ from ..record.terminology import CANONICAL, mappings_dir
 __all__ = ["PACKAGE_NAME", "build_package", "package_resources"]
 
 PACKAGE_NAME = "ims-fhir.r4"
-_CONFORMANCE = ("CodeSystem", "ConceptMap", "ValueSet", "StructureDefinition")
+_CONFORMANCE = ("CodeSystem", "ConceptMap", "ValueSet", "StructureDefinition", "Questionnaire")
 
 
 def package_resources() -> list[dict[str, Any]]:
