@@ -405,12 +405,6 @@ HOSTILE: list[tuple[str, Callable[[JSON], None], str, str]] = [
         "repetition 1",
     ),
     (
-        "line-break-in-a-string",
-        _set_answer("clinic.name", {"valueString": "A\nB"}),
-        "clinic.name",
-        "line break",
-    ),
-    (
         "item-not-a-list",
         lambda qr: find(qr, "clinic").__setitem__("item", {}),
         "clinic",

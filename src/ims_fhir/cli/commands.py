@@ -584,8 +584,9 @@ def convert(
 
     IMS records in: one Bundle per encounter, one per line (or one Bundle with --single, or
     one NDJSON file per resource type with --ndjson-per-type). FHIR Bundles or NDJSON of
-    resources in: one IMS record per line. Bad input is reported on stderr with its file,
-    record and field; the rest is converted. Exit code 1 if any failed.
+    resources in, or QuestionnaireResponses to the IMS visit form: one IMS record per line.
+    Bad input is reported on stderr with its file, record and field (a response's item
+    linkId); the rest is converted. Exit code 1 if any failed.
     """
     kind = detect_input(paths) if source == "auto" else source
     err = _stderr()

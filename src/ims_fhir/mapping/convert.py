@@ -55,6 +55,11 @@ def read_fhir(
             if isinstance(value, RecordError):
                 yield value
             elif isinstance(value, dict) and value.get("resourceType") == "Bundle":
+                value, responses = _without_responses(value)
+                for n, response in responses:  # a search of responses, a collection of them
+                    yield questionnaire_report(response, f"{location} entry {n}")
+                if value is None:
+                    continue
                 if value.get("type") == "searchset":
                     # Pages of one search, saved as files: an encounter's resources may be
                     # on several pages, so they are mapped together, like loose resources.
@@ -62,13 +67,33 @@ def read_fhir(
                 else:
                     yield from_fhir(value)
             elif isinstance(value, dict) and value.get("resourceType") == "QuestionnaireResponse":
-                yield questionnaire_report(value)  # the IMS visit form, filled in
+                yield questionnaire_report(value, str(location))  # the IMS visit form, filled in
             elif isinstance(value, dict) and isinstance(value.get("resourceType"), str):
                 loose.append(value)
             else:
                 yield RecordError(location, [FieldIssue("<json>", "not a FHIR resource")])
     if loose:
         yield from_fhir(loose)
+
+
+def _without_responses(bundle: dict[str, Any]) -> tuple[dict[str, Any] | None, list[Any]]:
+    """A Bundle's QuestionnaireResponses (by entry number) apart from the rest of it.
+
+    The rest is None when the Bundle held responses only; the Bundle itself when it held none.
+    """
+    entries = bundle.get("entry")
+    if not isinstance(entries, list):
+        return bundle, []
+    responses, rest = [], []
+    for n, entry in enumerate(entries):
+        resource = entry.get("resource") if isinstance(entry, dict) else None
+        if isinstance(resource, dict) and resource.get("resourceType") == "QuestionnaireResponse":
+            responses.append((n, resource))
+        else:
+            rest.append(entry)
+    if not responses:
+        return bundle, []
+    return ({**bundle, "entry": rest} if rest else None), responses
 
 
 _URN_REFERENCE = re.compile(rb'"reference":"urn:uuid:([0-9a-f-]{36})"')

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import math
 import re
+import sys
 from typing import Any
 
 from pydantic import ValidationError
@@ -190,16 +191,16 @@ def _value(spec: Item, value: Any) -> Any:
     if kind in {"string", "text"}:
         if not isinstance(value, str) or not value.strip():
             raise _Error(link_id, "a string answer must be non-empty text")
-        if kind == "string" and ("\n" in value or "\r" in value):
-            raise _Error(link_id, "a line break in a one-line answer")
-        return value
+        return value  # a line break too: the record's short texts may hold one
     if kind == "integer":
         if type(value) is not int:
             raise _Error(link_id, f"{value!r} is not an integer")
         return value
     if kind == "decimal":
+        if type(value) is int and abs(value) > sys.float_info.max:
+            raise _Error(link_id, "a number beyond any decimal this form takes")
         if type(value) not in (int, float) or not math.isfinite(value):
-            raise _Error(link_id, f"{value!r} is not a decimal number")
+            raise _Error(link_id, f"{value!r:.40} is not a decimal number")
         return float(value)
     if kind == "boolean":
         if type(value) is not bool:
@@ -402,9 +403,15 @@ def _answer(spec: Item, value: Any) -> Any:
     return value
 
 
-def questionnaire_report(qr: Any) -> MappingReport:
-    """:func:`from_questionnaire_response` as ``ims-fhir convert`` reports it: never raises."""
+def questionnaire_report(qr: Any, where: str | None = None) -> MappingReport:
+    """:func:`from_questionnaire_response` as ``ims-fhir convert`` reports it: never raises.
+
+    ``where`` (a file and line) prefixes the name of a response in errors: one exported by a
+    form renderer often has no id to find it by.
+    """
     try:
         return MappingReport(records=[from_questionnaire_response(qr)])
     except MappingError as exc:
+        if where is not None:
+            exc = MappingError(f"{where}: {exc.resource}", exc.path, exc.reason)
         return MappingReport(errors=[exc])
