@@ -15,6 +15,7 @@ from .._exceptions import FieldIssue, RecordError
 from ..record.model import Encounter
 from ..record.reader import json_values, walk
 from .from_fhir import MappingReport, from_fhir
+from .identity import SHARED_TYPES
 from .questionnaire_response import questionnaire_report
 from .to_fhir import bundle_dict
 
@@ -97,8 +98,6 @@ def _without_responses(bundle: dict[str, Any]) -> tuple[dict[str, Any] | None, l
 
 
 _URN_REFERENCE = re.compile(rb'"reference":"urn:uuid:([0-9a-f-]{36})"')
-# Resources many encounters share (one patient, one practitioner, one clinic): written once.
-_SHARED = frozenset({"Patient", "Practitioner", "Organization"})
 
 
 class NdjsonPerType:
@@ -153,7 +152,7 @@ class NdjsonPerType:
             resource = entry["resource"]
             kind = resource["resourceType"]
             uuid = str(entry["fullUrl"]).removeprefix("urn:uuid:")
-            if kind in _SHARED:
+            if kind in SHARED_TYPES:
                 key = f"{kind}/{uuid}"
                 if key in self._seen:
                     continue

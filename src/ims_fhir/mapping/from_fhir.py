@@ -36,6 +36,7 @@ from ..record.reader import decode_json
 from ..record.terminology import Terminology, terminology
 from .identity import (
     LOCAL_IDENTIFIER_TYPES,
+    SHARED_TYPES,
     Ext,
     Kind,
     Profile,
@@ -91,6 +92,13 @@ class MappingReport:
     warnings: list[MappingError] = field(default_factory=list)
     """What the input did not say about a record rebuilt: e.g. an encounter without its
     Provenance, whose record reads ``recorded`` as not given."""
+
+    def extend(self, other: MappingReport) -> None:
+        """Add what ``other`` rebuilt, skipped, could not map and warned of (pages, batches)."""
+        self.records += other.records
+        self.skipped += other.skipped
+        self.errors += other.errors
+        self.warnings += other.warnings
 
 
 def from_fhir(resources: Any) -> MappingReport:
@@ -887,7 +895,7 @@ class _Rebuild:
                 if ours is None and theirs is None and element not in earlier:
                     continue  # neither says anything (most elements, most resources)
                 if element == "contained":
-                    if source.type in _SHARED_TYPES:
+                    if source.type in SHARED_TYPES:
                         continue  # the region's (a patient's contained GP): not the record's
                     ours, theirs = _without_ids(ours), _without_ids(theirs)
                 want = _normal(ours, forward_key, systems)
@@ -1467,9 +1475,6 @@ def _earlier_shape(resource: JSON, encounter: JSON) -> dict[str, list[Any]]:
         # A reference only: the clinic's identifier in it came later (sync/matching.py).
         "performer": [[{"actor": {"reference": actor["reference"]}}]],
     }
-
-
-_SHARED_TYPES = frozenset({"Patient", "Practitioner", "Organization"})
 
 
 def _without_ids(contained: Any) -> Any:

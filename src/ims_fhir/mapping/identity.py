@@ -115,6 +115,10 @@ LOCAL_IDENTIFIER_TYPES = {
 }
 
 
+# Resources many encounters share, and a region may hold: written once, matched, not owned.
+SHARED_TYPES = frozenset({"Patient", "Practitioner", "Organization"})
+
+
 def consent_policy(namespace: str) -> str:
     """The URI naming a clinic's IMS consent policy (``Consent.policy.uri``), in its namespace."""
     return f"{namespace}/policy/ims-consent"

@@ -928,10 +928,7 @@ def bulk_pull_all(
                 max_poll_wait=max_poll_wait,
             )
             async for batch in batches:
-                report.records += batch.records
-                report.skipped += batch.skipped
-                report.errors += batch.errors
-                report.warnings += batch.warnings
+                report.extend(batch)
         return report
 
     return run_blocking(run)

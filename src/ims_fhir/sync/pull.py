@@ -293,10 +293,7 @@ def pull_all(
                 page_size=page_size,
             )
             async for page in pages:
-                report.records += page.records
-                report.skipped += page.skipped
-                report.errors += page.errors
-                report.warnings += page.warnings
+                report.extend(page)
         return report
 
     return run_blocking(run)
