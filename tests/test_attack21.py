@@ -1,7 +1,7 @@
 """Attacks on issue 21 (the IMS visit Questionnaire, QuestionnaireResponse <-> record).
 
-Each test states what should hold; each failed on the change as merged. Those fixed since pass;
-those still open are strict xfails naming the review's finding (they fail once it is fixed).
+Each test states what should hold; each failed on the change as merged and passes since the
+finding was fixed.
 """
 
 from __future__ import annotations
@@ -102,10 +102,6 @@ def _remove_first_and_add_one(qr: JSON, group: str) -> None:
     parent["item"].append(new)
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="open (issue 21 review) #2: a positional id may be one a pre-filled repetition holds",
-)
 @pytest.mark.parametrize("group", ["pain", "assessment.findings", "treatment.sites"])
 def test_a_prefilled_form_with_a_repetition_removed_and_one_added_is_a_record(group: str) -> None:
     """Pre-population writes the record's ids (p1, p2) into hidden items; a new repetition
@@ -186,10 +182,6 @@ def test_convert_says_where_a_failing_response_without_an_id_is(tmp_path: Path) 
     assert "responses.ndjson:3" in result.stderr, result.stderr
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="open (issue 21 review) #6: answer lists offer the ConceptMap's wider SNOMED codes",
-)
 def test_a_wider_snomed_option_is_not_read_as_the_narrower_gunn_sign() -> None:
     """ValueSet ims-signs (the sign item's answerValueSet) offers SNOMED 247348008 "Tenderness"
     next to the local "Tenderness over motor points"; the ConceptMap says the SNOMED concept is
@@ -231,10 +223,6 @@ def _no_muscle_no_region(qr: JSON) -> None:
     parent["item"] = [i for i in parent["item"] if i["linkId"] not in drop]
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="open (issue 21 review) #7: checks inside a finding, site or event name the group",
-)
 @pytest.mark.parametrize(
     ("name", "change", "expected"),
     [
@@ -259,10 +247,6 @@ def test_a_record_check_names_the_question_to_correct(
     assert caught.value.path in expected, f"{name}: {caught.value}"
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="open (issue 21 review) #7: checks inside an adverse event name the group",
-)
 def test_other_event_without_a_note_names_the_note() -> None:
     qr = to_questionnaire_response(fixture("19-"))
     for event in (i for i in items(qr) if i["linkId"] == "treatment.adverse_events"):
@@ -272,10 +256,6 @@ def test_other_event_without_a_note_names_the_note() -> None:
     assert caught.value.path == "treatment.adverse_events.note", str(caught.value)
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="open (issue 21 review) #8: a second answer is called a repetition of its group",
-)
 def test_a_second_answer_is_not_called_a_repetition_of_its_group() -> None:
     """patient.name.given is in no repeating group; its second answer too long is reported
     "in repetition 2 of its group"."""
@@ -287,9 +267,6 @@ def test_a_second_answer_is_not_called_a_repetition_of_its_group() -> None:
     assert "repetition 2 of its group" not in caught.value.reason, str(caught.value)
 
 
-@pytest.mark.xfail(
-    strict=True, reason="open (issue 21 review) #9: a coding's display is not checked"
-)
 def test_a_coding_whose_display_names_another_concept_is_not_taken_silently() -> None:
     """{code: left, display: Right}: which did the clinician mean? Read as left, silently."""
     qr = to_questionnaire_response(fixture("01-"))
@@ -301,27 +278,24 @@ def test_a_coding_whose_display_names_another_concept_is_not_taken_silently() ->
     assert caught.value.path == "treatment.sites.side"
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="open (issue 21 review) #10: local and SNOMED codes of one concept both listed",
-)
 def test_each_answer_list_offers_a_concept_once() -> None:
-    """The answerValueSets hold the local codes and their SNOMED CT equivalents, so an
-    expansion (what the form engine shows) lists Left, Right, Right and left, Midline twice,
-    Mild/Moderate/Severe twice, seven diagnoses twice."""
-    bound = {i["answerValueSet"] for i in items(questionnaire()) if "answerValueSet" in i}
+    """The answerValueSets held the local codes and their SNOMED CT equivalents, so an
+    expansion (what the form engine shows) listed Left, Right, Right and left, Midline twice,
+    Mild/Moderate/Severe twice, seven diagnoses twice. Each choice now lists its options: each
+    concept once, a local code, no ValueSet a renderer must expand."""
     twice: dict[str, list[str]] = {}
-    for path in (ROOT / "mappings").glob("ValueSet-*.json"):
-        value_set = json.loads(path.read_text())
-        if value_set["url"] not in bound:
-            continue
-        displays = Counter(
-            concept["display"].casefold()
-            for include in value_set["compose"]["include"]
-            for concept in include["concept"]
-        )
+    choices = [i for i in items(questionnaire()) if i["type"] == "choice"]
+    assert choices
+    for item in choices:
+        assert "answerValueSet" not in item, item["linkId"]
+        codings = [option["valueCoding"] for option in item["answerOption"]]
+        displays = Counter(c["display"].casefold() for c in codings)
+        codes = Counter((c["system"], c["code"]) for c in codings)
         repeated = sorted(d for d, n in displays.items() if n > 1)
+        repeated += sorted(c for (_, c), n in codes.items() if n > 1)
         if repeated:
-            twice[value_set["url"].rsplit("/", 1)[-1]] = repeated
+            twice[item["linkId"]] = repeated
+        if item["linkId"] != "patient.sex":
+            assert {c["system"] for c in codings} == {LOCAL}, item["linkId"]
     assert not twice, twice
     assert items_by_link_id()  # the form is built

@@ -25,6 +25,7 @@ from ims_fhir.mapping.package import build_package
 from ims_fhir.mapping.questionnaire import questionnaire
 from ims_fhir.mapping.questionnaire_form import FORM_VERSION, QUESTIONNAIRE_URL, items_by_link_id
 from ims_fhir.mapping.questionnaire_response import NOT_CAPTURED
+from ims_fhir.mapping.spec import spec
 
 from .conftest import ENCOUNTER_FILES, ROOT
 from .strategies import encounters
@@ -88,16 +89,36 @@ def test_the_package_carries_the_questionnaire(tmp_path: Path) -> None:
     assert any(f["resourceType"] == "Questionnaire" for f in index["files"])
 
 
-def test_every_answer_value_set_is_one_of_the_projects() -> None:
-    defined = {
-        json.loads(p.read_text())["url"] for p in (ROOT / "mappings").glob("ValueSet-*.json")
+def test_every_choice_offers_the_local_codes_of_its_value_set() -> None:
+    """Each choice lists its options: the local codes of the project's ValueSet for the item's
+    vocabulary, in the CodeSystem's order with its displays (the standard codes that ValueSet
+    also holds are left out: each concept once, none wider than the record's)."""
+    value_sets = {
+        vs["id"]: vs
+        for vs in (json.loads(p.read_text()) for p in (ROOT / "mappings").glob("ValueSet-*.json"))
     }
-    bound = {i["answerValueSet"] for i in items(questionnaire()) if "answerValueSet" in i}
-    assert bound and bound <= defined
-    # The only answerOption list is R4's own administrative-gender codes.
+    form_items = items_by_link_id()
+    checked = 0
     for item in items(questionnaire()):
-        for option in item.get("answerOption", []):
-            assert option["valueCoding"]["system"] == "http://hl7.org/fhir/administrative-gender"
+        if item["type"] != "choice":
+            continue
+        assert "answerValueSet" not in item, item["linkId"]
+        offered = [option["valueCoding"] for option in item["answerOption"]]
+        vocabulary = form_items[item["linkId"]].vocabulary
+        if vocabulary is None:  # R4's own administrative-gender codes
+            assert item["linkId"] == "patient.sex"
+            assert {c["system"] for c in offered} == {"http://hl7.org/fhir/administrative-gender"}
+            continue
+        value_set = value_sets[spec().value_set(vocabulary)]
+        local = [
+            {"system": include["system"], "code": concept["code"], "display": concept["display"]}
+            for include in value_set["compose"]["include"]
+            if include["system"] == LOCAL
+            for concept in include["concept"]
+        ]
+        assert offered == local, item["linkId"]
+        checked += 1
+    assert checked >= 15
 
 
 def test_limits_required_and_enable_when_follow_the_record_model() -> None:
@@ -189,11 +210,57 @@ def test_a_form_filled_without_ids_gets_them_by_position() -> None:
     assert [p.id for p in record.pain] == [f"p{n}" for n in range(1, len(record.pain) + 1)]
 
 
-def test_a_standard_coding_of_the_value_set_is_read_as_its_local_code() -> None:
+def test_a_repetition_added_to_a_prefilled_form_takes_the_next_free_id() -> None:
+    """Pre-filled p1, p2; the clinician removes p1 and adds a score: the new one is p3, not p1
+    (which the removed one held) nor p2 (which the kept one holds)."""
+    qr = to_questionnaire_response(fixture("01-"))
+    scores = [i for i in qr["item"] if i["linkId"] == "pain"]
+    assert [find(s, "pain.id")["answer"][0]["valueString"] for s in scores] == ["p1", "p2"]
+    new = copy.deepcopy(scores[0])
+    new["item"] = [i for i in new["item"] if i["linkId"] != "pain.id"]
+    qr["item"].remove(scores[0])
+    qr["item"].append(new)
+    assert [p.id for p in from_questionnaire_response(qr).pain] == ["p2", "p3"]
+
+
+@pytest.mark.parametrize(
+    ("display", "read"),
+    [(None, True), ("Left", True), ("  left ", True), ("Right", False), ("", False), (7, False)],
+)
+def test_a_coding_display_must_name_the_code(display: Any, read: bool) -> None:
+    qr = to_questionnaire_response(fixture("01-"))
+    coding: JSON = {"system": LOCAL, "code": "left"}
+    if display is not None:
+        coding["display"] = display
+    find(qr, "treatment.sites.side")["answer"] = [{"valueCoding": coding}]
+    if read:
+        assert from_questionnaire_response(qr).treatment.sites[0].side == "left"  # type: ignore[union-attr]
+        return
+    with pytest.raises(MappingError) as caught:
+        from_questionnaire_response(qr)
+    assert caught.value.path == "treatment.sites.side"
+    assert "its display says" in caught.value.reason
+
+
+def test_a_second_answer_is_named_as_an_answer() -> None:
+    qr = to_questionnaire_response(fixture("01-"))
+    find(qr, "patient.name.given")["answer"] = [{"valueString": "A"}, {"valueString": "B" * 201}]
+    with pytest.raises(MappingError) as caught:
+        from_questionnaire_response(qr)
+    assert caught.value.path == "patient.name.given"
+    assert caught.value.reason.startswith("in answer 2: "), caught.value.reason
+
+
+def test_a_standard_coding_is_not_an_answer_option() -> None:
+    """The form offers local codes only; a SNOMED CT code (even one the ConceptMap says is
+    equivalent) is not one of its answers, and some are wider than the local concept."""
     qr = to_questionnaire_response(fixture("01-"))
     side = find(qr, "treatment.sites.side")
     side["answer"] = [{"valueCoding": {"system": "http://snomed.info/sct", "code": "7771000"}}]
-    assert from_questionnaire_response(qr).treatment.sites[0].side == "left"  # type: ignore[union-attr]
+    with pytest.raises(MappingError) as caught:
+        from_questionnaire_response(qr)
+    assert caught.value.path == "treatment.sites.side"
+    assert "not an answer option" in caught.value.reason
 
 
 def test_a_bare_canonical_is_read_as_this_version() -> None:
@@ -285,18 +352,18 @@ HOSTILE: list[tuple[str, Callable[[JSON], None], str, str]] = [
         "assessment.findings.grade",
         "3",
     ),
-    ("unknown-code", _sign_to("made-up"), "assessment.findings.sign", "not in the item's ValueSet"),
+    ("unknown-code", _sign_to("made-up"), "assessment.findings.sign", "not an answer option"),
     (
         "code-of-another-value-set",
         _sign_to("gluteus-medius"),
         "assessment.findings.sign",
-        "ValueSet",
+        "not an answer option",
     ),
     (
         "snomed-code-outside-value-set",
         _set_answer("treatment.sites.side", _code("22298006", "http://snomed.info/sct")),
         "treatment.sites.side",
-        "ValueSet",
+        "not an answer option",
     ),
     (
         "two-answers-where-one",
@@ -401,8 +468,8 @@ HOSTILE: list[tuple[str, Callable[[JSON], None], str, str]] = [
     (
         "deeper-than-the-needle",
         _set_answer("treatment.sites.max_depth_mm", {"valueDecimal": 149.0}),
-        "treatment.sites",
-        "repetition 1",
+        "treatment.sites.max_depth_mm",
+        "in repetition 1 of treatment.sites",
     ),
     (
         "item-not-a-list",

@@ -4,10 +4,9 @@ record that is pushed to the test HAPI server and pulled back unchanged.
 
 Everything is local: Debian's chromium (``scripts/setup`` installs it), LHC-Forms from
 ``tests/browser/node_modules`` (``npm ci``, also by ``scripts/setup``), served to the page by
-Playwright's request routing under ``http://forms.test``; every other request is refused. The
-page plays an EMR: it points the renderer at its terminology server (the SDC
-``preferredTerminologyServer`` extension), whose ``ValueSet/$expand`` the test answers from the
-project's ValueSets in ``mappings/``. The form as filled in is saved as
+Playwright's request routing under ``http://forms.test``; every other request is refused, so
+the form renders as it is, with no terminology server (each choice lists its own answers). The
+form as filled in is saved as
 ``tests/hapi/target/questionnaire-form.png`` (the README's screenshot is a copy).
 """
 
@@ -20,7 +19,7 @@ import uuid
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
-from urllib.parse import parse_qs, urlsplit
+from urllib.parse import urlsplit
 
 import pytest
 
@@ -33,7 +32,6 @@ CHROMIUM = Path("/usr/bin/chromium")
 LFORMS = ROOT / "tests" / "browser" / "node_modules" / "lforms" / "dist" / "lforms"
 SCREENSHOT = ROOT / "tests" / "hapi" / "target" / "questionnaire-form.png"
 ORIGIN = "forms.test"
-TERMINOLOGY = f"http://{ORIGIN}/fhir"
 ARGS = [
     "--headless",
     "--no-sandbox",
@@ -64,18 +62,6 @@ window.addEventListener("load", async () => {
 </script></body></html>"""
 
 
-def _expansion(value_sets: dict[str, Any], url: str) -> dict[str, Any]:
-    """What a terminology server's $expand gives for one of the project's (enumerated) ValueSets."""
-    value_set = value_sets[url]
-    contains = [
-        {"system": include["system"], "code": concept["code"], "display": concept["display"]}
-        for include in value_set["compose"]["include"]
-        for concept in include["concept"]
-    ]
-    expansion = {"timestamp": "2026-01-01T00:00:00Z", "total": len(contains), "contains": contains}
-    return value_set | {"expansion": expansion}
-
-
 @pytest.fixture(scope="module")
 def page() -> Iterator[Any]:
     """A page of headless Debian Chromium showing the IMS visit form, rendered by LHC-Forms."""
@@ -86,12 +72,6 @@ def page() -> Iterator[Any]:
     from playwright.sync_api import Route, sync_playwright
 
     form = questionnaire()
-    server = "http://hl7.org/fhir/uv/sdc/StructureDefinition/sdc-questionnaire-preferredTerminologyServer"
-    form["extension"] = [{"url": server, "valueUrl": TERMINOLOGY}]
-    value_sets = {
-        vs["url"]: vs
-        for vs in (json.loads(p.read_text()) for p in (ROOT / "mappings").glob("ValueSet-*.json"))
-    }
     refused: list[str] = []
 
     def serve(route: Route) -> None:
@@ -103,10 +83,6 @@ def page() -> Iterator[Any]:
             route.fulfill(body=PAGE, content_type="text/html")
         elif url.path == "/questionnaire.json":
             route.fulfill(body=json.dumps(form), content_type="application/fhir+json")
-        elif url.path == "/fhir/ValueSet/$expand":
-            (wanted,) = parse_qs(url.query)["url"]
-            body = json.dumps(_expansion(value_sets, wanted))
-            route.fulfill(body=body, content_type="application/fhir+json")
         elif url.path.startswith("/lforms/") and ".." not in url.path:
             file = LFORMS / url.path.removeprefix("/lforms/")
             if file.is_file():

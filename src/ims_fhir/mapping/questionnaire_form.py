@@ -9,7 +9,7 @@ treatment, and enable those groups). The linkIds are stable: renaming one is a n
 Questionnaire version.
 
 What each item demands comes from the record model (required, repeats, minimum and maximum)
-and from the mapping spec (the vocabulary, hence the ValueSet, and the UCUM unit); the item
+and from the mapping spec (the vocabulary, hence the answer options, and the UCUM unit); the item
 table below only gives the text a clinician reads and where the item sits.
 """
 
@@ -23,7 +23,7 @@ import annotated_types
 from pydantic import BaseModel
 
 from ..record import model as m
-from ..record.terminology import CANONICAL, terminology
+from ..record.terminology import CANONICAL, LOCAL_SYSTEM, terminology
 from .spec import Element, Slot, spec
 
 __all__ = [
@@ -37,8 +37,9 @@ __all__ = [
 
 QUESTIONNAIRE_URL = f"{CANONICAL}/Questionnaire/ims-visit"
 # The form's own version: bump it whenever an item changes (a QuestionnaireResponse names the
-# version it answered, and one for another version is refused).
-FORM_VERSION = "1.0.0"
+# version it answered, and one for another version is refused). 1.1.0: answer options are the
+# local codes only (1.0.0 bound the project's ValueSets, standard codes included).
+FORM_VERSION = "1.1.0"
 ADMINISTRATIVE_GENDER = "http://hl7.org/fhir/administrative-gender"
 _GENDERS = {"female": "Female", "male": "Male", "other": "Other", "unknown": "Unknown"}
 
@@ -58,7 +59,8 @@ class Item:
     required: bool = False
     repeats: bool = False
     vocabulary: str | None = None  # a group of the local CodeSystem (choice)
-    options: tuple[tuple[str, str, str], ...] = ()  # (system, code, display) (choice)
+    # (system, code, display) (choice): the group's local codes, or administrative gender.
+    options: tuple[tuple[str, str, str], ...] = ()
     min_value: float | None = None
     max_value: float | None = None
     unit: str | None = None  # UCUM
@@ -161,9 +163,17 @@ def _leaf(
         vocabulary = rule.vocabulary
     if kind == "choice" and vocabulary is None and attr != "sex":
         raise ValueError(f"{record_path}: a choice needs a vocabulary")
-    options = (
-        tuple((ADMINISTRATIVE_GENDER, c, d) for c, d in _GENDERS.items()) if attr == "sex" else ()
-    )
+    options: tuple[tuple[str, str, str], ...] = ()
+    if attr == "sex":
+        options = tuple((ADMINISTRATIVE_GENDER, c, d) for c, d in _GENDERS.items())
+    elif vocabulary is not None:
+        # The local codes of the vocabulary, each concept once: the project's ValueSets also
+        # hold the standard codes the ConceptMap maps (some wider, e.g. SNOMED CT "Tenderness"
+        # for the Gunn sign), which a form must not offer as the same answer.
+        options = tuple(
+            (LOCAL_SYSTEM, code, display)
+            for code, display in terminology().vocabulary(vocabulary).items()
+        )
     return Item(
         link_id=link_id,
         text=text,

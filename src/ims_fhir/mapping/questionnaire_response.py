@@ -18,7 +18,6 @@ from pydantic import ValidationError
 
 from .._exceptions import MappingError
 from ..record.model import Encounter
-from ..record.terminology import LOCAL_SYSTEM, terminology
 from .from_fhir import MappingReport
 from .questionnaire_form import (
     FORM_VERSION,
@@ -131,19 +130,40 @@ _ACROSS_FIELDS = (
     ("after-treatment pain score needs a treatment", "pain.timing"),
     ("needs an assessment, a treatment or both", "assessment-done"),
     ("although consent was refused", "treatment.consent.given"),
+    # Inside one finding, site or adverse event.
+    ("a finding needs a muscle or a region", "assessment.findings.muscle"),
+    ("'test' applies to trophedema only", "assessment.findings.test"),
+    ("restricted range of motion needs", "assessment.findings.joint"),
+    ("apply to restricted-rom only", "assessment.findings.joint"),
+    ("absent sign cannot have a grade", "assessment.findings.grade"),
+    ("deeper than the needle is long", "treatment.sites.max_depth_mm"),
+    ("'other-event' needs a note", "treatment.adverse_events.note"),
+    ("findings: id", "assessment.findings.id"),
+    ("sites: id", "treatment.sites.id"),
+    ("pain: id", "pain.id"),
 )
 
 
 def _link_id_of(loc: tuple[int | str, ...], message: str) -> tuple[str, str]:
-    """The linkId of a record validation error's location, and which repetition it is in."""
+    """The linkId of a record validation error's location, and where in it the problem is.
+
+    The place reads "in repetition 2 of treatment.sites: " or "in answer 2: ".
+    """
     known = items_by_link_id()
-    names = [str(part) for part in loc if isinstance(part, str)]
-    indexes = [part for part in loc if isinstance(part, int)]
     # Field names inside pydantic's tagged parts ("function-after[...]") are not ours.
-    names = [n for n in names if n.isidentifier()]
-    where = ""
-    if indexes:
-        where = f"in repetition {indexes[0] + 1} of its group: "
+    names: list[str] = []
+    places: list[str] = []
+    for part in loc:
+        if isinstance(part, str):
+            if part.isidentifier():
+                names.append(part)
+            continue
+        item = known.get(".".join(names))
+        if item is not None and item.type == "group":
+            places.append(f"in repetition {part + 1} of {item.link_id}")
+        elif item is not None:
+            places.append(f"in answer {part + 1}")
+    where = "".join(f"{p}: " for p in places)
     for words, link_id in _ACROSS_FIELDS:
         if words in message:
             return link_id, where
@@ -228,22 +248,29 @@ def _code(spec: Item, coding: Any) -> str:
     system, code = coding.get("system"), coding.get("code")
     if not isinstance(system, str) or not isinstance(code, str):
         raise _Error(link_id, "a coding answer needs a system and a code")
-    if spec.options:
-        for option_system, option_code, _ in spec.options:
-            if (system, code) == (option_system, option_code):
-                return code
-        allowed = ", ".join(c for _, c, _ in spec.options)
-        raise _Error(link_id, f"{system}|{code} is not an answer option ({allowed})")
-    assert spec.vocabulary is not None
-    terms = terminology()
-    if system == LOCAL_SYSTEM:
-        if code in terms.vocabulary(spec.vocabulary):
+    for option_system, option_code, option_display in spec.options:
+        if (system, code) == (option_system, option_code):
+            _check_display(link_id, coding, option_display)
             return code
-    else:
-        local = terms.from_coding(system, code, spec.vocabulary)
-        if local is not None:
-            return local
-    raise _Error(link_id, f"{system}|{code} is not in the item's ValueSet ({spec.vocabulary})")
+    allowed = ", ".join(c for _, c, _ in spec.options)
+    raise _Error(link_id, f"{system}|{code} is not an answer option of the item ({allowed})")
+
+
+def _check_display(link_id: str, coding: dict[str, Any], display: str) -> None:
+    """A display that names another concept ({left, "Right"}) leaves the answer in doubt."""
+    given = coding.get("display")
+    if given is None:
+        return
+    if not isinstance(given, str) or _words(given) != _words(display):
+        raise _Error(
+            link_id,
+            f"the answer's code {coding['code']!r} is {display!r}, but its display says "
+            f"{given!r:.80}: which was meant? (leave the display out, or give the code's)",
+        )
+
+
+def _words(text: str) -> str:
+    return " ".join(text.split()).casefold()
 
 
 def _put(data: dict[str, Any], key: str, value: Any) -> None:
@@ -311,7 +338,7 @@ def _read_items(
             continue
         if spec.type == "group":
             entries = []
-            for number, item in enumerate(given, 1):
+            for item in given:
                 if "answer" in item:
                     raise _Error(spec.link_id, "a group has no answers")
                 entry: dict[str, Any] = {}
@@ -319,9 +346,9 @@ def _read_items(
                 # each repetition of a group has its own.
                 scope = answered if spec.key is None else dict(answered)
                 _read_items(item.get("item"), spec.children, entry, spec.link_id, scope)
-                if spec.id_prefix is not None and "id" not in entry:
-                    entry["id"] = f"{spec.id_prefix}{number}"
                 entries.append(entry)
+            if spec.id_prefix is not None:
+                _fill_ids(entries, spec.id_prefix)
             value: Any = entries if spec.repeats else entries[0]
             if spec.key is None:
                 data.update(entries[0])
@@ -337,6 +364,23 @@ def _read_items(
     for switch, group in (("assessment-done", "assessment"), ("treatment-done", "treatment")):
         if answered.get(switch) is True and group in by_id and group not in data:
             data[group] = {}
+
+
+def _fill_ids(entries: list[dict[str, Any]], prefix: str) -> None:
+    """Give each repetition the form left without an id (a new one) the next free id.
+
+    The next after the highest ``{prefix}{n}`` the group holds: a form pre-filled from a record
+    keeps its ids in hidden items, and a repetition the clinician adds must not take one that a
+    kept repetition holds, nor (as far as the response shows) one a removed repetition held.
+    A fresh form's repetitions are numbered in order: f1, f2, ...
+    """
+    taken = [e["id"] for e in entries if isinstance(e.get("id"), str)]
+    numbers = [int(i[len(prefix) :]) for i in taken if re.fullmatch(rf"{prefix}\d{{1,9}}", i)]
+    after = max(numbers, default=0)
+    for entry in entries:
+        if "id" not in entry:
+            after += 1
+            entry["id"] = f"{prefix}{after}"
 
 
 def to_questionnaire_response(record: Encounter) -> dict[str, Any]:
