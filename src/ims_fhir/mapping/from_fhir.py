@@ -44,6 +44,7 @@ from .identity import (
     literal,
     provenance_id,
     split_system,
+    without_contained_ids,
 )
 from .identity import system as _system  # `system` is a common local name here
 from .spec import (
@@ -897,7 +898,7 @@ class _Rebuild:
                 if element == "contained":
                     if source.type in SHARED_TYPES:
                         continue  # the region's (a patient's contained GP): not the record's
-                    ours, theirs = _without_ids(ours), _without_ids(theirs)
+                    ours, theirs = without_contained_ids(ours), without_contained_ids(theirs)
                 want = _normal(ours, forward_key, systems)
                 got = _normal(theirs, key_in_source, systems)
                 if got != want and any(
@@ -1475,18 +1476,6 @@ def _earlier_shape(resource: JSON, encounter: JSON) -> dict[str, list[Any]]:
         # A reference only: the clinic's identifier in it came later (sync/matching.py).
         "performer": [[{"actor": {"reference": actor["reference"]}}]],
     }
-
-
-def _without_ids(contained: Any) -> Any:
-    """Contained resources without their ids, which are local to their resource.
-
-    A server may assign its own; the links to them are checked where they are read (site()).
-    """
-    if not isinstance(contained, list):
-        return contained
-    return [
-        {k: v for k, v in c.items() if k != "id"} if isinstance(c, dict) else c for c in contained
-    ]
 
 
 def _untyped(reference: JSON) -> JSON:

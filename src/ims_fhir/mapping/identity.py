@@ -14,6 +14,7 @@ import hashlib
 import re
 import uuid
 from enum import StrEnum
+from typing import Any
 from urllib.parse import quote, urlsplit
 
 from ..record.model import Encounter
@@ -156,6 +157,19 @@ def literal(reference: str) -> str:
     if "_history" in parts:
         parts = parts[: parts.index("_history")]
     return "/".join(parts[-2:]) if len(parts) >= 2 else reference
+
+
+def without_contained_ids(contained: Any) -> Any:
+    """Contained resources without their ids, which are local to their resource.
+
+    A server may assign its own (``#1`` for ``#site``); what points at one is compared by its
+    place instead. Anything but a list is returned as it is.
+    """
+    if not isinstance(contained, list):
+        return contained
+    return [
+        {k: v for k, v in c.items() if k != "id"} if isinstance(c, dict) else c for c in contained
+    ]
 
 
 def provenance_id(namespace: str, encounter_id: str) -> str:

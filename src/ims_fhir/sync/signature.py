@@ -28,7 +28,7 @@ from typing import TYPE_CHECKING, Any
 import orjson
 
 from .._version import __version__
-from ..mapping.identity import literal
+from ..mapping.identity import literal, without_contained_ids
 from ..record.terminology import mappings_dir
 
 if TYPE_CHECKING:
@@ -145,10 +145,7 @@ def signature(resource: Mapping[str, Any], references: References) -> str:
             for n, c in enumerate(contained)
             if isinstance(c, dict) and isinstance(c.get("id"), str)
         }
-        content["contained"] = [
-            {k: v for k, v in c.items() if k != "id"} if isinstance(c, dict) else c
-            for c in contained
-        ]
+        content["contained"] = without_contained_ids(contained)
         references = _Local(references, local)
     return hashlib.sha256(canonical_json(_normalised(content, references))).hexdigest()[:32]
 
