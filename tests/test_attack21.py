@@ -83,8 +83,11 @@ def test_convert_reports_a_huge_decimal_answer_without_a_traceback(tmp_path: Pat
     result = CliRunner().invoke(cli, ["convert", str(source)])
     assert isinstance(result.exception, SystemExit), repr(result.exception)
     assert result.exit_code == 1, result.output
-    # The first decimal answer of 40.0 is the range of motion's degrees: that item is named.
-    assert "assessment.findings.degrees: a number beyond any decimal" in result.stderr
+    # The first decimal answer of 40.0 is the range of motion's degrees (the fifth finding).
+    assert (
+        "assessment.findings.degrees: in repetition 5 of assessment.findings: a number beyond"
+        in (result.stderr)
+    )
 
 
 # --- MEDIUM ----------------------------------------------------------------------------------

@@ -338,14 +338,19 @@ def _read_items(
             continue
         if spec.type == "group":
             entries = []
-            for item in given:
+            for number, item in enumerate(given, 1):
                 if "answer" in item:
                     raise _Error(spec.link_id, "a group has no answers")
                 entry: dict[str, Any] = {}
                 # An inline group's answers are its parent's (the switches in "encounter");
                 # each repetition of a group has its own.
                 scope = answered if spec.key is None else dict(answered)
-                _read_items(item.get("item"), spec.children, entry, spec.link_id, scope)
+                try:
+                    _read_items(item.get("item"), spec.children, entry, spec.link_id, scope)
+                except _Error as exc:
+                    if spec.repeats:  # which of the repetitions, as the record's checks say
+                        exc.reason = f"in repetition {number} of {spec.link_id}: {exc.reason}"
+                    raise
                 entries.append(entry)
             if spec.id_prefix is not None:
                 _fill_ids(entries, spec.id_prefix)
@@ -366,6 +371,9 @@ def _read_items(
             data[group] = {}
 
 
+_NUMBERED = re.compile("[0-9]{1,64}")  # the digits of an id (at most 64 characters)
+
+
 def _fill_ids(entries: list[dict[str, Any]], prefix: str) -> None:
     """Give each repetition the form left without an id (a new one) the next free id.
 
@@ -374,8 +382,13 @@ def _fill_ids(entries: list[dict[str, Any]], prefix: str) -> None:
     kept repetition holds, nor (as far as the response shows) one a removed repetition held.
     A fresh form's repetitions are numbered in order: f1, f2, ...
     """
-    taken = [e["id"] for e in entries if isinstance(e.get("id"), str)]
-    numbers = [int(i[len(prefix) :]) for i in taken if re.fullmatch(rf"{prefix}\d{{1,9}}", i)]
+    # As the record reads them: stripped of surrounding white space (" p1" is p1).
+    taken = [e["id"].strip() for e in entries if isinstance(e.get("id"), str)]
+    numbers = [
+        int(i[len(prefix) :])
+        for i in taken
+        if i.startswith(prefix) and _NUMBERED.fullmatch(i[len(prefix) :])
+    ]
     after = max(numbers, default=0)
     for entry in entries:
         if "id" not in entry:
