@@ -9,7 +9,6 @@ from __future__ import annotations
 import copy
 import json
 from collections import Counter
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -20,45 +19,11 @@ from ims_fhir import Encounter, MappingError, from_questionnaire_response, to_qu
 from ims_fhir.cli.commands import cli
 from ims_fhir.mapping.questionnaire import questionnaire
 from ims_fhir.mapping.questionnaire_form import items_by_link_id
-from ims_fhir.mapping.questionnaire_response import NOT_CAPTURED
 
-from .conftest import ENCOUNTER_FILES, ROOT
+from .conftest import ROOT
+from .questionnaire_support import JSON, LOCAL, find, fixture, items, parent_of
 
-JSON = dict[str, Any]
-LOCAL = "https://ims-fhir.org/fhir/CodeSystem/ims-local"
 SNOMED = "http://snomed.info/sct"
-
-
-def captured_only(record: Encounter) -> Encounter:
-    data = record.model_dump()
-    for path in NOT_CAPTURED:
-        *parents, last = path.split(".")
-        target = data
-        for part in parents:
-            target = target[part]
-        target[last] = [] if last == "identifiers" else (False if last == "retracted" else None)
-    return Encounter.model_validate(data)
-
-
-def fixture(name: str) -> Encounter:
-    path = next(p for p in ENCOUNTER_FILES if name in p.stem)
-    return captured_only(Encounter.model_validate_json(path.read_text(encoding="utf-8")))
-
-
-def items(node: Any) -> Iterator[JSON]:
-    for item in node.get("item", []):
-        yield item
-        yield from items(item)
-
-
-def find(qr: JSON, link_id: str) -> JSON:
-    return next(i for i in items(qr) if i["linkId"] == link_id)
-
-
-def parent_of(qr: JSON, link_id: str) -> JSON:
-    return next(
-        n for n in [qr, *items(qr)] if any(i["linkId"] == link_id for i in n.get("item", []))
-    )
 
 
 # --- HIGH: an internal error instead of a MappingError ------------------------------------------

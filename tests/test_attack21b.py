@@ -7,31 +7,18 @@ Each test states what should hold; each fails on 5e27425.
 from __future__ import annotations
 
 import copy
-from collections.abc import Iterator
-from typing import Any
 
 import pytest
 
 from ims_fhir import Encounter, MappingError, from_questionnaire_response, to_questionnaire_response
 
 from .conftest import ENCOUNTER_FILES
-
-JSON = dict[str, Any]
+from .questionnaire_support import JSON, find, items
 
 
 def fixture(name: str) -> Encounter:
     path = next(p for p in ENCOUNTER_FILES if name in p.stem)
     return Encounter.model_validate_json(path.read_text(encoding="utf-8"))
-
-
-def items(node: Any) -> Iterator[JSON]:
-    for item in node.get("item", []):
-        yield item
-        yield from items(item)
-
-
-def find(qr: JSON, link_id: str) -> JSON:
-    return next(i for i in items(qr) if i["linkId"] == link_id)
 
 
 def scores(qr: JSON) -> list[JSON]:
