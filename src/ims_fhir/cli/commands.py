@@ -63,6 +63,7 @@ from ..sync.bulk import (
     MAX_POLL_WAIT,
     BulkProgress,
     bulk_pull,
+    export_request,
     remove_export,
 )
 from ..sync.capabilities import Check, check_capabilities
@@ -718,6 +719,8 @@ def _with_namespace(record: Encounter, namespace: str | None) -> Encounter:
 def _fatal(err: Console, problem: str | BaseException) -> NoReturn:
     """Report an error that stops the whole run (setup, server, state): one line, exit 2."""
     message = problem if isinstance(problem, str) else error_message(problem)
+    # A server's words may be in it: no control character reaches the terminal.
+    message = "".join(c if c.isprintable() else " " if c in "\t\n\r" else "" for c in message)
     err.print(f"[red]error[/red] {escape(message)}")
     sys.exit(EXIT_USAGE)
 
@@ -1113,6 +1116,11 @@ def pull_command(**options: Any) -> None:
         )
     if (options["group"] is not None) != (options["level"] == "group"):
         raise click.BadParameter("give --group ID with --level group (and only then)")
+    if bulk:
+        try:
+            export_request(level=options["level"], group=options["group"])
+        except ValueError as exc:
+            raise click.BadParameter(str(exc), param_hint="--group") from None
     bulk_only = {
         "--level": options["level"] != "system",
         "--no-type-filter": not options["type_filter"],
@@ -1121,6 +1129,8 @@ def pull_command(**options: Any) -> None:
     given = [flag for flag, used in bulk_only.items() if used]
     if given and not bulk:
         raise click.BadParameter(f"{', '.join(given)} only with --bulk", param_hint="--bulk")
+
+    progress_line = _BulkProgressLine(err)
 
     def reports(client: AsyncFhirClient) -> AsyncIterator[MappingReport]:
         if not bulk:
@@ -1144,7 +1154,7 @@ def pull_command(**options: Any) -> None:
             file_hosts=options["file_hosts"],
             concurrency=options["bulk_concurrency"],
             max_poll_wait=options["max_poll_wait"],
-            on_progress=_BulkProgressLine(err) if bulk else None,
+            on_progress=progress_line,
         )
 
     async def run() -> None:
@@ -1175,10 +1185,17 @@ def pull_command(**options: Any) -> None:
     try:
         asyncio.run(run())
     except KeyboardInterrupt:
-        err.print(
-            "[red]cancelled[/red] "
-            + ("the export was cancelled on the server" if bulk else "pull stopped")
-        )
+        if not bulk:
+            said = "pull stopped"
+        elif progress_line.stage in {"indexing", "rebuilding"}:
+            # The export was complete: its files stay, and the next run rebuilds from them.
+            said = (
+                f"pull stopped; the export's files stay in {escape(str(options['bulk_dir']))}: "
+                "pull again to rebuild from them"
+            )
+        else:
+            said = "the export was cancelled on the server"
+        err.print(f"[red]cancelled[/red] {said}")
         sys.exit(130)
     if bulk and not totals["unmappable"]:
         remove_export(options["bulk_dir"])
@@ -1306,8 +1323,10 @@ class _BulkProgressLine:
     def __init__(self, err: Console) -> None:
         self.err = err
         self.last: tuple[str, str, int] | None = None
+        self.stage: str | None = None  # where the pull is: what Ctrl-C stops
 
     def __call__(self, progress: BulkProgress) -> None:
+        self.stage = progress.stage
         tenth = progress.done * 10 // progress.total if progress.total else 0
         key = (progress.stage, progress.message, tenth)
         if key == self.last:

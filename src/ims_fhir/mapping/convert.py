@@ -15,7 +15,7 @@ from .._exceptions import FieldIssue, RecordError
 from ..record.model import Encounter
 from ..record.reader import json_values, walk
 from .from_fhir import MappingReport, from_fhir
-from .identity import SHARED_TYPES
+from .identity import RESOURCE_TYPES, SHARED_TYPES
 from .questionnaire_response import questionnaire_report
 from .to_fhir import bundle_dict
 
@@ -112,9 +112,16 @@ class NdjsonPerType:
     """
 
     def __init__(self, directory: str | Path) -> None:
-        """Write into ``directory`` (created if missing); its ``<Type>.ndjson`` are replaced."""
+        """Write into ``directory`` (created if missing); its ``<Type>.ndjson`` are replaced.
+
+        All of them, for every type a record maps to, also those this conversion will not
+        write: a file left from an earlier conversion would bring back what the records no
+        longer hold (a removed treatment) to whatever loads the directory.
+        """
         self.directory = Path(directory)
         self.directory.mkdir(parents=True, exist_ok=True)
+        for kind in RESOURCE_TYPES:
+            (self.directory / f"{kind}.ndjson").unlink(missing_ok=True)
         self.counts: Counter[str] = Counter()
         self._files: dict[str, IO[bytes]] = {}
         self._seen: set[str] = set()

@@ -118,6 +118,10 @@ LOCAL_IDENTIFIER_TYPES = {
 
 # Resources many encounters share, and a region may hold: written once, matched, not owned.
 SHARED_TYPES = frozenset({"Patient", "Practitioner", "Organization"})
+RESOURCE_TYPES = frozenset(
+    {"Encounter", "Observation", "Procedure", "Condition", "Provenance", "Consent"} | SHARED_TYPES
+)
+"""Every resource type a record maps to (pull's ENCOUNTER_TYPES, tested to agree)."""
 
 
 def consent_policy(namespace: str) -> str:

@@ -42,10 +42,12 @@ import os
 import random
 import re
 import sqlite3
+import tempfile
 from collections.abc import AsyncIterator, Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
+from urllib.parse import quote
 
 import httpx
 import orjson
@@ -67,7 +69,7 @@ from ..client.asynchronous import AsyncFhirClient
 from ..client.constants import FHIR_JSON
 from ..client.http import Call, ClientOptions, check_url, parse_retry_after, same_origin
 from ..mapping.from_fhir import MappingReport, from_fhir
-from ..mapping.identity import Kind, Profile, search_escape, system
+from ..mapping.identity import Kind, Profile, identifier_query, system
 from ..record.reader import json_values
 from .pull import (
     ENCOUNTER_TYPES,
@@ -110,6 +112,9 @@ MAX_EXPORT_FILE_BYTES = 4 * 1024**3
 MAX_EXPORT_FILES = 100_000
 """The most files a manifest may list."""
 
+MAX_LINE_ERRORS = 1000
+"""Bad lines reported one by one, per file (the rest are counted)."""
+
 BATCH = 200
 """Encounters rebuilt at once from the index."""
 
@@ -142,6 +147,7 @@ class ExportFile:
     type: str
     url: str
     credentials: bool
+    count: int | None = None  # resources in it, when the manifest says (it may not)
 
 
 @dataclass(slots=True)
@@ -184,9 +190,11 @@ def export_request(
     if since is not None:
         params["_since"] = _instant(since)
     if type_filter:
-        criteria = f"_profile={Profile.ENCOUNTER.url}"
+        # A search query inside the parameter: its values percent-encoded as in any query (a
+        # namespace may hold '&', '+' or '%'), then the whole encoded again as one value.
+        criteria = f"_profile={quote(Profile.ENCOUNTER.url, safe=':/')}"
         if namespace is not None:
-            criteria += "&identifier=" + search_escape(system(namespace, Kind.ENCOUNTER)) + "|"
+            criteria += "&" + identifier_query(system(namespace, Kind.ENCOUNTER), "")
         params["_typeFilter"] = "Encounter?" + criteria
     return {"path": path, "params": params}
 
@@ -280,7 +288,10 @@ def check_manifest(
                     f"{key}[{n}] is on another host ({checked.host}) but the manifest asks for "
                     "the access token to be sent there; refused"
                 )
-            files[key].append(ExportFile(kind, str(checked), ours and needs_token))
+            count = item.get("count")
+            if count is not None and (type(count) is not int or count < 0):
+                raise bad(f"{key}[{n}]: count is not a number of resources")
+            files[key].append(ExportFile(kind, str(checked), ours and needs_token, count))
     return files["output"], files["error"]
 
 
@@ -299,12 +310,20 @@ def _load_state(work_dir: Path) -> _Export | None:
             fix="remove it to start the export anew, or choose another work directory",
         ) from None
     try:
+        status_url = data.get("status_url")
+        if status_url is not None and not isinstance(status_url, str):
+            raise TypeError("status_url")
+        files = data.get("files", [])
+        if not isinstance(files, list) or not all(isinstance(f, str) for f in files):
+            raise TypeError("files")
+        if any(not _FILE_NAME.fullmatch(f) for f in files):
+            raise ValueError("files")
         return _Export(
             server=str(data["server"]),
             request=dict(data["request"]),
-            status_url=data.get("status_url"),
+            status_url=status_url,
             manifest=data.get("manifest"),
-            files=[str(f) for f in data.get("files", [])],
+            files=list(files),
         )
     except (AttributeError, KeyError, TypeError, ValueError):
         raise ConfigurationError(
@@ -425,7 +444,8 @@ async def bulk_pull(
     try:
         progress(BulkProgress("indexing", total=len(state.files)))
         report.errors += index.load(work / name for name in state.files)
-        if report.errors:
+        report.warnings += index.conflict_warnings()
+        if report.errors or report.warnings:
             yield report
         progress(BulkProgress("rebuilding", total=index.encounter_count()))
         done = 0
@@ -439,6 +459,10 @@ async def bulk_pull(
             done += len(batch.records) + len(batch.errors)
             progress(BulkProgress("rebuilding", done=done, total=index.encounter_count()))
             yield batch
+        # Every record handed out: the export is spent. The next pull with this directory
+        # starts a new one (the files stay until then, for the errors that name their lines);
+        # only a pull interrupted before this point resumes.
+        (work / STATE_FILE).unlink(missing_ok=True)
     finally:
         index.close()
 
@@ -556,10 +580,17 @@ class _Exporter:
             )
         backoff = FIRST_POLL_WAIT
         while True:
-            response = await self.client.send(
-                Call("GET", self.state.status_url, None, {"Accept": "application/json"}),
-                ok=frozenset({429}),
-            )
+            try:
+                response = await self.client.send(
+                    Call("GET", self.state.status_url, None, {"Accept": "application/json"}),
+                    ok=frozenset({429}),
+                )
+            except (NotFoundError, GoneError) as exc:
+                remove_export(self.work)  # forgotten: the next run starts a new export
+                raise ConfigurationError(
+                    f"the export is gone from the server ({exc})",
+                    fix="pull again: a new export is started",
+                ) from None
             if response.status_code == 200:
                 break
             where = describe_request(response.request)
@@ -581,14 +612,18 @@ class _Exporter:
             logger.info("export in progress (%s); polling again in %.1f s", note, delay)
             await self.sleep(delay)
         try:
-            manifest = orjson.loads(response.content)
-        except orjson.JSONDecodeError:
-            raise InvalidResponseError(
-                f"{describe_request(response.request)}: the manifest is not JSON",
-                request=response.request,
-                response=response,
-            ) from None
-        self._checked(manifest)
+            try:
+                manifest = orjson.loads(response.content)
+            except orjson.JSONDecodeError:
+                raise InvalidResponseError(
+                    f"{describe_request(response.request)}: the manifest is not JSON",
+                    request=response.request,
+                    response=response,
+                ) from None
+            self._checked(manifest)
+        except InvalidResponseError:
+            remove_export(self.work)  # a finished export whose manifest cannot be used
+            raise
         self.state.manifest = manifest
         _save_state(self.work, self.state)
 
@@ -631,7 +666,21 @@ class _Exporter:
             raise
         self.state.files = names
         _save_state(self.work, self.state)
-        return [e for _, name in errors_named for e in _export_errors(self.work / name)]
+        short = []
+        for file, name in zip(output, names, strict=True):
+            with contextlib.suppress(_ShortFile):
+                _check_count(self.work / name, file, name)
+                continue
+            short.append(
+                MappingError(
+                    str(self.work / name),
+                    "<export>",
+                    f"{_count_lines(self.work / name)} resources where the manifest says "
+                    f"{file.count}, after {self.client.retry.max_retries + 1} downloads: the "
+                    "encounters of the missing ones are not pulled (pull again to retry)",
+                )
+            )
+        return short + [e for _, name in errors_named for e in _export_errors(self.work / name)]
 
     async def _fetch(self, file: ExportFile, path: Path) -> None:
         """One file, to ``path`` once complete; started again after a failure that may pass."""
@@ -649,7 +698,9 @@ class _Exporter:
                             accept=NDJSON,
                             max_bytes=self.max_file_bytes,
                         )
-                    os.replace(partial, path)
+                    if attempt <= self.client.retry.max_retries:
+                        _check_count(partial, file, path.name)  # cut short? fetch it again
+                    os.replace(partial, path)  # else kept, and reported (download())
                     return
                 finally:
                     partial.unlink(missing_ok=True)  # a part is never taken for a whole file
@@ -658,7 +709,7 @@ class _Exporter:
                     f"{path.name}: the server no longer has the file ({exc})",
                     fix=f"the export has expired: remove {self.work / STATE_FILE} and pull again",
                 ) from None
-            except (TransportError, ServerError, RateLimitError) as exc:
+            except (TransportError, ServerError, RateLimitError, _ShortFile) as exc:
                 retry = self.client.retry
                 if attempt > retry.max_retries:
                     raise
@@ -673,10 +724,9 @@ class _Exporter:
     async def cancel(self) -> None:
         """Tell the server to stop (and drop) the export; forget it here."""
         status_url = self.state.status_url
-        with contextlib.suppress(OSError):
-            (self.work / STATE_FILE).unlink(missing_ok=True)
-        if status_url is None:
-            return
+        remove_export(self.work)  # the files fetched so far too: patients' data, now of no use
+        if status_url is None or not same_origin(httpx.URL(status_url), self.client.base_url):
+            return  # never the client's credentials to a host export.json names
         try:
             # Shielded: the task is being cancelled, and this request must still go out.
             await asyncio.shield(
@@ -688,8 +738,28 @@ class _Exporter:
             logger.warning("could not cancel the export on the server: %s", exc)
 
 
-def _printable(text: str) -> str:
-    return "".join(c for c in text[:_X_PROGRESS_CHARS] if c.isprintable())
+class _ShortFile(Exception):
+    """A file with fewer (or more) resources than the manifest's ``count``: cut short."""
+
+
+def _check_count(path: Path, file: ExportFile, name: str) -> None:
+    """A connection closed early at a line's end leaves a file that looks whole: count it."""
+    if file.count is None:
+        return
+    found = _count_lines(path)
+    if found != file.count:
+        raise _ShortFile(
+            f"{name}: {found} resources where the manifest says {file.count} (cut short?)"
+        )
+
+
+def _count_lines(path: Path) -> int:
+    with path.open("rb") as lines:
+        return sum(1 for line in lines if line.strip())
+
+
+def _printable(text: str, limit: int = _X_PROGRESS_CHARS) -> str:
+    return "".join(c for c in text[:limit] if c.isprintable())
 
 
 def _objects(value: Any) -> list[dict[str, Any]]:
@@ -698,13 +768,24 @@ def _objects(value: Any) -> list[dict[str, Any]]:
 
 def _export_errors(path: Path) -> list[MappingError]:
     """The issues of an export's error file (OperationOutcomes, one a line)."""
-    errors = []
+    errors: list[MappingError] = []
+    more = 0
     for location, value in json_values(path):
         where = f"{path} line {location.line}"
         issues = _objects(value.get("issue")) if isinstance(value, dict) else []
         for issue in issues or [{}]:
+            if len(errors) >= MAX_LINE_ERRORS:
+                more += 1
+                continue
             text = issue.get("diagnostics") or issue.get("code") or "an error it does not describe"
-            errors.append(MappingError(f"the server's export ({where})", "<export>", str(text)))
+            # The server's words, shown on a terminal: no control characters.
+            errors.append(
+                MappingError(
+                    f"the server's export ({where})", "<export>", _printable(str(text), 1000)
+                )
+            )
+    if more:
+        errors.append(MappingError(f"the server's export ({path})", "<export>", f"and {more} more"))
     return errors
 
 
@@ -721,6 +802,7 @@ class _Index:
     def __init__(self, path: Path) -> None:
         path.unlink(missing_ok=True)  # built anew each time, from the files
         self.path = path
+        self.conflicts: set[str] = set()
         self.db = sqlite3.connect(path)
         self.db.executescript(
             """
@@ -739,10 +821,15 @@ class _Index:
         self.path.unlink(missing_ok=True)
 
     def load(self, files: Iterable[Path]) -> list[MappingError]:
-        """Read every line of ``files``; the errors of lines that cannot be used."""
+        """Read every line of ``files``; the errors of lines that cannot be used.
+
+        At most :data:`MAX_LINE_ERRORS` a file are kept, then one that counts the rest: a file
+        of bad lines (a broken or hostile server) must not fill the memory with errors.
+        """
         errors: list[MappingError] = []
         with self.db:
             for file in files:
+                bad = 0
                 for location, value in json_values(file):
                     where = f"{file} line {location.line}"
                     if not isinstance(value, dict):
@@ -751,13 +838,36 @@ class _Index:
                             if hasattr(value, "issues") and value.issues
                             else "not a JSON object"
                         )
+                    else:
+                        problem = self.add(value)
+                        if not problem:
+                            continue
+                        reason = problem
+                    bad += 1
+                    if bad <= MAX_LINE_ERRORS:
                         errors.append(MappingError(where, "<line>", reason))
-                        continue
-                    problem = self.add(value)
-                    if problem:
-                        errors.append(MappingError(where, "<line>", problem))
+                if bad > MAX_LINE_ERRORS:
+                    errors.append(
+                        MappingError(
+                            str(file),
+                            "<line>",
+                            f"and {bad - MAX_LINE_ERRORS} more lines that cannot be used",
+                        )
+                    )
         self.db.execute("CREATE INDEX part_by_encounter ON part (encounter)")
         return errors
+
+    def conflict_warnings(self) -> list[MappingError]:
+        """Resources read twice with different content (the first copy read is used)."""
+        return [
+            MappingError(
+                name,
+                "<export>",
+                "is in the export twice with different content; its encounters are rebuilt "
+                "from the first copy read (check it on the server)",
+            )
+            for name in sorted(self.conflicts)
+        ]
 
     def add(self, resource: dict[str, Any]) -> str | None:
         """Store one resource; what is wrong with it, if it cannot be stored."""
@@ -778,9 +888,15 @@ class _Index:
                     "INSERT INTO part (encounter, body) VALUES (?, ?)", (encounter, body)
                 )
             return None
-        self.db.execute(
+        cursor = self.db.execute(
             "INSERT OR IGNORE INTO referred (type, id, body) VALUES (?, ?, ?)", (kind, rid, body)
         )
+        if not cursor.rowcount and len(self.conflicts) < MAX_LINE_ERRORS:
+            (held,) = self.db.execute(
+                "SELECT body FROM referred WHERE type = ? AND id = ?", (kind, rid)
+            ).fetchone()
+            if _content(orjson.loads(held)) != _content(resource):
+                self.conflicts.add(f"{kind}/{rid}")
         return None
 
     def add_referred(self, resources: Sequence[Any]) -> None:
@@ -837,6 +953,13 @@ class _Index:
             yield [row[0] for row in batch]
 
 
+def _content(resource: dict[str, Any]) -> bytes:
+    """What a resource says, to compare two copies (``meta`` is the server's bookkeeping)."""
+    return orjson.dumps(
+        {k: v for k, v in resource.items() if k != "meta"}, option=orjson.OPT_SORT_KEYS
+    )
+
+
 def _encounters_of(kind: str, resource: dict[str, Any]) -> list[str]:
     """The ids of the Encounters a part points at (by the element pull searches on)."""
     value = resource.get(PARTS[kind])
@@ -875,12 +998,16 @@ def rebuild_ndjson(
     them (nothing is read from a server). The first report holds the errors of bad lines.
     """
     files = [Path(p) for p in paths]
-    where = Path(index_dir) if index_dir is not None else (files[0].parent if files else Path())
-    index = _Index(where / INDEX_FILE)
+    # A file of its own, never one of the user's (an index.sqlite3 beside the files).
+    where = Path(index_dir) if index_dir is not None else (files[0].parent if files else None)
+    handle, name = tempfile.mkstemp(prefix=".ims-fhir-index-", suffix=".sqlite3", dir=where)
+    os.close(handle)
+    index = _Index(Path(name))
     try:
         errors = index.load(files)
-        if errors:
-            yield MappingReport(errors=errors)
+        warnings = index.conflict_warnings()
+        if errors or warnings:
+            yield MappingReport(errors=errors, warnings=warnings)
         for encounters, parts in index.batches():
             found, _ = index.referred(referred_ids(encounters, parts))
             yield from_fhir([*encounters, *parts, *found])
