@@ -43,7 +43,11 @@ from ims_fhir import (
     synthetic_encounters,
 )
 from ims_fhir.cli.commands import cli
+from ims_fhir.mapping.identity import RESOURCE_TYPES
+from ims_fhir.mapping.to_fhir import bundle_dict
+from ims_fhir.sync.pull import ENCOUNTER_TYPES
 
+from .conftest import ENCOUNTER_FILES
 from .strategies import encounters
 
 BASE = "https://fhir.example.org/r4"
@@ -640,3 +644,14 @@ def test_a_broken_state_file_is_named(tmp_path: Path, text: str) -> None:
     (tmp_path / "export.json").write_text(text)
     with pytest.raises(ConfigurationError, match="export.json"):
         _run(tmp_path)
+
+
+def test_the_types_a_record_maps_to_are_those_an_export_asks_for() -> None:
+    """convert --ndjson-per-type replaces the files of RESOURCE_TYPES; pull exports these."""
+    assert set(ENCOUNTER_TYPES) == RESOURCE_TYPES
+    kinds = {
+        e["resource"]["resourceType"]
+        for path in ENCOUNTER_FILES
+        for e in bundle_dict(Encounter.model_validate_json(path.read_text()))["entry"]
+    }
+    assert kinds <= RESOURCE_TYPES
