@@ -354,3 +354,25 @@ def test_a_retried_download_cannot_write_to_the_terminal(tmp_path: Path) -> None
     assert _FlakyFile.failed, result.stderr
     assert "x[2J" in result.stderr.replace("\x1b", ""), result.stderr  # the warning is there
     assert "\x1b" not in result.stderr, repr(result.stderr)
+
+
+def test_the_summary_counts_every_bad_line_not_the_messages(tmp_path: Path) -> None:
+    """``pull --bulk``'s last line must count the problems, not the messages kept of them.
+
+    f5c4cb0 keeps 1,000 bad-line errors a file and adds one "and N more lines that cannot be
+    used". The CLI counts ``len(report.errors)`` into "N encounters could not be mapped":
+    an export with 1,500 lines that cannot be used is summed up as 1,001, one with 100,000
+    as 1,001 too - the extent of the damage, the one number a nightly job's log keeps, is
+    lost to the cap.
+    """
+    manifest = _manifest({"Encounter": b""})
+    runner = CliRunner()
+    with respx.mock(assert_all_called=False) as mock:
+        Server(mock, {"Encounter": b"[]\n" * 1500}, manifest=manifest)
+        result = runner.invoke(
+            cli, ["pull", "--bulk", "--server", BASE, "--bulk-dir", str(tmp_path / "w")]
+        )
+    assert result.exit_code == 1, result.output
+    assert "and 500 more lines" in result.output
+    last = result.output.strip().splitlines()[-1]
+    assert "1500" in last.replace(",", ""), last
