@@ -44,11 +44,13 @@ def test_bench_quick_runs(root: Path, fhir_base_url: str, tmp_path: Path) -> Non
     assert len(push["rounds"]) == 1 and push["ours_over_limit"] > 0 and push["ours_over_peer"] > 0
     cpu = results["client_cpu"]
     assert len(cpu["round_ratios"]) == 2 and cpu["create_ms"] > 0 and cpu["update_ms"] > 0
-    # The nightly sync sends only what changed: 1 of 20 encounters, edited.
+    # The nightly sync sends only what changed: 1 of 20 encounters each night.
     incremental = results["incremental"]
-    assert incremental["changed"] == 1
+    nights = incremental["rounds"]
+    assert incremental["changed"] == 1 and nights == 4 == len(incremental["round_ratios"])
     actions = incremental["ours_actions"]
-    assert actions["unchanged"] == 19 and sum(actions.values()) == 20, incremental
+    assert actions["unchanged"] == 19 * nights, incremental
+    assert sum(actions.values()) == 20 * nights, incremental
     table = (tmp_path / "RESULTS-quick.md").read_text()
     assert "| mapping forward" in table and "| mapping reverse, one Bundle of 200" in table
     assert "| push client CPU per new encounter" in table and "| nightly sync: 20" in table

@@ -118,11 +118,16 @@ class RecordError(ImsFhirError):
 class MappingError(ImsFhirError):
     """FHIR content that cannot be mapped to an IMS record."""
 
-    def __init__(self, resource: str, path: str, reason: str) -> None:
-        """Create the error naming the resource (``Type/id``) and the element path."""
+    def __init__(self, resource: str, path: str, reason: str, *, count: int = 1) -> None:
+        """Create the error naming the resource (``Type/id``) and the element path.
+
+        ``count``: how many problems it stands for (one that sums up the rest of many bad
+        lines, "and 500 more", stands for 500).
+        """
         self.resource = resource
         self.path = path
         self.reason = reason
+        self.count = count
         super().__init__(f"{resource}: {path}: {reason}")
 
 

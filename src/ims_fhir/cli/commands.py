@@ -51,7 +51,7 @@ from ..client.asynchronous import AsyncFhirClient
 from ..client.http import is_loopback
 from ..mapping.convert import NdjsonPerType, detect_input, read_fhir
 from ..mapping.from_fhir import MappingReport
-from ..mapping.identity import default_namespace, example_systems
+from ..mapping.identity import RESOURCE_TYPES, default_namespace, example_systems
 from ..mapping.package import PACKAGE_NAME, build_package, package_resources
 from ..mapping.to_fhir import bundle_dict, bundle_json, transaction_json
 from ..record.model import Encounter, check_namespace
@@ -604,6 +604,18 @@ def convert(
                 "--ndjson-per-type takes IMS records (the inputs hold FHIR)",
                 param_hint="--ndjson-per-type",
             )
+        replaced = {(per_type / f"{t}.ndjson").resolve() for t in RESOURCE_TYPES}
+        target = per_type.resolve()
+        for path in paths:
+            resolved = path.resolve()
+            if resolved in replaced or (
+                path.is_dir() and (resolved == target or resolved in target.parents)
+            ):
+                raise click.BadParameter(
+                    f"the input {path} holds (or is) a file --ndjson-per-type replaces: write "
+                    "into another directory",
+                    param_hint="--ndjson-per-type",
+                )
         with NdjsonPerType(per_type) as writer:
             for item in read_records(paths, on_skip=_say_skipped):
                 if isinstance(item, RecordError):
@@ -1172,7 +1184,7 @@ def pull_command(**options: Any) -> None:
                     totals["retired"] += retired
                     totals["other_clinic"] += other
                     totals["skipped"] += len(report.skipped) - retired - other
-                    totals["unmappable"] += len(report.errors)
+                    totals["unmappable"] += sum(e.count for e in report.errors)
                     for error in report.errors:
                         where = "batch" if bulk else "page"
                         err.print(f"[red]unmappable[/red] {where} {page}: {escape(str(error))}")
@@ -1187,6 +1199,12 @@ def pull_command(**options: Any) -> None:
     except KeyboardInterrupt:
         if not bulk:
             said = "pull stopped"
+        elif progress_line.stage in {None, "kick-off"}:
+            # No status URL yet: nothing to cancel, though the server may have begun.
+            said = (
+                "pull stopped before the server answered the kick-off: if it started an "
+                "export, it runs on (nothing names it to cancel)"
+            )
         elif progress_line.stage in {"indexing", "rebuilding"}:
             # The export was complete: its files stay, and the next run rebuilds from them.
             said = (

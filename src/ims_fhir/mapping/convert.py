@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import re
 from collections import Counter
 from collections.abc import Callable, Iterable, Iterator
@@ -114,17 +115,19 @@ class NdjsonPerType:
     def __init__(self, directory: str | Path) -> None:
         """Write into ``directory`` (created if missing); its ``<Type>.ndjson`` are replaced.
 
-        All of them, for every type a record maps to, also those this conversion will not
-        write: a file left from an earlier conversion would bring back what the records no
-        longer hold (a removed treatment) to whatever loads the directory.
+        Each file is written beside its final name (``.<Type>.ndjson.part``, so an input in
+        the same directory is read whole) and takes its name when the writer is closed
+        without an error; then the ``<Type>.ndjson`` of every other type a record maps to is
+        removed: a file left from an earlier conversion would bring back what the records no
+        longer hold (a removed treatment) to whatever loads the directory. After an error
+        the directory is left as it was.
         """
         self.directory = Path(directory)
         self.directory.mkdir(parents=True, exist_ok=True)
-        for kind in RESOURCE_TYPES:
-            (self.directory / f"{kind}.ndjson").unlink(missing_ok=True)
         self.counts: Counter[str] = Counter()
         self._files: dict[str, IO[bytes]] = {}
         self._seen: set[str] = set()
+        self._closed = False
 
     def __enter__(self) -> NdjsonPerType:
         return self
@@ -135,13 +138,28 @@ class NdjsonPerType:
         exc: BaseException | None,
         tb: TracebackType | None,
     ) -> None:
-        self.close()
+        self.close(keep=exc_type is None)
 
-    def close(self) -> None:
-        """Close the files."""
+    def _part(self, kind: str) -> Path:
+        return self.directory / f".{kind}.ndjson.part"
+
+    def close(self, *, keep: bool = True) -> None:
+        """Close the files and give them their names (``keep=False``: discard them)."""
+        if self._closed:
+            return
+        self._closed = True
         for handle in self._files.values():
             handle.close()
+        written = set(self._files)
         self._files.clear()
+        for kind in written:
+            if keep:
+                os.replace(self._part(kind), self.directory / f"{kind}.ndjson")
+            else:
+                self._part(kind).unlink(missing_ok=True)
+        if keep:
+            for kind in RESOURCE_TYPES - written:
+                (self.directory / f"{kind}.ndjson").unlink(missing_ok=True)
 
     def write(self, record: Encounter, *, checked: bool = False) -> None:
         """Write one record's resources (``checked``: it was just validated, as read)."""
@@ -167,6 +185,6 @@ class NdjsonPerType:
             body = orjson.dumps({"resourceType": kind, "id": uuid} | resource)
             handle = self._files.get(kind)
             if handle is None:
-                handle = self._files[kind] = (self.directory / f"{kind}.ndjson").open("wb")
+                handle = self._files[kind] = self._part(kind).open("wb")
             handle.write(_URN_REFERENCE.sub(literal, body) + b"\n")
             self.counts[kind] += 1

@@ -113,7 +113,7 @@ MAX_EXPORT_FILES = 100_000
 """The most files a manifest may list."""
 
 MAX_LINE_ERRORS = 1000
-"""Bad lines reported one by one, per file (the rest are counted)."""
+"""Bad lines (and export issues) reported one by one (the rest are counted)."""
 
 BATCH = 200
 """Encounters rebuilt at once from the index."""
@@ -289,6 +289,8 @@ def check_manifest(
                     "the access token to be sent there; refused"
                 )
             count = item.get("count")
+            if type(count) is float and count.is_integer():
+                count = int(count)  # 3.0 is JSON's 3 too
             if count is not None and (type(count) is not int or count < 0):
                 raise bad(f"{key}[{n}]: count is not a number of resources")
             files[key].append(ExportFile(kind, str(checked), ours and needs_token, count))
@@ -557,6 +559,7 @@ class _Exporter:
             )
         self.state.status_url = str(status_url)
         _save_state(self.work, self.state)
+        self.progress(BulkProgress("waiting", "the export started"))  # now it can be cancelled
 
     async def _offers_export(self) -> bool:
         try:
@@ -612,27 +615,28 @@ class _Exporter:
             logger.info("export in progress (%s); polling again in %.1f s", note, delay)
             await self.sleep(delay)
         try:
-            try:
-                manifest = orjson.loads(response.content)
-            except orjson.JSONDecodeError:
-                raise InvalidResponseError(
-                    f"{describe_request(response.request)}: the manifest is not JSON",
-                    request=response.request,
-                    response=response,
-                ) from None
-            self._checked(manifest)
-        except InvalidResponseError:
+            manifest = orjson.loads(response.content)
+        except orjson.JSONDecodeError:
             remove_export(self.work)  # a finished export whose manifest cannot be used
-            raise
+            raise InvalidResponseError(
+                f"{describe_request(response.request)}: the manifest is not JSON",
+                request=response.request,
+                response=response,
+            ) from None
+        # Kept before it is checked: what fails may be the user's to fix (a --file-host), and
+        # the export is then resumed, not started again.
         self.state.manifest = manifest
         _save_state(self.work, self.state)
+        self._checked(manifest)
 
     def _checked(self, manifest: Any) -> tuple[list[ExportFile], list[ExportFile]]:
-        return check_manifest(
-            manifest,
-            self.client.base_url,
-            file_hosts=self.file_hosts,
-        )
+        try:
+            return check_manifest(manifest, self.client.base_url, file_hosts=self.file_hosts)
+        except InvalidResponseError as exc:
+            raise InvalidResponseError(
+                f"{exc}; {self.work / STATE_FILE} keeps the export: pull again once that is "
+                "fixed to resume it, or remove the file to start a new export"
+            ) from None
 
     async def download(self) -> list[MappingError]:
         """Fetch the files not fetched yet; return the errors the export's error files list."""
@@ -667,7 +671,8 @@ class _Exporter:
         self.state.files = names
         _save_state(self.work, self.state)
         short = []
-        for file, name in zip(output, names, strict=True):
+        named = [*zip(output, names, strict=True), *errors_named]
+        for file, name in named:
             with contextlib.suppress(_ShortFile):
                 _check_count(self.work / name, file, name)
                 continue
@@ -718,7 +723,8 @@ class _Exporter:
                 if asked is not None and asked > retry.max_retry_after:
                     raise
                 delay = asked if asked is not None else retry.backoff(attempt, random.random)
-                logger.warning("%s: %s; fetching the file again in %.1f s", path.name, exc, delay)
+                said = _printable(str(exc), 500)  # the server's words may be in it
+                logger.warning("%s: %s; fetching the file again in %.1f s", path.name, said, delay)
                 await self.sleep(delay)
 
     async def cancel(self) -> None:
@@ -785,7 +791,8 @@ def _export_errors(path: Path) -> list[MappingError]:
                 )
             )
     if more:
-        errors.append(MappingError(f"the server's export ({path})", "<export>", f"and {more} more"))
+        where = f"the server's export ({path})"
+        errors.append(MappingError(where, "<export>", f"and {more} more", count=more))
     return errors
 
 
@@ -803,6 +810,7 @@ class _Index:
         path.unlink(missing_ok=True)  # built anew each time, from the files
         self.path = path
         self.conflicts: set[str] = set()
+        self.more_conflicts = 0
         self.db = sqlite3.connect(path)
         self.db.executescript(
             """
@@ -823,13 +831,13 @@ class _Index:
     def load(self, files: Iterable[Path]) -> list[MappingError]:
         """Read every line of ``files``; the errors of lines that cannot be used.
 
-        At most :data:`MAX_LINE_ERRORS` a file are kept, then one that counts the rest: a file
-        of bad lines (a broken or hostile server) must not fill the memory with errors.
+        At most :data:`MAX_LINE_ERRORS` are kept, then one that counts the rest: files of bad
+        lines (a broken or hostile server) must not fill the memory with errors.
         """
         errors: list[MappingError] = []
+        more: dict[Path, int] = {}  # bad lines past the cap, by file
         with self.db:
             for file in files:
-                bad = 0
                 for location, value in json_values(file):
                     where = f"{file} line {location.line}"
                     if not isinstance(value, dict):
@@ -843,17 +851,19 @@ class _Index:
                         if not problem:
                             continue
                         reason = problem
-                    bad += 1
-                    if bad <= MAX_LINE_ERRORS:
+                    if len(errors) < MAX_LINE_ERRORS:
                         errors.append(MappingError(where, "<line>", reason))
-                if bad > MAX_LINE_ERRORS:
-                    errors.append(
-                        MappingError(
-                            str(file),
-                            "<line>",
-                            f"and {bad - MAX_LINE_ERRORS} more lines that cannot be used",
-                        )
-                    )
+                    elif len(more) < MAX_LINE_ERRORS or file in more:
+                        more[file] = more.get(file, 0) + 1
+        if more:
+            errors.append(
+                MappingError(
+                    f"{len(more)} files" if len(more) > 1 else str(next(iter(more))),
+                    "<line>",
+                    f"and {sum(more.values())} more lines that cannot be used",
+                    count=sum(more.values()),
+                )
+            )
         self.db.execute("CREATE INDEX part_by_encounter ON part (encounter)")
         return errors
 
@@ -867,7 +877,18 @@ class _Index:
                 "from the first copy read (check it on the server)",
             )
             for name in sorted(self.conflicts)
-        ]
+        ] + (
+            [
+                MappingError(
+                    "the export",
+                    "<export>",
+                    f"and {self.more_conflicts} more resources in it twice with different content",
+                    count=self.more_conflicts,
+                )
+            ]
+            if self.more_conflicts
+            else []
+        )
 
     def add(self, resource: dict[str, Any]) -> str | None:
         """Store one resource; what is wrong with it, if it cannot be stored."""
@@ -891,12 +912,16 @@ class _Index:
         cursor = self.db.execute(
             "INSERT OR IGNORE INTO referred (type, id, body) VALUES (?, ?, ?)", (kind, rid, body)
         )
-        if not cursor.rowcount and len(self.conflicts) < MAX_LINE_ERRORS:
+        if not cursor.rowcount:
             (held,) = self.db.execute(
                 "SELECT body FROM referred WHERE type = ? AND id = ?", (kind, rid)
             ).fetchone()
-            if _content(orjson.loads(held)) != _content(resource):
-                self.conflicts.add(f"{kind}/{rid}")
+            name = f"{kind}/{rid}"
+            if _content(orjson.loads(held)) != _content(resource) and name not in self.conflicts:
+                if len(self.conflicts) < MAX_LINE_ERRORS:
+                    self.conflicts.add(name)
+                else:
+                    self.more_conflicts += 1
         return None
 
     def add_referred(self, resources: Sequence[Any]) -> None:
@@ -1003,6 +1028,9 @@ def rebuild_ndjson(
     handle, name = tempfile.mkstemp(prefix=".ims-fhir-index-", suffix=".sqlite3", dir=where)
     os.close(handle)
     index = _Index(Path(name))
+    # Gone from the directory at once (SQLite keeps the open file): a killed rebuild leaves
+    # no copy of the patients' data behind.
+    Path(name).unlink()
     try:
         errors = index.load(files)
         warnings = index.conflict_warnings()
