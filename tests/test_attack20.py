@@ -11,11 +11,7 @@ import asyncio
 import contextlib
 import http.server
 import json
-import signal
-import subprocess
-import sys
 import threading
-import time
 import tracemalloc
 import urllib.parse
 import uuid
@@ -40,6 +36,7 @@ from ims_fhir import (
 from ims_fhir.cli.commands import cli
 from ims_fhir.sync.bulk import export_request
 
+from .bulk_support import interrupt_pull, local_server
 from .test_bulk import (
     BASE,
     STATUS,
@@ -520,33 +517,18 @@ def test_ctrl_c_after_the_download_does_not_claim_the_export_was_cancelled(
     _SlowRebuild.files = {
         t: b for t, b in files.items() if t not in {"Practitioner", "Organization"}
     }
-    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), _SlowRebuild)
-    thread = threading.Thread(target=server.serve_forever, daemon=True)
-    thread.start()
-    base = f"http://127.0.0.1:{server.server_address[1]}/fhir"
     work = tmp_path / "work"
-    try:
-        process = subprocess.Popen(
-            [sys.executable, "-m", "ims_fhir", "pull", "--bulk", "--server", base,
-             "--bulk-dir", str(work), "-o", str(tmp_path / "out.ndjson")],
-            stdout=subprocess.PIPE,
-            stderr=subprocess.PIPE,
-            text=True,
-        )  # fmt: skip
-        deadline = time.monotonic() + 60
-        while time.monotonic() < deadline and not any(
-            s.startswith(("GET /fhir/Practitioner", "GET /fhir/Organization"))
-            for s in _SlowRebuild.seen
-        ):
-            time.sleep(0.05)
-        process.send_signal(signal.SIGINT)
-        _, err = process.communicate(timeout=60)
-    finally:
-        _SlowRebuild.release.set()
-        server.shutdown()
-        server.server_close()
-        thread.join()
-    assert process.returncode == 130, err
+    with local_server(_SlowRebuild, before_close=_SlowRebuild.release.set) as base:
+        returncode, err = interrupt_pull(
+            base,
+            work,
+            lambda: any(
+                s.startswith(("GET /fhir/Practitioner", "GET /fhir/Organization"))
+                for s in _SlowRebuild.seen
+            ),
+            args=("-o", str(tmp_path / "out.ndjson")),
+        )
+    assert returncode == 130, err
     deleted = any(s.startswith("DELETE") for s in _SlowRebuild.seen)
     claimed = "the export was cancelled on the server" in err
     assert deleted or not claimed, (

@@ -13,7 +13,6 @@ import signal
 import subprocess
 import sys
 import threading
-import time
 import tracemalloc
 from pathlib import Path
 from typing import Any, ClassVar
@@ -25,6 +24,7 @@ from click.testing import CliRunner
 from ims_fhir import InvalidResponseError, rebuild_ndjson
 from ims_fhir.cli.commands import cli
 
+from .bulk_support import interrupt_pull, local_server
 from .test_bulk import BASE, Server, _by_id, _errors, _files, _manifest, _pulled, _records, _run
 
 FILE_HOST = "files.example.net"
@@ -184,30 +184,14 @@ def test_ctrl_c_during_the_kick_off_does_not_claim_the_export_was_cancelled(
     ``cancel`` has no status URL and returns without a word to the server, yet the user is
     told the export was cancelled there: it may run on, holding the patients' data.
     """
-    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), _SlowKickOff)
-    thread = threading.Thread(target=server.serve_forever, daemon=True)
-    thread.start()
-    base = f"http://127.0.0.1:{server.server_address[1]}/fhir"
-    try:
-        process = subprocess.Popen(
-            [sys.executable, "-m", "ims_fhir", "pull", "--bulk", "--server", base,
-             "--bulk-dir", str(tmp_path / "work")],
-            stdout=subprocess.PIPE,
-            stderr=subprocess.PIPE,
-            text=True,
-        )  # fmt: skip
-        deadline = time.monotonic() + 60
-        while "GET /fhir/$export" not in _SlowKickOff.seen and time.monotonic() < deadline:
-            time.sleep(0.05)
-        time.sleep(0.2)
-        process.send_signal(signal.SIGINT)
-        _, err = process.communicate(timeout=60)
-    finally:
-        _SlowKickOff.release.set()
-        server.shutdown()
-        server.server_close()
-        thread.join()
-    assert process.returncode == 130, err
+    with local_server(_SlowKickOff, before_close=_SlowKickOff.release.set) as base:
+        returncode, err = interrupt_pull(
+            base,
+            tmp_path / "work",
+            lambda: "GET /fhir/$export" in _SlowKickOff.seen,
+            settle=0.2,
+        )
+    assert returncode == 130, err
     deleted = any(s.startswith("DELETE") for s in _SlowKickOff.seen)
     claimed = "the export was cancelled on the server" in err
     assert deleted or not claimed, f"no DELETE was sent, yet: {err.strip()[-120:]}"

@@ -10,11 +10,6 @@ from __future__ import annotations
 import asyncio
 import http.server
 import json
-import signal
-import subprocess
-import sys
-import threading
-import time
 from collections.abc import AsyncIterator, Callable
 from pathlib import Path
 from typing import Any, ClassVar
@@ -47,6 +42,7 @@ from ims_fhir.mapping.identity import RESOURCE_TYPES
 from ims_fhir.mapping.to_fhir import bundle_dict
 from ims_fhir.sync.pull import ENCOUNTER_TYPES
 
+from .bulk_support import interrupt_pull, local_server
 from .conftest import ENCOUNTER_FILES
 from .strategies import encounters
 
@@ -596,29 +592,12 @@ class _Exporting(http.server.BaseHTTPRequestHandler):
 
 
 def test_ctrl_c_cancels_the_export_on_the_server(tmp_path: Path) -> None:
-    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), _Exporting)
-    thread = threading.Thread(target=server.serve_forever, daemon=True)
-    thread.start()
-    base = f"http://127.0.0.1:{server.server_address[1]}/fhir"
-    try:
-        process = subprocess.Popen(
-            [sys.executable, "-m", "ims_fhir", "pull", "--bulk", "--server", base,
-             "--bulk-dir", str(tmp_path)],
-            stdout=subprocess.PIPE,
-            stderr=subprocess.PIPE,
-            text=True,
-        )  # fmt: skip
-        deadline = time.monotonic() + 60
-        while "GET /fhir/status/1" not in _Exporting.seen and time.monotonic() < deadline:
-            time.sleep(0.05)
-        process.send_signal(signal.SIGINT)
-        _, err = process.communicate(timeout=60)
-    finally:
-        server.shutdown()
-        server.server_close()
-        thread.join()
+    with local_server(_Exporting) as base:
+        returncode, err = interrupt_pull(
+            base, tmp_path, lambda: "GET /fhir/status/1" in _Exporting.seen
+        )
     assert "DELETE /fhir/status/1" in _Exporting.seen
-    assert process.returncode == 130
+    assert returncode == 130
     assert "Traceback" not in err
     assert err.strip().splitlines()[-1] == "cancelled the export was cancelled on the server"
     assert not (tmp_path / "export.json").exists()
