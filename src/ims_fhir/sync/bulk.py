@@ -573,10 +573,15 @@ class _Exporter:
                         return True
         return False
 
+    def _status_url_is_ours(self) -> bool:
+        """The status URL is on the server's origin (one from export.json may not be)."""
+        url = self.state.status_url
+        return url is not None and same_origin(httpx.URL(url), self.client.base_url)
+
     async def wait(self, max_poll_wait: float) -> None:
         """Poll the status URL until the manifest comes; keep it in the work directory."""
         assert self.state.status_url is not None
-        if not same_origin(httpx.URL(self.state.status_url), self.client.base_url):
+        if not self._status_url_is_ours():
             raise ConfigurationError(
                 f"{self.work / STATE_FILE} names a status URL on another host",
                 fix="remove it to start the export anew",
@@ -730,8 +735,9 @@ class _Exporter:
     async def cancel(self) -> None:
         """Tell the server to stop (and drop) the export; forget it here."""
         status_url = self.state.status_url
+        ours = self._status_url_is_ours()
         remove_export(self.work)  # the files fetched so far too: patients' data, now of no use
-        if status_url is None or not same_origin(httpx.URL(status_url), self.client.base_url):
+        if status_url is None or not ours:
             return  # never the client's credentials to a host export.json names
         try:
             # Shielded: the task is being cancelled, and this request must still go out.
