@@ -513,6 +513,7 @@ class _Exporter:
         self.max_file_bytes = max_file_bytes
         self.progress = progress
         self.sleep = sleep
+        self.counted: set[str] = set()  # files fetched in this run whose count was right
 
     async def kick_off(self) -> None:
         self.progress(BulkProgress("kick-off", self.state.request["path"]))
@@ -676,20 +677,20 @@ class _Exporter:
         self.state.files = names
         _save_state(self.work, self.state)
         short = []
-        named = [*zip(output, names, strict=True), *errors_named]
-        for file, name in named:
-            with contextlib.suppress(_ShortFile):
-                _check_count(self.work / name, file, name)
-                continue
-            short.append(
-                MappingError(
-                    str(self.work / name),
-                    "<export>",
-                    f"{_count_lines(self.work / name)} resources where the manifest says "
-                    f"{file.count}, after {self.client.retry.max_retries + 1} downloads: the "
-                    "encounters of the missing ones are not pulled (pull again to retry)",
+        for file, name in [*zip(output, names, strict=True), *errors_named]:
+            if name in self.counted:
+                continue  # fetched in this run, its count found right
+            found = _count_mismatch(self.work / name, file)
+            if found is not None:
+                short.append(
+                    MappingError(
+                        str(self.work / name),
+                        "<export>",
+                        f"{found} resources where the manifest says {file.count}, after "
+                        f"{self.client.retry.max_retries + 1} downloads: the encounters of "
+                        "the missing ones are not pulled (pull again to retry)",
+                    )
                 )
-            )
         return short + [e for _, name in errors_named for e in _export_errors(self.work / name)]
 
     async def _fetch(self, file: ExportFile, path: Path) -> None:
@@ -708,9 +709,15 @@ class _Exporter:
                             accept=NDJSON,
                             max_bytes=self.max_file_bytes,
                         )
-                    if attempt <= self.client.retry.max_retries:
-                        _check_count(partial, file, path.name)  # cut short? fetch it again
-                    os.replace(partial, path)  # else kept, and reported (download())
+                    found = _count_mismatch(partial, file)
+                    if found is None:
+                        self.counted.add(path.name)
+                    elif attempt <= self.client.retry.max_retries:  # cut short? again
+                        raise _ShortFile(
+                            f"{path.name}: {found} resources where the manifest says "
+                            f"{file.count} (cut short?)"
+                        )
+                    os.replace(partial, path)  # kept when still short; download() reports it
                     return
                 finally:
                     partial.unlink(missing_ok=True)  # a part is never taken for a whole file
@@ -754,20 +761,17 @@ class _ShortFile(Exception):
     """A file with fewer (or more) resources than the manifest's ``count``: cut short."""
 
 
-def _check_count(path: Path, file: ExportFile, name: str) -> None:
-    """A connection closed early at a line's end leaves a file that looks whole: count it."""
+def _count_mismatch(path: Path, file: ExportFile) -> int | None:
+    """The resources ``path`` holds, if not the manifest's ``count``; None if as it says.
+
+    A connection closed early at a line's end leaves a file that looks whole; None too when
+    the manifest gives no count.
+    """
     if file.count is None:
-        return
-    found = _count_lines(path)
-    if found != file.count:
-        raise _ShortFile(
-            f"{name}: {found} resources where the manifest says {file.count} (cut short?)"
-        )
-
-
-def _count_lines(path: Path) -> int:
+        return None
     with path.open("rb") as lines:
-        return sum(1 for line in lines if line.strip())
+        found = sum(1 for line in lines if line.strip())
+    return None if found == file.count else found
 
 
 def _printable(text: str, limit: int = _X_PROGRESS_CHARS) -> str:
