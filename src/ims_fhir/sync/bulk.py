@@ -845,9 +845,12 @@ class _Index:
         lines (a broken or hostile server) must not fill the memory with errors.
         """
         errors: list[MappingError] = []
-        more: dict[Path, int] = {}  # bad lines past the cap, by file
+        more = 0  # bad lines past the cap, counted
+        more_files = 0  # the files holding them
+        first: Path | None = None  # the first of those, named when it is the only one
         with self.db:
             for file in files:
+                before = more
                 for location, value in json_values(file):
                     where = f"{file} line {location.line}"
                     if not isinstance(value, dict):
@@ -863,15 +866,16 @@ class _Index:
                         reason = problem
                     if len(errors) < MAX_LINE_ERRORS:
                         errors.append(MappingError(where, "<line>", reason))
-                    elif len(more) < MAX_LINE_ERRORS or file in more:
-                        more[file] = more.get(file, 0) + 1
+                    else:
+                        more += 1
+                if more > before:
+                    more_files += 1
+                    first = first or file
         if more:
+            where = f"{more_files} files" if more_files > 1 else str(first)
             errors.append(
                 MappingError(
-                    f"{len(more)} files" if len(more) > 1 else str(next(iter(more))),
-                    "<line>",
-                    f"and {sum(more.values())} more lines that cannot be used",
-                    count=sum(more.values()),
+                    where, "<line>", f"and {more} more lines that cannot be used", count=more
                 )
             )
         self.db.execute("CREATE INDEX part_by_encounter ON part (encounter)")
@@ -879,7 +883,7 @@ class _Index:
 
     def conflict_warnings(self) -> list[MappingError]:
         """Resources read twice with different content (the first copy read is used)."""
-        return [
+        warnings = [
             MappingError(
                 name,
                 "<export>",
@@ -887,18 +891,17 @@ class _Index:
                 "from the first copy read (check it on the server)",
             )
             for name in sorted(self.conflicts)
-        ] + (
-            [
+        ]
+        if self.more_conflicts:
+            warnings.append(
                 MappingError(
                     "the export",
                     "<export>",
                     f"and {self.more_conflicts} more resources in it twice with different content",
                     count=self.more_conflicts,
                 )
-            ]
-            if self.more_conflicts
-            else []
-        )
+            )
+        return warnings
 
     def add(self, resource: dict[str, Any]) -> str | None:
         """Store one resource; what is wrong with it, if it cannot be stored."""
