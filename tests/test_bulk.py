@@ -8,9 +8,13 @@ compare what was rebuilt with what went in. The round trip on a real server is i
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import http.server
 import json
-from collections.abc import AsyncIterator, Callable
+import signal
+import subprocess
+import sys
+from collections.abc import AsyncIterator, Callable, Iterator
 from pathlib import Path
 from typing import Any, ClassVar
 
@@ -40,6 +44,7 @@ from ims_fhir import (
 from ims_fhir.cli.commands import cli
 from ims_fhir.mapping.identity import RESOURCE_TYPES
 from ims_fhir.mapping.to_fhir import bundle_dict
+from ims_fhir.sync.bulk import LOCK_FILE, remove_export
 from ims_fhir.sync.pull import ENCOUNTER_TYPES
 
 from .bulk_support import interrupt_pull, local_server
@@ -543,7 +548,9 @@ def test_cli_convert_ndjson_per_type_then_bulk_pull(tmp_path: Path) -> None:
     assert result.exit_code == 0, result.output
     pulled = [Encounter.model_validate_json(line) for line in out.read_text().splitlines()]
     assert _by_id(pulled) == _by_id(records)
-    assert not (tmp_path / "w").exists()  # emptied after a pull without errors
+    # Emptied after a pull without errors: the empty lock file alone stays.
+    assert [p.name for p in (tmp_path / "w").iterdir()] == [LOCK_FILE]
+    assert (tmp_path / "w" / LOCK_FILE).stat().st_size == 0
 
 
 def test_cli_says_when_the_server_has_no_export(tmp_path: Path) -> None:
@@ -634,3 +641,107 @@ def test_the_types_a_record_maps_to_are_those_an_export_asks_for() -> None:
         for e in bundle_dict(Encounter.model_validate_json(path.read_text()))["entry"]
     }
     assert kinds <= RESOURCE_TYPES
+
+
+# -- one pull at a time in a work directory ---------------------------------------------------
+
+
+_HOLDER = """
+import sys, filelock
+lock = filelock.FileLock(sys.argv[1], timeout=0)
+lock.acquire()
+print("held", flush=True)
+sys.stdin.read()
+"""
+
+
+@contextlib.contextmanager
+def _held_by_another_process(work: Path) -> Iterator[subprocess.Popen[str]]:
+    """``work``'s lock held by another process (as a pull running in another shell holds it)."""
+    work.mkdir(parents=True, exist_ok=True)
+    with subprocess.Popen(
+        [sys.executable, "-c", _HOLDER, str(work / LOCK_FILE)],
+        stdin=subprocess.PIPE,
+        stdout=subprocess.PIPE,
+        text=True,
+    ) as process:
+        try:
+            assert process.stdout is not None and process.stdout.readline() == "held\n"
+            yield process
+        finally:
+            process.kill()
+
+
+def test_a_second_pull_in_the_same_directory_is_refused_and_the_first_goes_on(
+    tmp_path: Path,
+) -> None:
+    records = _records()
+    files = _files(tmp_path, records)
+    work = tmp_path / "work"
+
+    async def main() -> tuple[list[MappingReport], str]:
+        async with AsyncFhirClient(BASE) as client:
+            first = bulk_pull(client, work, sleep=Clock())
+            reports = [await anext(first)]  # the first pull has its files, mid-rebuild
+            with pytest.raises(ConfigurationError) as refused:
+                async for _ in bulk_pull(client, work, sleep=Clock()):
+                    pass
+            reports += [report async for report in first]
+            return reports, str(refused.value)
+
+    with respx.mock(assert_all_called=False) as mock:
+        server = Server(mock, files)
+        reports, message = asyncio.run(main())
+        assert server.kickoff.call_count == 1  # the second sent nothing
+        assert f"{work} is in use by another bulk pull" in message
+        assert _pulled(reports) == _by_id(records)
+        # Once the first has ended, the directory is free again.
+        assert _pulled(_run(work)) == _by_id(records)
+
+
+def test_a_pull_in_a_directory_another_process_holds_sends_nothing(tmp_path: Path) -> None:
+    work = tmp_path / "work"
+    (work / "00001.Encounter.ndjson").parent.mkdir(parents=True)
+    (work / "00001.Encounter.ndjson").write_text('{"resourceType": "Encounter"}\n')
+    with respx.mock(assert_all_called=False) as mock, _held_by_another_process(work):
+        server = Server(mock, _files(tmp_path, _records(2)))
+        result = CliRunner().invoke(
+            cli, ["pull", "--bulk", "--server", BASE, "--bulk-dir", str(work)]
+        )
+        assert server.kickoff.call_count == 0
+        # The other pull's files are its own: neither read nor removed.
+        remove_export(work)
+        assert (work / "00001.Encounter.ndjson").exists()
+    assert result.exit_code == 2, result.output
+    lines = [line for line in result.output.splitlines() if line.strip()]
+    assert len(lines) == 1 and "is in use by another bulk pull" in lines[0], result.output
+    assert "Traceback" not in result.output
+
+
+def test_a_pull_killed_outright_leaves_the_directory_free(tmp_path: Path) -> None:
+    records = _records(3)
+    work = tmp_path / "work"
+    with _held_by_another_process(work) as holder:
+        holder.send_signal(signal.SIGKILL)  # no finally, no release: the kernel frees it
+        holder.wait()
+        with respx.mock(assert_all_called=False) as mock:
+            Server(mock, _files(tmp_path, records))
+            assert _pulled(_run(work)) == _by_id(records)
+
+
+def test_a_pull_left_early_frees_the_directory_and_resumes(tmp_path: Path) -> None:
+    records = _records()
+    files = _files(tmp_path, records)
+    work = tmp_path / "work"
+
+    async def first_batch() -> None:
+        async with AsyncFhirClient(BASE) as client:
+            pulled = bulk_pull(client, work, sleep=Clock())
+            await anext(pulled)
+            await pulled.aclose()  # a caller that stops reading
+
+    with respx.mock(assert_all_called=False) as mock:
+        server = Server(mock, files)
+        asyncio.run(first_batch())
+        assert _pulled(_run(work)) == _by_id(records)  # not refused: the lock went with it
+        assert server.kickoff.call_count == 1  # and the export was resumed, not started again

@@ -1068,7 +1068,7 @@ def _entered_in_error(reason: str) -> bool:
     default=Path("ims-fhir-bulk"),
     show_default=True,
     help="--bulk: where the export's files are kept; run again with it to resume. Emptied "
-    "after a pull without errors.",
+    "after a pull without errors. One pull at a time uses it.",
 )
 @click.option(
     "--level",

@@ -43,12 +43,13 @@ import random
 import re
 import sqlite3
 import tempfile
-from collections.abc import AsyncIterator, Callable, Iterable, Iterator, Sequence
+from collections.abc import AsyncGenerator, AsyncIterator, Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
 from urllib.parse import quote
 
+import filelock
 import httpx
 import orjson
 
@@ -121,6 +122,8 @@ BATCH = 200
 NDJSON = "application/fhir+ndjson"
 STATE_FILE = "export.json"
 INDEX_FILE = "index.sqlite3"
+LOCK_FILE = "pull.lock"
+"""Held (``flock``) by the pull using the directory: two at once would share its files."""
 
 Level = Literal["system", "patient", "group"]
 
@@ -422,6 +425,66 @@ async def bulk_pull(
     progress = on_progress or (lambda _: None)
     hosts = frozenset(h.lower() for h in file_hosts)
     work.mkdir(parents=True, exist_ok=True)
+    lock = _try_hold(work)
+    if lock is None:
+        raise ConfigurationError(
+            f"{work} is in use by another bulk pull",
+            fix="wait for it to end, or give this pull another work directory",
+        )
+    pulled = _bulk_pull(
+        client,
+        work,
+        request,
+        since is not None,
+        namespace,
+        clinic,
+        hosts,
+        concurrency,
+        max_poll_wait,
+        max_file_bytes,
+        progress,
+        sleep,
+    )
+    try:
+        async with contextlib.aclosing(pulled):
+            async for report in pulled:
+                yield report
+    finally:
+        lock.release()
+
+
+def _try_hold(work: Path) -> filelock.BaseFileLock | None:
+    """Take ``work`` for this pull; None if another pull has it (never wait for it).
+
+    The lock is the operating system's (``flock``): a pull killed outright frees it.
+    """
+    lock = filelock.FileLock(work / LOCK_FILE, timeout=0)
+    try:
+        lock.acquire()
+    except filelock.Timeout:
+        return None
+    except OSError as exc:
+        raise ConfigurationError(
+            f"cannot lock {work / LOCK_FILE}: {exc.strerror or exc}",
+            fix="give the pull a work directory it can write to",
+        ) from None
+    return lock
+
+
+async def _bulk_pull(
+    client: AsyncFhirClient,
+    work: Path,
+    request: dict[str, Any],
+    changed_only: bool,
+    namespace: str | None,
+    clinic: str | None,
+    hosts: frozenset[str],
+    concurrency: int,
+    max_poll_wait: float,
+    max_file_bytes: int,
+    progress: Callable[[BulkProgress], None],
+    sleep: Callable[[float], Any],
+) -> AsyncGenerator[MappingReport, None]:
     state = _load_state(work)
     server = str(client.base_url)
     if state is not None and (state.server != server or state.request != request):
@@ -451,7 +514,7 @@ async def bulk_pull(
             yield report
         progress(BulkProgress("rebuilding", total=index.encounter_count()))
         done = 0
-        if since is not None:
+        if changed_only:
             batches = _rebuild_changed(client, index)
         else:
             batches = _rebuild_from_server_gaps(client, index)
@@ -595,7 +658,7 @@ class _Exporter:
                     ok=frozenset({429}),
                 )
             except (NotFoundError, GoneError) as exc:
-                remove_export(self.work)  # forgotten: the next run starts a new export
+                _remove_files(self.work)  # forgotten: the next run starts a new export
                 raise ConfigurationError(
                     f"the export is gone from the server ({exc})",
                     fix="pull again: a new export is started",
@@ -623,7 +686,7 @@ class _Exporter:
         try:
             manifest = orjson.loads(response.content)
         except orjson.JSONDecodeError:
-            remove_export(self.work)  # a finished export whose manifest cannot be used
+            _remove_files(self.work)  # a finished export whose manifest cannot be used
             raise InvalidResponseError(
                 f"{describe_request(response.request)}: the manifest is not JSON",
                 request=response.request,
@@ -743,7 +806,7 @@ class _Exporter:
         """Tell the server to stop (and drop) the export; forget it here."""
         status_url = self.state.status_url
         ours = self._status_url_is_ours()
-        remove_export(self.work)  # the files fetched so far too: patients' data, now of no use
+        _remove_files(self.work)  # the files fetched so far too: patients' data, now of no use
         if status_url is None or not ours:
             return  # never the client's credentials to a host export.json names
         try:
@@ -1012,15 +1075,27 @@ def _encounters_of(kind: str, resource: dict[str, Any]) -> list[str]:
 
 
 def remove_export(work_dir: str | os.PathLike[str]) -> None:
-    """Remove what a bulk pull keeps in ``work_dir`` (its files and state; nothing else)."""
+    """Remove what a bulk pull keeps in ``work_dir`` (its files and state; nothing else).
+
+    Nothing is removed while another pull holds the directory. The empty lock file stays: one
+    removed could be locked by two pulls at once (one holding the old file, one a new one).
+    """
     work = Path(work_dir)
     if not work.is_dir():
         return
+    lock = _try_hold(work)
+    if lock is None:
+        return  # another pull has taken the directory since: the files are its own now
+    try:
+        _remove_files(work)
+    finally:
+        lock.release()
+
+
+def _remove_files(work: Path) -> None:
     for path in work.iterdir():
         if _FILE_NAME.fullmatch(path.name) or path.name in {STATE_FILE, INDEX_FILE}:
             path.unlink(missing_ok=True)
-    with contextlib.suppress(OSError):
-        work.rmdir()  # only if nothing else is in it
 
 
 # -- offline and blocking -------------------------------------------------------------------
