@@ -297,3 +297,72 @@ def test_a_configured_namespace_does_not_narrow_a_pull(tmp_path: Path) -> None:
         )
     assert result.exit_code == 0, result.output
     assert len((tmp_path / "o").read_text().splitlines()) == 2
+
+
+def _broken(by_type: dict[str, list[dict[str, Any]]], namespace: str) -> str:
+    """Break the Encounter of the clinic with ``namespace`` (no period); return its name."""
+    (encounter,) = [
+        e
+        for e in by_type["Encounter"]
+        if any(i["system"] == f"{namespace}/encounter" for i in e["identifier"])
+    ]
+    del encounter["period"]
+    return f"Encounter/{encounter['id']}"
+
+
+def test_a_pull_for_one_clinic_counts_another_clinics_unmappable_encounter_without_showing_it(
+    tmp_path: Path,
+) -> None:
+    own = Encounter.model_validate_json(OWN_NAMESPACE.read_text())
+    plain = Encounter.model_validate_json(NO_NAMESPACE.read_text())
+    assert own.clinic.namespace is not None
+    by_type = _served(*TWO_CLINICS)  # a server that ignores the search: sends both
+    other = _broken(by_type, default_namespace(plain.clinic.id))
+    with respx.mock() as router:
+        _serve(router, by_type)
+        report = pull_all(REMOTE, namespace=own.clinic.namespace)
+        out = tmp_path / "records.ndjson"
+        result = CliRunner().invoke(
+            cli,
+            ["pull", "--server", REMOTE, "--namespace", own.clinic.namespace, "-o", str(out)],
+        )
+    assert report.records == [own] and report.errors == []
+    (skipped,) = [s for s in report.skipped if s.reason.startswith(OTHER_CLINIC)]
+    assert skipped.resource == other and "could not be mapped" in skipped.reason
+    assert "period" not in skipped.reason  # what is wrong with it is the other clinic's to see
+    # Not this clinic's failure: exit 0, and nothing of the other record on the terminal.
+    assert result.exit_code == 0, result.output
+    assert "unmappable" not in result.output and "period" not in result.output
+    assert "1 encounters of other clinics" in result.stderr
+    assert [Encounter.model_validate_json(line) for line in out.read_text().splitlines()] == [own]
+
+
+def test_a_pull_for_one_clinic_still_fails_on_its_own_unmappable_encounter() -> None:
+    own = Encounter.model_validate_json(OWN_NAMESPACE.read_text())
+    assert own.clinic.namespace is not None
+    by_type = _served(*TWO_CLINICS)
+    mine = _broken(by_type, own.clinic.namespace)
+    with respx.mock() as router:
+        _serve(router, by_type)
+        report = pull_all(REMOTE, namespace=own.clinic.namespace)
+        result = CliRunner().invoke(
+            cli, ["pull", "--server", REMOTE, "--namespace", own.clinic.namespace, "-o", "-"]
+        )
+    (error,) = report.errors
+    assert error.resource == mine and "period" in str(error)
+    assert error.namespace == own.clinic.namespace
+    assert result.exit_code == 1 and "period" in result.stderr, result.output
+
+
+def test_a_pull_by_clinic_id_alone_lists_every_error() -> None:
+    """An error names no clinic id (the record was not rebuilt): none is left out unseen."""
+    plain = Encounter.model_validate_json(NO_NAMESPACE.read_text())
+    own = Encounter.model_validate_json(OWN_NAMESPACE.read_text())
+    assert own.clinic.namespace is not None
+    by_type = _served(*TWO_CLINICS)
+    other = _broken(by_type, own.clinic.namespace)
+    with respx.mock() as router:
+        _serve(router, by_type)
+        report = pull_all(REMOTE, clinic=plain.clinic.id)
+    assert report.records == [plain]
+    assert [e.resource for e in report.errors] == [other]

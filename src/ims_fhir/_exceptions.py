@@ -118,16 +118,26 @@ class RecordError(ImsFhirError):
 class MappingError(ImsFhirError):
     """FHIR content that cannot be mapped to an IMS record."""
 
-    def __init__(self, resource: str, path: str, reason: str, *, count: int = 1) -> None:
+    def __init__(
+        self,
+        resource: str,
+        path: str,
+        reason: str,
+        *,
+        count: int = 1,
+        namespace: str | None = None,
+    ) -> None:
         """Create the error naming the resource (``Type/id``) and the element path.
 
         ``count``: how many problems it stands for (one that sums up the rest of many bad
-        lines, "and 500 more", stands for 500).
+        lines, "and 500 more", stands for 500). ``namespace``: the identifier namespace of the
+        encounter it is about, where one is known (a pull for one clinic leaves out the others').
         """
         self.resource = resource
         self.path = path
         self.reason = reason
         self.count = count
+        self.namespace = namespace
         super().__init__(f"{resource}: {path}: {reason}")
 
 

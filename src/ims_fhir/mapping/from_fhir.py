@@ -145,6 +145,7 @@ def from_fhir(resources: Any) -> MappingReport:
                         encounter.name,
                         "Encounter.identifier",
                         f"{len(found)} Encounters carry identifier {ours[1]!r}: {names}",
+                        namespace=ours[0],
                     )
                 )
                 used.add(encounter)
@@ -156,6 +157,7 @@ def from_fhir(resources: Any) -> MappingReport:
             record = rebuild.run()
             rebuild.check_links(record)
         except MappingError as exc:
+            exc.namespace = ours[0]
             report.errors.append(exc)
         except (
             ArithmeticError,
@@ -168,7 +170,12 @@ def from_fhir(resources: Any) -> MappingReport:
             # A shape no check foresaw (UnicodeError is a ValueError): still this encounter's
             # error, never a crash that loses the others.
             report.errors.append(
-                MappingError(found[0].name, "Encounter", f"internal: cannot read ({exc!r:.200})")
+                MappingError(
+                    found[0].name,
+                    "Encounter",
+                    f"internal: cannot read ({exc!r:.200})",
+                    namespace=ours[0],
+                )
             )
         else:
             report.records.append(record)
@@ -236,7 +243,7 @@ def _orphans(index: _Index, used: set[_Res]) -> list[MappingError]:
     """
     errors = []
     seen: set[_Res] = set()
-    for (_, encounter_id), parts in index.claims.items():
+    for (namespace, encounter_id), parts in index.claims.items():
         for part in parts:
             if part in used:
                 continue
@@ -251,6 +258,7 @@ def _orphans(index: _Index, used: set[_Res]) -> list[MappingError]:
                         "Encounter.identifier",
                         f"the parts of IMS encounter {encounter_id!r} point at this Encounter, "
                         "which has no ims-fhir identifier of that encounter",
+                        namespace=namespace,
                     )
                 )
     return errors

@@ -144,7 +144,8 @@ async def pull(
         page_size: encounters per page.
 
     A record of another clinic that the server sends anyway is left out and listed in
-    ``skipped`` (its reason begins with :data:`OTHER_CLINIC`).
+    ``skipped`` (its reason begins with :data:`OTHER_CLINIC`); with ``namespace``, so is the
+    error of another clinic's encounter that could not be mapped (its details left out).
 
     Raises:
         ValueError: ``patient``, ``namespace`` or ``clinic`` cannot be one.
@@ -227,7 +228,11 @@ async def fetch_by_id(client: AsyncFhirClient, resource_type: str, ids: list[str
 
 
 def keep_clinic(report: MappingReport, namespace: str | None, clinic: str | None) -> None:
-    """Leave out the records of other clinics than the one asked for (never trust the server)."""
+    """Leave out the records of other clinics than the one asked for (never trust the server).
+
+    With ``namespace``, the errors of other namespaces' encounters too: each is counted in
+    ``skipped`` by the resource it names, without its reason (which may quote the record).
+    """
     kept: list[Encounter] = []
     for record in report.records:
         ns = record.clinic.namespace or default_namespace(record.clinic.id)
@@ -243,6 +248,21 @@ def keep_clinic(report: MappingReport, namespace: str | None, clinic: str | None
                 )
             )
     report.records = kept
+    if namespace is None:
+        return  # an error names no clinic id: with --clinic alone, every error is listed
+    errors: list[MappingError] = []
+    for error in report.errors:
+        if error.namespace is None or error.namespace == namespace:
+            errors.append(error)
+        else:
+            # Counted, not shown: what is wrong with it may quote another clinic's record.
+            report.skipped.append(
+                SkippedResource(
+                    error.resource,
+                    f"{OTHER_CLINIC} that could not be mapped: namespace {error.namespace}",
+                )
+            )
+    report.errors = errors
 
 
 def _list(value: Any) -> list[Any]:
