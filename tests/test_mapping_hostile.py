@@ -651,6 +651,13 @@ def _set(suffix: str, **values: Any) -> Any:
             "Condition.verificationStatus",
             id="coding-system-a-list",
         ),
+        pytest.param(  # once an "internal" error: a list display is not hashable either
+            lambda b: _find(b, "/site/s1")["contained"][0]["locationQualifier"][0]["coding"][
+                0
+            ].update(display=[]),
+            "Procedure.contained[0].locationQualifier[0].coding[0].display",
+            id="coding-display-a-list",
+        ),
         pytest.param(
             _set("/finding/f1", effectiveDateTime="1999-01-01T00:00:00Z"),
             "Observation.effectiveDateTime",

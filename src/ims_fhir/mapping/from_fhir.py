@@ -998,7 +998,7 @@ class _Rebuild:
                     if not (isinstance(system, str) and isinstance(code, str)) or shown is None:
                         continue
                     known = self.t.displays(system, code)
-                    if known and shown not in known:
+                    if known and (not isinstance(shown, str) or shown not in known):
                         raise node.fail(
                             f"coding[{n}].display", f"{shown!r}, but {code} is {min(known)!r}"
                         )
