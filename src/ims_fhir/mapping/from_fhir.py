@@ -28,6 +28,7 @@ from collections.abc import Callable, Iterable, Iterator, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
+import orjson
 from pydantic import ValidationError
 
 from .._exceptions import MappingError
@@ -578,6 +579,8 @@ class _Node:
         # only for what it finds, or for a value JSON would not give (another Mapping).
         if type(self.data) is not dict:
             return self._no_modifiers()
+        if _plainly_without_modifiers(self.data):
+            return None
         stack: list[tuple[Any, int]] = [(self.data, 0)]
         while stack:
             value, depth = stack.pop()
@@ -612,6 +615,28 @@ class _Node:
                 stack += [(v, f"{path}.{k}", depth + 1) for k, v in value.items()]
             elif isinstance(value, list):
                 stack += [(v, f"{path}[{n}]", depth + 1) for n, v in enumerate(value)]
+
+
+# Each line of orjson's indented output is indented two spaces a level: a container nested 65
+# deep (what the walk below refuses) opens on a line indented 130 spaces or more.
+_DEEP_LINE = b"\n" + b" " * 130
+_PLAIN = orjson.OPT_INDENT_2 | orjson.OPT_PASSTHROUGH_SUBCLASS | orjson.OPT_PASSTHROUGH_DATACLASS
+_PLAIN |= orjson.OPT_PASSTHROUGH_DATETIME
+
+
+def _plainly_without_modifiers(data: dict[str, Any]) -> bool:
+    """No key ``modifierExtension`` anywhere, nothing nested 65 deep, all of it plain JSON.
+
+    What the walk of ``no_modifiers`` finds too, known at C speed: orjson writes every key as
+    it is (no escapes in a name of letters), one line per value, and refuses what is not plain
+    JSON data (a subclass, a date, a dataclass, another Mapping, a key not a string, an integer
+    past 64 bits, nesting past 255). False says only "look closer", never "there is one".
+    """
+    try:
+        text = orjson.dumps(data, option=_PLAIN)
+    except TypeError:  # orjson.JSONEncodeError is a TypeError
+        return False
+    return b'"modifierExtension"' not in text and _DEEP_LINE not in text
 
 
 # -- one encounter ---------------------------------------------------------------------------------
@@ -907,6 +932,8 @@ class _Rebuild:
                     if source.type in SHARED_TYPES:
                         continue  # the region's (a patient's contained GP): not the record's
                     ours, theirs = without_contained_ids(ours), without_contained_ids(theirs)
+                if ours == theirs and _references_agree(ours, forward_key, key_in_source):
+                    continue  # the same, and what each reference points at the same: equal
                 want = _normal(ours, forward_key, systems)
                 got = _normal(theirs, key_in_source, systems)
                 if got != want and any(
@@ -1536,6 +1563,31 @@ def _normal(value: Any, key: Callable[[str], str], systems: set[str], depth: int
             except OverflowError:  # 9999-12-31T23:59:59-14:00 is past the last UTC instant
                 return value
     return value
+
+
+def _references_agree(
+    value: Any, key: Callable[[str], str], other: Callable[[str], str], depth: int = 0
+) -> bool:
+    """Does each reference in ``value`` point at the same thing under both ``key`` functions?
+
+    Two copies equal as JSON then have equal :func:`_normal` forms (references are all it
+    reads through a key function), so comparing them that way can be skipped. False where it
+    cannot tell (nesting past :func:`_normal`'s depth).
+    """
+    if depth > 20:
+        return False
+    kind = type(value)
+    if kind is dict:
+        for k, v in value.items():
+            if type(v) is str:
+                if k == "reference" and key(v) != other(v):
+                    return False
+            elif not _references_agree(v, key, other, depth + 1):
+                return False
+        return True
+    if kind is list:
+        return all(_references_agree(v, key, other, depth + 1) for v in value)
+    return value is None or kind in _LEAVES
 
 
 def _emitted(system: Any, code: Any) -> Any:
