@@ -30,6 +30,7 @@ def test_bench_quick_runs(root: Path, fhir_base_url: str, tmp_path: Path) -> Non
         "memory",
         "client_cpu",
         "incremental",
+        "repush",
     }
     assert len(results["one_bundle"]["round_ratios"]) == 3
     push = results["push"][0]
@@ -51,6 +52,12 @@ def test_bench_quick_runs(root: Path, fhir_base_url: str, tmp_path: Path) -> Non
     actions = incremental["ours_actions"]
     assert actions["unchanged"] == 19 * nights, incremental
     assert sum(actions.values()) == 20 * nights, incremental
+    # A re-push of unchanged encounters finds them all unchanged with nothing sent (it pushes
+    # to a port nothing listens on), at both sizes.
+    repush = results["repush"]
+    assert repush["again_1000"]["actions"] == {"unchanged": 1000}, repush
+    assert repush["again_100"]["first_result_s"] > 0 and repush["ratio"] > 0
     table = (tmp_path / "RESULTS-quick.md").read_text()
     assert "| mapping forward" in table and "| mapping reverse, one Bundle of 200" in table
     assert "| push client CPU per new encounter" in table and "| nightly sync: 20" in table
+    assert "| peak RSS, re-push of unchanged encounters" in table

@@ -350,7 +350,7 @@ def test_a_pull_for_one_clinic_still_fails_on_its_own_unmappable_encounter() -> 
         )
     (error,) = report.errors
     assert error.resource == mine and "period" in str(error)
-    assert error.namespace == own.clinic.namespace
+    assert own.clinic.namespace in error.namespaces
     assert result.exit_code == 1 and "period" in result.stderr, result.output
 
 

@@ -33,7 +33,7 @@ FIXTURE_RECORDS = [Encounter.model_validate_json(p.read_text()) for p in ENCOUNT
 def _outcome(report: MappingReport) -> tuple[Any, ...]:
     return (
         report.records,
-        [(e.resource, e.path, e.reason, e.namespace) for e in report.errors],
+        [(e.resource, e.path, e.reason, e.namespaces) for e in report.errors],
         [(w.resource, w.path, w.reason) for w in report.warnings],
         report.skipped,
     )

@@ -36,6 +36,7 @@ hold patient identifiers).
 
 from __future__ import annotations
 
+from collections.abc import Iterable
 from dataclasses import dataclass
 from typing import Any
 
@@ -125,19 +126,20 @@ class MappingError(ImsFhirError):
         reason: str,
         *,
         count: int = 1,
-        namespace: str | None = None,
+        namespaces: Iterable[str] = (),
     ) -> None:
         """Create the error naming the resource (``Type/id``) and the element path.
 
         ``count``: how many problems it stands for (one that sums up the rest of many bad
-        lines, "and 500 more", stands for 500). ``namespace``: the identifier namespace of the
-        encounter it is about, where one is known (a pull for one clinic leaves out the others').
+        lines, "and 500 more", stands for 500). ``namespaces``: every identifier namespace the
+        encounter it is about carries, on itself or on its parts (empty where none is known): a
+        pull for one clinic leaves out an error none of whose namespaces is the clinic's.
         """
         self.resource = resource
         self.path = path
         self.reason = reason
         self.count = count
-        self.namespace = namespace
+        self.namespaces = frozenset(namespaces)
         super().__init__(f"{resource}: {path}: {reason}")
 
 

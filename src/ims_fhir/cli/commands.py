@@ -235,6 +235,11 @@ def _output_file(_ctx: click.Context, _param: click.Parameter, value: Path | Non
             f"cannot write {value}: the folder {parent} does not exist",
             fix="create it, or name another file with -o",
         )
+    # Opened only once there is something to write (pull): refused now, not after the work.
+    if not os.access(value if value.exists() else parent, os.W_OK):
+        raise ConfigurationError(
+            f"cannot write {value}: permission denied", fix="name a file you can write, with -o"
+        )
     return value
 
 
@@ -1170,29 +1175,39 @@ def pull_command(**options: Any) -> None:
         )
 
     async def run() -> None:
-        async with _client(options) as client:
+        async with _client(options) as client, contextlib.AsyncExitStack() as files:
             output = options["output"]
-            with click.open_file(str(output) if output else "-", "w", encoding="utf-8") as out:
-                page = 0
-                async for report in reports(client):
-                    page += 1
-                    for record in report.records:
-                        out.write(record.model_dump_json(exclude_defaults=True) + "\n")
-                    totals["records"] += len(report.records)
-                    retired = sum(1 for r in report.skipped if _entered_in_error(r.reason))
-                    other = sum(1 for r in report.skipped if r.reason.startswith(OTHER_CLINIC))
-                    totals["retired"] += retired
-                    totals["other_clinic"] += other
-                    totals["skipped"] += len(report.skipped) - retired - other
-                    totals["unmappable"] += sum(e.count for e in report.errors)
-                    for error in report.errors:
-                        where = "batch" if bulk else "page"
-                        err.print(f"[red]unmappable[/red] {where} {page}: {escape(str(error))}")
-                    for warning in report.warnings:
-                        where = "batch" if bulk else "page"
-                        err.print(
-                            f"[yellow]warning[/yellow] {where} {page}: {escape(str(warning))}"
-                        )
+            out: Any = None
+
+            def opened() -> Any:
+                # Opened (and emptied) once the pull has something to say: a pull refused at
+                # once (another one holds --bulk-dir, the server is down) leaves it as it was.
+                nonlocal out
+                if out is None:
+                    path = str(output) if output else "-"
+                    out = files.enter_context(click.open_file(path, "w", encoding="utf-8"))
+                return out
+
+            page = 0
+            async for report in reports(client):
+                page += 1
+                opened()
+                for record in report.records:
+                    out.write(record.model_dump_json(exclude_defaults=True) + "\n")
+                totals["records"] += len(report.records)
+                retired = sum(1 for r in report.skipped if _entered_in_error(r.reason))
+                other = sum(1 for r in report.skipped if r.reason.startswith(OTHER_CLINIC))
+                totals["retired"] += retired
+                totals["other_clinic"] += other
+                totals["skipped"] += len(report.skipped) - retired - other
+                totals["unmappable"] += sum(e.count for e in report.errors)
+                for error in report.errors:
+                    where = "batch" if bulk else "page"
+                    err.print(f"[red]unmappable[/red] {where} {page}: {escape(str(error))}")
+                for warning in report.warnings:
+                    where = "batch" if bulk else "page"
+                    err.print(f"[yellow]warning[/yellow] {where} {page}: {escape(str(warning))}")
+            opened()  # nothing to write: still an (empty) output, as asked
 
     try:
         asyncio.run(run())

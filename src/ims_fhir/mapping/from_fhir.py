@@ -137,6 +137,7 @@ def from_fhir(resources: Any) -> MappingReport:
             or _looks_ims(encounter, terms)
         ):
             encounters[ours].append(encounter)
+    namespaces = _Namespaces(index)
     for ours, found in encounters.items():
         if len(found) > 1:  # which one is the record? Neither can be trusted.
             names = ", ".join(e.name for e in found[:3])
@@ -145,8 +146,8 @@ def from_fhir(resources: Any) -> MappingReport:
                     MappingError(
                         encounter.name,
                         "Encounter.identifier",
-                        f"{len(found)} Encounters carry identifier {ours[1]!r}: {names}",
-                        namespace=ours[0],
+                        f"{len(found)} Encounters carry identifier {_clip(repr(ours[1]))}: {names}",
+                        namespaces=namespaces.of(encounter, ours),
                     )
                 )
                 used.add(encounter)
@@ -158,7 +159,7 @@ def from_fhir(resources: Any) -> MappingReport:
             record = rebuild.run()
             rebuild.check_links(record)
         except MappingError as exc:
-            exc.namespace = ours[0]
+            exc.namespaces = namespaces.of(found[0], ours)
             report.errors.append(exc)
         except (
             ArithmeticError,
@@ -175,7 +176,7 @@ def from_fhir(resources: Any) -> MappingReport:
                     found[0].name,
                     "Encounter",
                     f"internal: cannot read ({exc!r:.200})",
-                    namespace=ours[0],
+                    namespaces=namespaces.of(found[0], ours),
                 )
             )
         else:
@@ -197,7 +198,7 @@ def from_fhir(resources: Any) -> MappingReport:
         used.update(index.claims.get(ours, ()))
         if rebuild is not None:
             used |= rebuild.claimed
-    report.errors += _orphans(index, used)
+    report.errors += _orphans(index, used, namespaces)
     for res in index.duplicates:
         report.skipped.append(SkippedResource(res.name, "listed again: the same resource"))
     for res in index.items:
@@ -235,7 +236,33 @@ def _str(value: Any) -> str | None:
     return value if isinstance(value, str) else None
 
 
-def _orphans(index: _Index, used: set[_Res]) -> list[MappingError]:
+class _Namespaces:
+    """The identifier namespaces each Encounter of the input carries, itself or by its parts.
+
+    Its own ims-fhir identifiers', and those of every part that points at it or claims one of
+    its identifier values: whose encounter it is cannot be told from one identifier (another
+    writer may add one of another namespace before the clinic's).
+    """
+
+    def __init__(self, index: _Index) -> None:
+        self.by_value: dict[str, set[str]] = defaultdict(set)
+        self.by_encounter: dict[_Res, set[str]] = defaultdict(set)
+        for namespace, value in index.claims:
+            self.by_value[value].add(namespace)
+        for encounter, by_type in index.parts.items():
+            for parts in by_type.values():
+                for part in parts:
+                    self.by_encounter[encounter].update(ns for ns, _, _ in part.our_identifiers())
+
+    def of(self, encounter: _Res, ours: tuple[str, str] | None = None) -> frozenset[str]:
+        found = {ours[0]} if ours is not None else set()
+        for namespace, _, value in encounter.our_identifiers():
+            found.add(namespace)
+            found |= self.by_value.get(value.split("/", 1)[0], set())
+        return frozenset(found | self.by_encounter.get(encounter, set()))
+
+
+def _orphans(index: _Index, used: set[_Res], namespaces: _Namespaces) -> list[MappingError]:
     """Parts of an IMS encounter that point at an Encounter ims-fhir cannot recognise.
 
     Parts without their Encounter in the input (a partial export) are skipped and listed; but
@@ -257,9 +284,9 @@ def _orphans(index: _Index, used: set[_Res]) -> list[MappingError]:
                     MappingError(
                         target.name,
                         "Encounter.identifier",
-                        f"the parts of IMS encounter {encounter_id!r} point at this Encounter, "
-                        "which has no ims-fhir identifier of that encounter",
-                        namespace=namespace,
+                        f"the parts of IMS encounter {_clip(repr(encounter_id))} point at this "
+                        "Encounter, which has no ims-fhir identifier of that encounter",
+                        namespaces=namespaces.of(target) | {namespace},
                     )
                 )
     return errors
@@ -956,8 +983,8 @@ class _Rebuild:
                 raise MappingError(
                     res.name,
                     f"{res.type or 'resource'}.identifier",
-                    f"carries identifier {ident!r} of this encounter but is not one of its "
-                    "parts (a duplicate, or not linked to it by encounter)",
+                    f"carries identifier {_clip(repr(ident))} of this encounter but is not one "
+                    "of its parts (a duplicate, or not linked to it by encounter)",
                 )
 
     def clinic(self) -> JSON:
@@ -1027,7 +1054,8 @@ class _Rebuild:
                     known = self.t.displays(system, code)
                     if known and (not isinstance(shown, str) or shown not in known):
                         raise node.fail(
-                            f"coding[{n}].display", f"{shown!r}, but {code} is {min(known)!r}"
+                            f"coding[{n}].display",
+                            f"{_clip(repr(shown))}, but {code} is {min(known)!r}",
                         )
             elif isinstance(value, Mapping):
                 self.known_displays(_Node(node.res, node.at(key), value), depth + 1)
@@ -1258,7 +1286,7 @@ class _Rebuild:
                 )
             fid = self.part(target, Kind.OBSERVATION, "finding")
             if fid in order:
-                raise panel.fail(f"hasMember[{n}]", f"finding {fid!r} listed twice")
+                raise panel.fail(f"hasMember[{n}]", f"finding {_clip(repr(fid))} listed twice")
             order[str(fid)] = n
         missing = [f["id"] for f in findings if f["id"] not in order]
         if missing:
@@ -1598,7 +1626,11 @@ def _emitted(system: Any, code: Any) -> Any:
 
 
 def _short(value: Any) -> str:
-    text = json.dumps(value, ensure_ascii=False, default=str)
+    return _clip(json.dumps(value, ensure_ascii=False, default=str))
+
+
+def _clip(text: str) -> str:
+    """At most 120 characters of a value quoted in an error: a line, never the whole input."""
     return text if len(text) <= 120 else text[:117] + "..."
 
 

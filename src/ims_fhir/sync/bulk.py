@@ -43,6 +43,7 @@ import random
 import re
 import sqlite3
 import tempfile
+import warnings
 from collections.abc import AsyncGenerator, AsyncIterator, Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -460,7 +461,11 @@ def _try_hold(work: Path) -> filelock.BaseFileLock | None:
     """
     lock = filelock.FileLock(work / LOCK_FILE, timeout=0)
     try:
-        lock.acquire()
+        with warnings.catch_warnings():
+            # Where the filesystem has no flock, filelock falls back to a lock file created
+            # exclusively (and removed on release), saying so in a warning: not for the user.
+            warnings.filterwarnings("ignore", "flock not supported", UserWarning)
+            lock.acquire()
     except filelock.Timeout:
         return None
     except OSError as exc:
@@ -1079,6 +1084,7 @@ def remove_export(work_dir: str | os.PathLike[str]) -> None:
 
     Nothing is removed while another pull holds the directory. The empty lock file stays: one
     removed could be locked by two pulls at once (one holding the old file, one a new one).
+    (On a filesystem without ``flock``, filelock's own lock file comes and goes instead.)
     """
     work = Path(work_dir)
     if not work.is_dir():

@@ -252,14 +252,14 @@ def keep_clinic(report: MappingReport, namespace: str | None, clinic: str | None
         return  # an error names no clinic id: with --clinic alone, every error is listed
     errors: list[MappingError] = []
     for error in report.errors:
-        if error.namespace is None or error.namespace == namespace:
-            errors.append(error)
+        if not error.namespaces or namespace in error.namespaces:
+            errors.append(error)  # possibly this clinic's: never left out unseen
         else:
             # Counted, not shown: what is wrong with it may quote another clinic's record.
+            named = ", ".join(sorted(error.namespaces)[:3])
             report.skipped.append(
                 SkippedResource(
-                    error.resource,
-                    f"{OTHER_CLINIC} that could not be mapped: namespace {error.namespace}",
+                    error.resource, f"{OTHER_CLINIC} that could not be mapped: namespace {named}"
                 )
             )
     report.errors = errors
