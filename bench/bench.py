@@ -873,6 +873,31 @@ def bench_memory(sizes: dict[str, tuple[int, int]], workdir: Path) -> dict[str, 
     return out
 
 
+def bench_repush(sizes: tuple[int, int], workdir: Path) -> dict[str, Any]:
+    """A re-push of unchanged encounters: peak RSS large vs small, and its first result.
+
+    bench/repush.py, in fresh processes: the first push goes through the instant server, the
+    re-push to a port nothing listens on (one request would fail it: nothing is sent).
+    """
+    out: dict[str, Any] = {}
+    for count in sizes:
+        state = workdir / f"repush-{count}.sqlite3"
+        for mode in ("first", "again"):
+            result = subprocess.run(
+                [sys.executable, str(ROOT / "bench" / "repush.py"), mode, str(count), str(state)],
+                capture_output=True,
+                text=True,
+                check=True,
+            )
+            out[f"{mode}_{count}"] = json.loads(result.stdout.strip().splitlines()[-1])
+        again = out[f"again_{count}"]
+        if again["actions"] != {"unchanged": count}:
+            raise SystemExit(f"the re-push of {count} did not find all unchanged: {again}")
+    small, large = sizes
+    out["ratio"] = out[f"again_{large}"]["peak_rss_kib"] / out[f"again_{small}"]["peak_rss_kib"]
+    return out
+
+
 # -- running -----------------------------------------------------------------------------------
 
 
@@ -1005,6 +1030,17 @@ def table(results: dict[str, Any]) -> str:
         lines.append(
             f"| peak RSS, {label}: {int(large):,} vs {int(small):,} encounters | {mem[name][large] / 1024:.0f} MiB | {mem[name][small] / 1024:.0f} MiB | {mem[f'{name}_ratio']:.2f}x | flat (~1x) |"
         )
+    if "repush" in results:
+        rp = results["repush"]
+        small, large = sorted(int(k.split("_")[1]) for k in rp if k.startswith("again_"))
+        big, little = rp[f"again_{large}"], rp[f"again_{small}"]
+        config = f"batch {BATCH}, concurrency {CONCURRENCY}; the state from a first push through the instant server; nothing sent"
+        lines.append(
+            f"| peak RSS, re-push of unchanged encounters ({config}): {large:,} vs {small:,} | {big['peak_rss_kib'] / 1024:.0f} MiB ({big['s']:.1f} s) | {little['peak_rss_kib'] / 1024:.0f} MiB ({little['s']:.1f} s) | {rp['ratio']:.2f}x | <= 1.05x |"
+        )
+        lines.append(
+            f"| re-push of {large:,} unchanged: first result after, s | {big['first_result_s']:.3f} | | | <= 1 s |"
+        )
     return "\n".join(lines) + "\n"
 
 
@@ -1089,6 +1125,8 @@ def main() -> int:
         print("memory", json.dumps(results["memory"]), flush=True)
         results["bulk_memory"] = bench_bulk_memory(sizes.bulk_memory, workdir)
         print("bulk_memory", json.dumps(results["bulk_memory"]), flush=True)
+        results["repush"] = bench_repush(sizes.dry, workdir)
+        print("repush", json.dumps(results["repush"]), flush=True)
     args.out.mkdir(parents=True, exist_ok=True)
     suffix = ("" if mode == "full" else "-quick") + ("-offline" if args.offline else "")
     (args.out / f"results{suffix}.json").write_text(
