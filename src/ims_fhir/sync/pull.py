@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import datetime as dt
 import re
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Iterator
 from typing import Any
 
 from .._exceptions import MappingError
@@ -186,10 +186,10 @@ async def rebuild(client: AsyncFhirClient, encounters: list[dict[str, Any]]) -> 
     The resources that make them up are searched for by their reference to the Encounters, and
     those the encounters and sessions refer to are read by id, then all are mapped back at once.
     """
-    refs = ",".join(f"Encounter/{e['id']}" for e in encounters)
+    refs = [f"Encounter/{e['id']}" for e in encounters]
     resources: list[Any] = list(encounters)
     for resource_type, param in PARTS.items():
-        resources += await _all(client, resource_type, {param: refs})
+        resources += await _any_of(client, resource_type, param, refs)
     wanted = referred_ids(encounters, resources)
     for resource_type in REFERRED:
         found = sorted(wanted[resource_type])
@@ -224,7 +224,37 @@ def referred_ids(encounters: list[Any], resources: list[Any]) -> dict[str, set[s
 
 async def fetch_by_id(client: AsyncFhirClient, resource_type: str, ids: list[str]) -> list[Any]:
     """The resources of ``resource_type`` with these ids (those the server has), as JSON."""
-    return await _all(client, resource_type, {_BY_ID: ",".join(ids)})
+    return await _any_of(client, resource_type, _BY_ID, ids)
+
+
+MAX_LIST_CHARS = 1800
+"""The longest list of values (joined by commas) one search sends: some servers and proxies
+refuse a URL past 2,000 characters (HTTP 414), and 200 ids of 36 (UUIDs) are 7,400. A longer
+list is searched in parts."""
+
+
+def value_lists(values: list[str], limit: int = MAX_LIST_CHARS) -> Iterator[str]:
+    """``values`` joined by commas, in as few lists as keep each within ``limit`` characters."""
+    part: list[str] = []
+    size = 0
+    for value in values:
+        if part and size + 1 + len(value) > limit:
+            yield ",".join(part)
+            part, size = [], 0
+        size += len(value) + (1 if part else 0)
+        part.append(value)
+    if part:
+        yield ",".join(part)
+
+
+async def _any_of(
+    client: AsyncFhirClient, resource_type: str, param: str, values: list[str]
+) -> list[Any]:
+    """What a search for any of ``values`` finds (``param=a,b,...``), a URL of bounded length."""
+    found: list[Any] = []
+    for joined in value_lists(values):
+        found += await _all(client, resource_type, {param: joined})
+    return found
 
 
 def keep_clinic(report: MappingReport, namespace: str | None, clinic: str | None) -> None:
