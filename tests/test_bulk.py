@@ -745,3 +745,38 @@ def test_a_pull_left_early_frees_the_directory_and_resumes(tmp_path: Path) -> No
         asyncio.run(first_batch())
         assert _pulled(_run(work)) == _by_id(records)  # not refused: the lock went with it
         assert server.kickoff.call_count == 1  # and the export was resumed, not started again
+
+
+def test_remove_files_empties_the_directory_only_after_a_clean_pull_and_under_its_lock(
+    tmp_path: Path,
+) -> None:
+    records = _records()
+    files = _files(tmp_path, records)
+    work = tmp_path / "work"
+    seen_during: list[list[str]] = []
+
+    async def main() -> list[MappingReport]:
+        async with AsyncFhirClient(BASE) as client:
+            reports = []
+            async for report in bulk_pull(client, work, sleep=Clock(), remove_files=True):
+                reports.append(report)
+                # Still there while records are handed out, and the directory still held.
+                seen_during.append(sorted(p.name for p in work.glob("*.ndjson")))
+                with pytest.raises(ConfigurationError, match="in use"):
+                    async for _ in bulk_pull(client, work, sleep=Clock()):
+                        pass
+            return reports
+
+    with respx.mock(assert_all_called=False) as mock:
+        Server(mock, files)
+        reports = asyncio.run(main())
+    assert _pulled(reports) == _by_id(records)
+    assert all(seen_during) and [p.name for p in work.iterdir()] == [LOCK_FILE]
+
+    # With an error in a batch (a bad line), the files stay for the error naming its line.
+    broken = dict(files) | {"Observation": files["Observation"] + b"{not json\n"}
+    again = tmp_path / "again"
+    with respx.mock(assert_all_called=False) as mock:
+        Server(mock, broken)
+        reports = _run(again, remove_files=True)
+    assert _errors(reports) and sorted(p.name for p in again.glob("*.ndjson"))

@@ -64,7 +64,6 @@ from ..sync.bulk import (
     BulkProgress,
     bulk_pull,
     export_request,
-    remove_export,
 )
 from ..sync.capabilities import Check, check_capabilities
 from ..sync.matching import DEFAULT_MATCH_THRESHOLD, MATCH_POLICIES
@@ -1172,6 +1171,7 @@ def pull_command(**options: Any) -> None:
             concurrency=options["bulk_concurrency"],
             max_poll_wait=options["max_poll_wait"],
             on_progress=progress_line,
+            remove_files=True,
         )
 
     async def run() -> None:
@@ -1230,8 +1230,6 @@ def pull_command(**options: Any) -> None:
             said = "the export was cancelled on the server"
         err.print(f"[red]cancelled[/red] {said}")
         sys.exit(130)
-    if bulk and not totals["unmappable"]:
-        remove_export(options["bulk_dir"])
     err.print(
         f"{totals['records']} records pulled, {totals['unmappable']} encounters could not be "
         f"mapped; skipped: {totals['retired']} resources ims-fhir marked entered-in-error, "

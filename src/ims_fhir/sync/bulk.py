@@ -381,6 +381,7 @@ async def bulk_pull(
     max_file_bytes: int = MAX_EXPORT_FILE_BYTES,
     on_progress: Callable[[BulkProgress], None] | None = None,
     sleep: Callable[[float], Any] = asyncio.sleep,
+    remove_files: bool = False,
 ) -> AsyncIterator[MappingReport]:
     """Export from the server with Bulk Data ``$export`` and yield the records rebuilt, by batch.
 
@@ -403,6 +404,9 @@ async def bulk_pull(
         max_file_bytes: the largest file downloaded.
         on_progress: called with each :class:`BulkProgress`.
         sleep: how to wait between polls (tests pass their own clock).
+        remove_files: once every record is handed out and no report held an error, remove the
+            export's files (patients' data, of no further use), while the directory is still
+            this pull's (``pull --bulk`` does). Else they stay, for the errors naming their lines.
 
     Yields:
         MappingReports: first one with the export's own errors (bad lines, error files), if
@@ -447,9 +451,13 @@ async def bulk_pull(
         sleep,
     )
     try:
+        clean = True
         async with contextlib.aclosing(pulled):
             async for report in pulled:
+                clean = clean and not report.errors
                 yield report
+        if remove_files and clean:
+            _remove_files(work)
     finally:
         lock.release()
 
