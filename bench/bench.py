@@ -1106,7 +1106,7 @@ def main() -> int:
     if args.nightly_only:
         return nightly_only(args, sizes, args.nightly_only)
     results: dict[str, Any] = {
-        "mode": mode,
+        "mode": mode + (", offline" if args.offline else ""),
         "date": time.strftime("%Y-%m-%d"),
         "machine": machine(),
     }

@@ -7,8 +7,8 @@ Run by ``bench.py`` in two processes per size, so that each measures one thing:
 - ``again N STATE``: push the same ``N`` encounters again with that state, to a server that
   cannot be reached (port 9 on this machine): a single request fails the run, so a clean run
   proves that nothing was sent. Prints the seconds to the first result, the seconds in all, the
-  actions counted and the process's peak RSS (KiB; the interpreter and imports included, as in
-  the other memory rows).
+  actions counted and the process's peak RSS (KiB, its VmHWM; the interpreter and imports
+  included, as in the other memory rows).
 
 The records are generated as they are pushed (``synthetic_encounters`` is a generator), so
 neither process holds them all.
@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import asyncio
 import json
-import resource
 import sys
 import time
 from collections import Counter
@@ -57,8 +56,19 @@ async def again(count: int, state_path: Path) -> dict[str, object]:
         "first_result_s": first_result,
         "s": seconds,
         "actions": dict(actions),
-        "peak_rss_kib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss,
+        "peak_rss_kib": _peak_rss_kib(),
     }
+
+
+def _peak_rss_kib() -> int:
+    """This process's own peak (VmHWM), in KiB.
+
+    ru_maxrss would carry over the parent's peak, which Linux keeps across exec (bench.py's
+    process holds gigabytes by then).
+    """
+    with open("/proc/self/status", encoding="ascii") as status:
+        line = next(line for line in status if line.startswith("VmHWM"))
+    return int(line.split()[1])
 
 
 def main() -> None:
