@@ -44,7 +44,7 @@ import re
 import sqlite3
 import tempfile
 import warnings
-from collections.abc import AsyncGenerator, AsyncIterator, Callable, Iterable, Iterator, Sequence
+from collections.abc import AsyncIterator, Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
@@ -430,34 +430,72 @@ async def bulk_pull(
     progress = on_progress or (lambda _: None)
     hosts = frozenset(h.lower() for h in file_hosts)
     work.mkdir(parents=True, exist_ok=True)
+    with _held(work):
+        state = _load_state(work)
+        server = str(client.base_url)
+        if state is not None and (state.server != server or state.request != request):
+            raise ConfigurationError(
+                f"{work} holds another export ({state.server}, {state.request['path']})",
+                fix="choose another work directory, or remove it to start anew",
+            )
+        if state is None or (state.status_url is None and state.manifest is None):
+            state = _Export(server, request)
+        exporter = _Exporter(
+            client, work, state, hosts, concurrency, max_file_bytes, progress, sleep
+        )
+        try:
+            if state.manifest is None:
+                if state.status_url is None:
+                    await exporter.kick_off()
+                await exporter.wait(max_poll_wait)
+            errors = await exporter.download()
+        except asyncio.CancelledError:
+            await exporter.cancel()
+            raise
+        report = MappingReport(errors=errors)
+        index = _Index(work / INDEX_FILE)
+        clean = True  # no report held an error
+        try:
+            progress(BulkProgress("indexing", total=len(state.files)))
+            report.errors += index.load(work / name for name in state.files)
+            report.warnings += index.conflict_warnings()
+            if report.errors or report.warnings:
+                clean = not report.errors
+                yield report
+            progress(BulkProgress("rebuilding", total=index.encounter_count()))
+            done = 0
+            if since is not None:
+                batches = _rebuild_changed(client, index)
+            else:
+                batches = _rebuild_from_server_gaps(client, index)
+            async for batch in batches:
+                if namespace is not None or clinic is not None:
+                    keep_clinic(batch, namespace, clinic)
+                done += len(batch.records) + len(batch.errors)
+                progress(BulkProgress("rebuilding", done=done, total=index.encounter_count()))
+                clean = clean and not batch.errors
+                yield batch
+            # Every record handed out: the export is spent. The next pull with this directory
+            # starts a new one (the files stay until then, for the errors that name their lines);
+            # only a pull interrupted before this point resumes.
+            (work / STATE_FILE).unlink(missing_ok=True)
+        finally:
+            index.close()
+        if remove_files and clean:
+            _remove_files(work)
+
+
+@contextlib.contextmanager
+def _held(work: Path) -> Iterator[None]:
+    """Hold ``work`` for this pull, or say that another pull has it."""
     lock = _try_hold(work)
     if lock is None:
         raise ConfigurationError(
             f"{work} is in use by another bulk pull",
             fix="wait for it to end, or give this pull another work directory",
         )
-    pulled = _bulk_pull(
-        client,
-        work,
-        request,
-        since is not None,
-        namespace,
-        clinic,
-        hosts,
-        concurrency,
-        max_poll_wait,
-        max_file_bytes,
-        progress,
-        sleep,
-    )
     try:
-        clean = True
-        async with contextlib.aclosing(pulled):
-            async for report in pulled:
-                clean = clean and not report.errors
-                yield report
-        if remove_files and clean:
-            _remove_files(work)
+        yield
     finally:
         lock.release()
 
@@ -482,67 +520,6 @@ def _try_hold(work: Path) -> filelock.BaseFileLock | None:
             fix="give the pull a work directory it can write to",
         ) from None
     return lock
-
-
-async def _bulk_pull(
-    client: AsyncFhirClient,
-    work: Path,
-    request: dict[str, Any],
-    changed_only: bool,
-    namespace: str | None,
-    clinic: str | None,
-    hosts: frozenset[str],
-    concurrency: int,
-    max_poll_wait: float,
-    max_file_bytes: int,
-    progress: Callable[[BulkProgress], None],
-    sleep: Callable[[float], Any],
-) -> AsyncGenerator[MappingReport, None]:
-    state = _load_state(work)
-    server = str(client.base_url)
-    if state is not None and (state.server != server or state.request != request):
-        raise ConfigurationError(
-            f"{work} holds another export ({state.server}, {state.request['path']})",
-            fix="choose another work directory, or remove it to start anew",
-        )
-    if state is None or (state.status_url is None and state.manifest is None):
-        state = _Export(server, request)
-    exporter = _Exporter(client, work, state, hosts, concurrency, max_file_bytes, progress, sleep)
-    try:
-        if state.manifest is None:
-            if state.status_url is None:
-                await exporter.kick_off()
-            await exporter.wait(max_poll_wait)
-        errors = await exporter.download()
-    except asyncio.CancelledError:
-        await exporter.cancel()
-        raise
-    report = MappingReport(errors=errors)
-    index = _Index(work / INDEX_FILE)
-    try:
-        progress(BulkProgress("indexing", total=len(state.files)))
-        report.errors += index.load(work / name for name in state.files)
-        report.warnings += index.conflict_warnings()
-        if report.errors or report.warnings:
-            yield report
-        progress(BulkProgress("rebuilding", total=index.encounter_count()))
-        done = 0
-        if changed_only:
-            batches = _rebuild_changed(client, index)
-        else:
-            batches = _rebuild_from_server_gaps(client, index)
-        async for batch in batches:
-            if namespace is not None or clinic is not None:
-                keep_clinic(batch, namespace, clinic)
-            done += len(batch.records) + len(batch.errors)
-            progress(BulkProgress("rebuilding", done=done, total=index.encounter_count()))
-            yield batch
-        # Every record handed out: the export is spent. The next pull with this directory
-        # starts a new one (the files stay until then, for the errors that name their lines);
-        # only a pull interrupted before this point resumes.
-        (work / STATE_FILE).unlink(missing_ok=True)
-    finally:
-        index.close()
 
 
 async def _rebuild_from_server_gaps(
