@@ -1,4 +1,5 @@
-"""What the bulk tests share: a local HTTP server, and a pull --bulk interrupted by a signal."""
+"""What the bulk tests share: a local HTTP server and its handlers' plumbing, and a pull --bulk
+interrupted by a signal."""
 
 from __future__ import annotations
 
@@ -11,8 +12,31 @@ import threading
 import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
+from typing import Any, ClassVar
 
-__all__ = ["interrupt_pull", "local_server"]
+__all__ = ["ExportHandler", "interrupt_pull", "local_server"]
+
+
+class ExportHandler(http.server.BaseHTTPRequestHandler):
+    """A test server's handler: answers with ``_send``, records each DELETE in ``seen`` (each
+    subclass has its own list), logs nothing."""
+
+    seen: ClassVar[list[str]]
+
+    def _send(self, status: int, body: bytes = b"", **headers: str) -> None:
+        self.send_response(status)
+        for name, value in headers.items():
+            self.send_header(name.replace("_", "-"), value)
+        self.send_header("Content-Length", str(len(body)))
+        self.end_headers()
+        self.wfile.write(body)
+
+    def do_DELETE(self) -> None:  # noqa: N802 (http.server's name)
+        self.seen.append(f"DELETE {self.path}")
+        self._send(202)
+
+    def log_message(self, *args: Any) -> None:
+        pass
 
 
 @contextlib.contextmanager

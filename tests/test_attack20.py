@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import http.server
 import json
 import threading
 import tracemalloc
@@ -36,7 +35,7 @@ from ims_fhir import (
 from ims_fhir.cli.commands import cli
 from ims_fhir.sync.bulk import export_request
 
-from .bulk_support import interrupt_pull, local_server
+from .bulk_support import ExportHandler, interrupt_pull, local_server
 from .test_bulk import (
     BASE,
     STATUS,
@@ -463,20 +462,12 @@ def test_a_cancelled_export_leaves_no_patient_files_behind(tmp_path: Path) -> No
     assert left == [], f"patient data left behind by a cancelled export: {left}"
 
 
-class _SlowRebuild(http.server.BaseHTTPRequestHandler):
+class _SlowRebuild(ExportHandler):
     """An export that completes at once; the rebuild's read of practitioners hangs."""
 
     files: ClassVar[dict[str, bytes]] = {}
     seen: ClassVar[list[str]] = []
     release = threading.Event()
-
-    def _send(self, status: int, body: bytes = b"", **headers: str) -> None:
-        self.send_response(status)
-        for name, value in headers.items():
-            self.send_header(name.replace("_", "-"), value)
-        self.send_header("Content-Length", str(len(body)))
-        self.end_headers()
-        self.wfile.write(body)
 
     def do_GET(self) -> None:  # noqa: N802 (http.server's name)
         path = self.path.split("?")[0]
@@ -493,13 +484,6 @@ class _SlowRebuild(http.server.BaseHTTPRequestHandler):
             self.release.wait(60)
             with contextlib.suppress(OSError):  # the client is gone by now
                 self._send(503)
-
-    def do_DELETE(self) -> None:  # noqa: N802
-        self.seen.append(f"DELETE {self.path}")
-        self._send(202)
-
-    def log_message(self, *args: Any) -> None:
-        pass
 
 
 def test_ctrl_c_after_the_download_does_not_claim_the_export_was_cancelled(

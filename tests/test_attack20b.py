@@ -15,7 +15,7 @@ import sys
 import threading
 import tracemalloc
 from pathlib import Path
-from typing import Any, ClassVar
+from typing import ClassVar
 
 import pytest
 import respx
@@ -24,7 +24,7 @@ from click.testing import CliRunner
 from ims_fhir import InvalidResponseError, rebuild_ndjson
 from ims_fhir.cli.commands import cli
 
-from .bulk_support import interrupt_pull, local_server
+from .bulk_support import ExportHandler, interrupt_pull, local_server
 from .test_bulk import BASE, Server, _by_id, _errors, _files, _manifest, _pulled, _records, _run
 
 FILE_HOST = "files.example.net"
@@ -149,7 +149,7 @@ def test_many_files_of_bad_lines_are_read_in_bounded_memory(tmp_path: Path) -> N
     assert large < 3 * small, f"{small // 2**20} MiB for 4 files, {large // 2**20} MiB for 40"
 
 
-class _SlowKickOff(http.server.BaseHTTPRequestHandler):
+class _SlowKickOff(ExportHandler):
     """A server that takes its time to answer the kick-off (it has received it)."""
 
     seen: ClassVar[list[str]] = []
@@ -159,18 +159,7 @@ class _SlowKickOff(http.server.BaseHTTPRequestHandler):
         self.seen.append(f"GET {self.path.split('?')[0]}")
         self.release.wait(60)
         with contextlib.suppress(OSError):  # the client is gone by now
-            self.send_response(503)
-            self.send_header("Content-Length", "0")
-            self.end_headers()
-
-    def do_DELETE(self) -> None:  # noqa: N802
-        self.seen.append(f"DELETE {self.path}")
-        self.send_response(202)
-        self.send_header("Content-Length", "0")
-        self.end_headers()
-
-    def log_message(self, *args: Any) -> None:
-        pass
+            self._send(503)
 
 
 def test_ctrl_c_during_the_kick_off_does_not_claim_the_export_was_cancelled(
@@ -266,19 +255,11 @@ def test_a_killed_rebuild_leaves_no_hidden_copy_of_the_patients(tmp_path: Path) 
     assert left == [], f"copies of the patients' data left in {data}: {left}"
 
 
-class _FlakyFile(http.server.BaseHTTPRequestHandler):
+class _FlakyFile(ExportHandler):
     """An export whose one file first fails with a 503 whose OperationOutcome holds escapes."""
 
     body: ClassVar[bytes] = b""
     failed: ClassVar[list[str]] = []
-
-    def _send(self, status: int, body: bytes = b"", **headers: str) -> None:
-        self.send_response(status)
-        for name, value in headers.items():
-            self.send_header(name.replace("_", "-"), value)
-        self.send_header("Content-Length", str(len(body)))
-        self.end_headers()
-        self.wfile.write(body)
 
     def do_GET(self) -> None:  # noqa: N802 (http.server's name)
         path = self.path.split("?")[0]
@@ -304,9 +285,6 @@ class _FlakyFile(http.server.BaseHTTPRequestHandler):
             )
         else:
             self._send(200, self.body, Content_Type="application/fhir+ndjson")
-
-    def log_message(self, *args: Any) -> None:
-        pass
 
 
 def test_a_retried_download_cannot_write_to_the_terminal(tmp_path: Path) -> None:

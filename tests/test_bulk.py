@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import http.server
 import json
 import signal
 import subprocess
@@ -47,7 +46,7 @@ from ims_fhir.mapping.to_fhir import bundle_dict
 from ims_fhir.sync.bulk import LOCK_FILE, remove_export
 from ims_fhir.sync.pull import ENCOUNTER_TYPES
 
-from .bulk_support import interrupt_pull, local_server
+from .bulk_support import ExportHandler, interrupt_pull, local_server
 from .conftest import ENCOUNTER_FILES
 from .strategies import encounters
 
@@ -573,29 +572,17 @@ def test_cli_refuses_bulk_with_a_patient(tmp_path: Path) -> None:
     assert result.exit_code == 2 and "--level group" in result.output
 
 
-class _Exporting(http.server.BaseHTTPRequestHandler):
+class _Exporting(ExportHandler):
     """A server whose export never finishes; it records the requests it gets."""
 
     seen: ClassVar[list[str]] = []
 
     def do_GET(self) -> None:  # noqa: N802 (http.server's name)
         self.seen.append(f"GET {self.path.split('?')[0]}")
-        self.send_response(202)
         if "$export" in self.path:
-            self.send_header("Content-Location", f"http://{self.headers['Host']}/fhir/status/1")
+            self._send(202, Content_Location=f"http://{self.headers['Host']}/fhir/status/1")
         else:
-            self.send_header("Retry-After", "1")
-        self.send_header("Content-Length", "0")
-        self.end_headers()
-
-    def do_DELETE(self) -> None:  # noqa: N802
-        self.seen.append(f"DELETE {self.path}")
-        self.send_response(202)
-        self.send_header("Content-Length", "0")
-        self.end_headers()
-
-    def log_message(self, *args: Any) -> None:
-        pass
+            self._send(202, Retry_After="1")
 
 
 def test_ctrl_c_cancels_the_export_on_the_server(tmp_path: Path) -> None:
