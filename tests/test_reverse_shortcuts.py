@@ -1,10 +1,13 @@
-"""The reverse mapping's two shortcuts decide exactly what the long way decides.
+"""The reverse mapping's shortcuts decide exactly what the long way decides.
 
 ``no_modifiers`` first asks orjson whether a resource plainly holds no ``modifierExtension``
-and nothing nested 65 deep; ``check_links`` skips comparing an element whose two copies are
-equal as JSON and whose references point at the same things. Each test maps the same input
-with the shortcut and without it (patched out) and requires the same report: records, errors
-(resource, path, reason), warnings and skipped resources.
+and nothing nested 65 deep (and, orjson refusing a lone surrogate, that none of its strings
+needs a Unicode check of its own); ``check_links`` skips comparing an element whose two copies
+are equal as JSON and whose references point at the same things. Each test maps the same input
+with the shortcuts and without them (patched out) and requires the same report: records,
+errors (resource, path, reason), warnings and skipped resources. Element paths are written
+only when an error names one: the tests below put a bad value at every leaf and require the
+error to name that leaf's path.
 """
 
 from __future__ import annotations
@@ -209,3 +212,80 @@ def test_references_equal_as_text_but_pointing_elsewhere_are_still_refused(
     assert fast == slow
     records, errors = fast[0], fast[1]
     assert not records and any(path == element for _, path, _, _ in errors), errors
+
+
+# -- every leaf: lone surrogates, and the path an error names ------------------------------------
+
+
+def _leaves(value: Any, path: tuple[str | int, ...] = ()) -> list[tuple[str | int, ...]]:
+    if isinstance(value, dict):
+        return [p for k, v in value.items() for p in _leaves(v, (*path, k))]
+    if isinstance(value, list):
+        return [p for n, v in enumerate(value) for p in _leaves(v, (*path, n))]
+    return [path]
+
+
+def _set(bundle: JSON, path: tuple[str | int, ...], value: Any) -> None:
+    node: Any = bundle
+    for step in path[:-1]:
+        node = node[step]
+    node[path[-1]] = value
+
+
+def _fhir_path(resource_type: str, path: tuple[str | int, ...]) -> str:
+    out = resource_type
+    for step in path:
+        out += f"[{step}]" if isinstance(step, int) else f".{step}"
+    return out
+
+
+_FIRST = json.loads(to_fhir_json(FIXTURE_RECORDS[0]))
+_STRING_LEAVES = {
+    n: [p for p in _leaves(entry["resource"]) if p[-1] != "resourceType"]
+    for n, entry in enumerate(_FIRST["entry"])
+}
+
+
+@pytest.mark.parametrize("n", sorted(_STRING_LEAVES))
+def test_a_lone_surrogate_anywhere_is_judged_the_same_either_way(
+    monkeypatch: pytest.MonkeyPatch, n: int
+) -> None:
+    for path in _STRING_LEAVES[n]:
+        bundle = copy.deepcopy(_FIRST)
+        resource = bundle["entry"][n]["resource"]
+        old: Any = resource
+        for step in path:
+            old = old[step]
+        if not isinstance(old, str):
+            continue
+        _set(resource, path, old[:3] + "\ud800" + old[3:])
+        fast, slow = _both_ways(monkeypatch, bundle)
+        assert fast == slow, path
+        # Refused where it is read, as FHIR (not let through to the record's validation),
+        # or read into no field the record keeps (a narrative, a display).
+        assert not any("unicode string" in reason for _, _, reason, _ in fast[1]), path
+        kept = json.dumps([r.model_dump(mode="python") for r in fast[0]], default=str)
+        assert "\\ud800" not in kept, path
+
+
+@pytest.mark.parametrize("n", sorted(_STRING_LEAVES))
+def test_a_wrong_type_at_a_leaf_is_named_by_its_own_path(
+    monkeypatch: pytest.MonkeyPatch, n: int
+) -> None:
+    """A value replaced by an object: where the mapping reads it, the error names its path."""
+    for path in _STRING_LEAVES[n]:
+        bundle = copy.deepcopy(_FIRST)
+        resource = bundle["entry"][n]["resource"]
+        _set(resource, path, {"not": "a value"})
+        fast, slow = _both_ways(monkeypatch, bundle)
+        assert fast == slow, path
+        expected = _fhir_path(resource["resourceType"], path)
+        errors = fast[1]
+        # Read where the record keeps it, the error names the leaf; some leaves are compared
+        # (check_links) or looked up, not read: their error names the element holding them.
+        # An array of strings is judged whole: its error names the array.
+        holder = (
+            _fhir_path(resource["resourceType"], path[:-1]) if isinstance(path[-1], int) else ""
+        )
+        if any(reason.startswith("expected a") for _, _, reason, _ in errors):
+            assert {expected, holder} & {p for _, p, _, _ in errors}, (expected, errors)

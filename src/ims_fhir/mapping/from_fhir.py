@@ -298,10 +298,16 @@ def _orphans(index: _Index, used: set[_Res], namespaces: _Namespaces) -> list[Ma
 class _Res:
     """One resource of the input, with where it came from."""
 
-    __slots__ = ("data", "full_url", "name", "pos", "type")
+    __slots__ = ("_key", "_ours", "data", "full_url", "name", "plain", "pos", "type")
 
     def __init__(self, data: Mapping[str, Any], where: str, full_url: Any, pos: int) -> None:
         self.data = data
+        # Computed once, when first asked: the resource is not changed while it is read.
+        self._ours: tuple[tuple[str, Kind, str], ...] | None = None
+        self._key: str | None = None
+        # True once the whole resource is known to be plain JSON without a lone surrogate
+        # (``_Node.no_modifiers`` found it so): its strings need no Unicode check each.
+        self.plain = False
         rtype = data.get("resourceType")
         self.type = rtype if isinstance(rtype, str) else ""
         self.full_url = full_url if isinstance(full_url, str) and full_url else None
@@ -331,14 +337,24 @@ class _Res:
             return [value]
         return [v for v in value if isinstance(v, Mapping)] if isinstance(value, list) else []
 
-    def our_identifiers(self) -> Iterator[tuple[str, Kind, str]]:
+    def our_identifiers(self) -> tuple[tuple[str, Kind, str], ...]:
         """(namespace, kind, value) of each ims-fhir identifier."""
-        for ident in self.identifiers():
-            sys, value = ident.get("system"), ident.get("value")
-            if isinstance(sys, str) and isinstance(value, str) and _unicode(sys + value):
-                parts = split_system(sys)
-                if parts is not None:
-                    yield parts[0], parts[1], value
+        if self._ours is None:
+            found = []
+            for ident in self.identifiers():
+                sys, value = ident.get("system"), ident.get("value")
+                if isinstance(sys, str) and isinstance(value, str) and _unicode(sys + value):
+                    parts = split_system(sys)
+                    if parts is not None:
+                        found.append((parts[0], parts[1], value))
+            self._ours = tuple(found)
+        return self._ours
+
+    def key(self) -> str:
+        """:func:`_key_of` its content."""
+        if self._key is None:
+            self._key = _key_of(self.data)
+        return self._key
 
     def our_identifier(self, kind: Kind, namespace: str | None = None) -> tuple[str, str] | None:
         """(namespace, value) of its ims-fhir identifier of ``kind``, in ``namespace`` if given."""
@@ -350,7 +366,7 @@ class _Res:
     def skip_reason(self) -> str:
         if not self.type:
             return "not a FHIR resource (no resourceType)"
-        if next(self.our_identifiers(), None) is not None:
+        if self.our_identifiers():
             return "made by ims-fhir but not linked to an IMS encounter in this input"
         return "not made by ims-fhir (no ims-fhir identifier)"
 
@@ -494,12 +510,33 @@ class _Index:
 class _Node:
     """A JSON object inside a resource, read with its element path kept for errors."""
 
-    __slots__ = ("data", "path", "res")
+    __slots__ = ("_parent", "_path", "_step", "data", "res")
 
-    def __init__(self, res: _Res, path: str, data: Mapping[str, Any]) -> None:
+    def __init__(
+        self,
+        res: _Res,
+        path: str | None,
+        data: Mapping[str, Any],
+        parent: _Node | None = None,
+        step: str | tuple[str, int] = "",
+    ) -> None:
         self.res = res
-        self.path = path
         self.data = data
+        # A child's path is written only if an error names it: (parent, step) until then.
+        self._path = path
+        self._parent = parent
+        self._step = step
+
+    @property
+    def path(self) -> str:
+        if self._path is None:
+            assert self._parent is not None
+            step = self._step
+            if isinstance(step, tuple):
+                self._path = f"{self._parent.at(step[0])}[{step[1]}]"
+            else:
+                self._path = self._parent.at(step)
+        return self._path
 
     def at(self, key: str | None) -> str:
         return f"{self.path}.{key}" if key else self.path
@@ -514,9 +551,9 @@ class _Node:
         value = self.data.get(key)
         if value is None:
             return None
-        if not isinstance(value, Mapping):
+        if type(value) is not dict and not isinstance(value, Mapping):
             raise self.fail(key, "expected an object")
-        return _Node(self.res, self.at(key), value)
+        return _Node(self.res, None, value, self, key)
 
     def need_obj(self, key: str) -> _Node:
         node = self.obj(key)
@@ -532,9 +569,9 @@ class _Node:
             raise self.fail(key, "expected an array")
         out = []
         for n, item in enumerate(value):
-            if not isinstance(item, Mapping):
+            if type(item) is not dict and not isinstance(item, Mapping):
                 raise self.fail(f"{key}[{n}]", "expected an object")
-            out.append(_Node(self.res, f"{self.at(key)}[{n}]", item))
+            out.append(_Node(self.res, None, item, self, (key, n)))
         return out
 
     def only(self, key: str) -> _Node | None:
@@ -550,7 +587,7 @@ class _Node:
             return None
         if not isinstance(value, str) or not value:
             raise self.fail(key, "expected a non-empty string")
-        if not _unicode(value):
+        if not self.res.plain and not _unicode(value):
             raise self.fail(key, "not valid Unicode (a lone surrogate)")
         return value
 
@@ -565,7 +602,7 @@ class _Node:
         if value is None:
             return []
         if not isinstance(value, list) or not all(
-            isinstance(v, str) and v and _unicode(v) for v in value
+            isinstance(v, str) and v and (self.res.plain or _unicode(v)) for v in value
         ):
             raise self.fail(key, "expected an array of non-empty strings")
         return list(value)
@@ -607,6 +644,8 @@ class _Node:
         if type(self.data) is not dict:
             return self._no_modifiers()
         if _plainly_without_modifiers(self.data):
+            if self.data is self.res.data:
+                self.res.plain = True
             return None
         stack: list[tuple[Any, int]] = [(self.data, 0)]
         while stack:
@@ -920,9 +959,10 @@ class _Rebuild:
         diagnosis ``refuted``, another performer, links to other parts.
         """
         forward = bundle_dict(record, checked=True)["entry"]
-        keys = {e["fullUrl"]: _key_of(e["resource"]) for e in forward}
+        forward_keys = [_key_of(e["resource"]) for e in forward]
+        keys = {e["fullUrl"]: k for e, k in zip(forward, forward_keys, strict=True)}
         systems = self.t.systems()
-        mine = {_key_of(r.data): r for r in self.used | set(self.provenances)}
+        mine = {r.key(): r for r in self.used | set(self.provenances)}
 
         memo: dict[str, str] = {}
 
@@ -936,22 +976,23 @@ class _Rebuild:
                 if not isinstance(target, _Res):
                     known = ref
                 else:
-                    known = self.aliases.get(target) or _key_of(target.data)
+                    known = self.aliases.get(target) or target.key()
                 memo[ref] = known
             return known
 
         encounter = next(
             e["resource"] for e in forward if e["resource"]["resourceType"] == "Encounter"
         )
-        for entry in forward:
+        for entry, forward_key_of in zip(forward, forward_keys, strict=True):
             resource = entry["resource"]
-            source = mine.get(_key_of(resource))
+            source = mine.get(forward_key_of)
             if source is None:
                 continue
             node = _Node(source, source.type, source.data)
             earlier = _earlier_shape(resource, encounter)
             data = source.data
-            for element in _DERIVED:
+            present = (resource.keys() | data.keys() | earlier.keys()) & _DERIVED_SET
+            for element in sorted(present, key=_DERIVED.index):  # the same order each time
                 ours, theirs = resource.get(element), data.get(element)
                 if ours is None and theirs is None and element not in earlier:
                     continue  # neither says anything (most elements, most resources)
@@ -1058,13 +1099,11 @@ class _Rebuild:
                             f"{_clip(repr(shown))}, but {code} is {min(known)!r}",
                         )
             elif isinstance(value, Mapping):
-                self.known_displays(_Node(node.res, node.at(key), value), depth + 1)
+                self.known_displays(_Node(node.res, None, value, node, key), depth + 1)
             elif isinstance(value, list):
                 for n, item in enumerate(value):
                     if isinstance(item, Mapping):
-                        self.known_displays(
-                            _Node(node.res, f"{node.at(key)}[{n}]", item), depth + 1
-                        )
+                        self.known_displays(_Node(node.res, None, item, node, (key, n)), depth + 1)
 
     def local_type(self, node: _Node, kind: Kind) -> None:
         """The clinic's own identifier of ``node`` has its type, or none (earlier versions)."""
@@ -1474,6 +1513,7 @@ _DERIVED = (
     "participant",
     "serviceProvider",
 )
+_DERIVED_SET = frozenset(_DERIVED)
 
 
 @functools.cache
