@@ -1000,8 +1000,8 @@ class _Rebuild:
                     if source.type in SHARED_TYPES:
                         continue  # the region's (a patient's contained GP): not the record's
                     ours, theirs = without_contained_ids(ours), without_contained_ids(theirs)
-                if ours == theirs and _references_agree(ours, forward_key, key_in_source):
-                    continue  # the same, and what each reference points at the same: equal
+                if _agree(ours, theirs, forward_key, key_in_source):
+                    continue  # the same but for how references name the same resources
                 want = _normal(ours, forward_key, systems)
                 got = _normal(theirs, key_in_source, systems)
                 if got != want and any(
@@ -1633,29 +1633,51 @@ def _normal(value: Any, key: Callable[[str], str], systems: set[str], depth: int
     return value
 
 
-def _references_agree(
-    value: Any, key: Callable[[str], str], other: Callable[[str], str], depth: int = 0
+def _agree(
+    ours: Any, theirs: Any, key: Callable[[str], str], other: Callable[[str], str], depth: int = 0
 ) -> bool:
-    """Does each reference in ``value`` point at the same thing under both ``key`` functions?
+    """Are two copies of an element the same JSON but for how their references are written?
 
-    Two copies equal as JSON then have equal :func:`_normal` forms (references are all it
-    reads through a key function), so comparing them that way can be skipped. False where it
-    cannot tell (nesting past :func:`_normal`'s depth).
+    Each ``reference`` string in ``ours``, read through ``key``, names what the one in its
+    place in ``theirs`` names through ``other`` (a ``urn:uuid`` and ``Patient/123`` for one
+    patient); everything else is equal, of the same JSON type. Their :func:`_normal` forms are
+    then equal (references are all it reads through a key function), so comparing them that
+    way can be skipped. False says only "compare them": where it cannot tell (nesting past
+    :func:`_normal`'s depth, codings, which it reads otherwise) or where they differ at all.
     """
     if depth > 20:
         return False
-    kind = type(value)
+    kind = type(ours)
     if kind is dict:
-        for k, v in value.items():
-            if type(v) is str:
-                if k == "reference" and key(v) != other(v):
+        if type(theirs) is not dict or ours.keys() != theirs.keys():
+            return False
+        for k, v in ours.items():
+            w = theirs[k]
+            if k == "reference" and type(v) is str:
+                if type(w) is not str or key(v) != other(w):
                     return False
-            elif not _references_agree(v, key, other, depth + 1):
+            elif k == "coding":
+                # Read as a set of codes when all are objects: the same objects, the same set.
+                if not (
+                    type(v) is list
+                    and all(type(c) is dict for c in v)
+                    and _agree(v, w, _itself, _itself, depth + 1)
+                ):
+                    return False
+            elif not _agree(v, w, key, other, depth + 1):
                 return False
         return True
     if kind is list:
-        return all(_references_agree(v, key, other, depth + 1) for v in value)
-    return value is None or kind in _LEAVES
+        return (
+            type(theirs) is list
+            and len(ours) == len(theirs)
+            and all(_agree(v, w, key, other, depth + 1) for v, w in zip(ours, theirs, strict=True))
+        )
+    return kind in _LEAVES and type(theirs) is kind and ours == theirs
+
+
+def _itself(text: str) -> str:
+    return text
 
 
 def _emitted(system: Any, code: Any) -> Any:
