@@ -173,6 +173,34 @@ def rebuild(node: Any) -> Any:
     return node
 
 
+def as_served(text: str) -> str:
+    """A Bundle as a server returns it: ids assigned, references literal, ``meta`` added.
+
+    What ``pull`` and a bulk rebuild map back: every reference is read through what it points
+    at, none is the ``urn:uuid`` the record's forward mapping writes.
+    """
+    bundle = json.loads(text)
+    ids: dict[str, str] = {}
+    for n, entry in enumerate(bundle["entry"]):
+        resource = entry["resource"]
+        resource["id"] = f"b{n}"
+        resource["meta"] = {"versionId": "1", "lastUpdated": "2026-11-27T10:00:00Z"}
+        ids[entry["fullUrl"]] = f"{resource['resourceType']}/b{n}"
+    served = json.dumps(
+        {
+            "resourceType": "Bundle",
+            "type": "searchset",
+            "entry": [
+                {"fullUrl": f"{INSTANT}/{ids[e['fullUrl']]}", "resource": e["resource"]}
+                for e in bundle["entry"]
+            ],
+        }
+    )
+    for full_url, reference in ids.items():
+        served = served.replace(json.dumps(full_url), json.dumps(reference))
+    return served
+
+
 def bench_mapping(size: int, runs: int) -> dict[str, Any]:
     """Forward and reverse mapping, one core, each beside its floor, rounds alternating.
 
@@ -182,17 +210,23 @@ def bench_mapping(size: int, runs: int) -> dict[str, Any]:
     fhir.resources validation: what every Bundle cost before issue 15).
     Reverse: ``from_fhir`` of Bundle JSON against its floor, ``json.loads`` of the same text
     (reading it at all), and against fhir.resources parsing it into models (what a developer
-    without ims-fhir would do first).
+    without ims-fhir would do first); and of the same Bundles as a server returns them.
     """
     records = list(synthetic_encounters(size, seed=1))
     texts = [to_fhir_json(r) for r in records]
     dicts = [json.loads(t) for t in texts]
+    served = [as_served(t) for t in texts]
+    for text in (texts[0], served[0]):
+        report = from_fhir(text)
+        assert len(report.records) == 1 and not report.errors, report.errors[:1]
     cases: dict[str, Callable[[], Any]] = {
         "forward": streamed(to_fhir_json, records),
         "floor_forward": streamed(lambda d: orjson.dumps(rebuild(d)), dicts),
         "validated_forward": streamed(lambda r: to_fhir_json(r, validate=True), records),
         "reverse": streamed(from_fhir, texts),
         "floor_reverse": streamed(json.loads, texts),
+        "served_reverse": streamed(from_fhir, served),
+        "floor_served_reverse": streamed(json.loads, served),
         "models_reverse": streamed(Bundle.model_validate_json, texts),
     }
     times: dict[str, list[float]] = {name: [] for name in cases}
@@ -208,6 +242,7 @@ def bench_mapping(size: int, runs: int) -> dict[str, Any]:
         "forward_ratio": med["forward"] / med["floor_forward"],
         "validated_over_fast": med["validated_forward"] / med["forward"],
         "reverse_ratio": med["reverse"] / med["floor_reverse"],
+        "served_reverse_ratio": med["served_reverse"] / med["floor_served_reverse"],
         "reverse_over_models": med["reverse"] / med["models_reverse"],
     }
 
@@ -963,18 +998,32 @@ def bulk_rows(results: dict[str, Any]) -> list[str]:
 
 
 def table(results: dict[str, Any]) -> str:
-    m, lines = results["mapping"], []
-    lines += [
+    lines = [
         f"Measured {results['date']} on {results['machine']['cpu']} ({results['machine']['cores']} cores, "
         f"{results['machine']['memory_gib']} GiB), Python {results['machine']['python']}; mode `{results['mode']}`.",
         "",
         "| measure | ims-fhir | baseline | ratio | target |",
         "|---|---|---|---|---|",
+        *cpu_rows(results),
+    ]
+    lines += server_rows(results)
+    lines += memory_rows(results)
+    return "\n".join(lines) + "\n"
+
+
+def cpu_rows(results: dict[str, Any]) -> list[str]:
+    """The rows measured on one core without a server: mapping each way, the client's CPU."""
+    m = results["mapping"]
+    lines = [
         f"| mapping forward, one core ({m['encounters']} encounters, {m['runs']} rounds, order rotating): to_fhir_json, enc/s | {m['forward_per_s']:.0f} | {m['floor_forward_per_s']:.0f} (floor: the same dicts rebuilt + orjson.dumps) | {m['forward_ratio']:.2f}x the time | >= 1,500 enc/s; <= 2x |",
         f"| mapping forward with validate=True (+ fhir.resources models), enc/s | {m['validated_forward_per_s']:.0f} | {m['forward_per_s']:.0f} (to_fhir_json) | {m['validated_over_fast']:.1f}x the time | |",
         f"| mapping reverse (Bundle JSON -> record, each encounter checked against its record mapped forward again), enc/s | {m['reverse_per_s']:.0f} | {m['floor_reverse_per_s']:.0f} (floor: json.loads of the same text) | {m['reverse_ratio']:.1f}x the time | |",
         f"| mapping reverse against fhir.resources parsing the same Bundles into models, enc/s | {m['reverse_per_s']:.0f} | {m['models_reverse_per_s']:.0f} (fhir.resources parse) | {m['reverse_over_models']:.2f}x the time | <= 1.5x |",
     ]
+    if "served_reverse_per_s" in m:
+        lines.append(
+            f"| mapping reverse of the same Bundles as a server returns them (ids assigned, references literal, meta), enc/s | {m['served_reverse_per_s']:.0f} | {m['floor_served_reverse_per_s']:.0f} (floor: json.loads of the same text) | {m['served_reverse_ratio']:.1f}x the time | |"
+        )
     ob = results["one_bundle"]
     spread = ", ".join(f"{r:.2f}" for r in ob["round_ratios"])
     lines.append(
@@ -988,6 +1037,12 @@ def table(results: dict[str, Any]) -> str:
             f"| push client CPU per new encounter, against an instant in-process server ({config}), ms | {c['create_ms']:.2f} | {c['loop_ms']:.2f} (floor: a hand-written loop, transaction_json + httpx post) | {c['create_over_loop']:.2f}x (rounds: {spread}) | <= 1.5x |",
             f"| push client CPU per changed encounter (the same, each edited: read back, compared, updated), ms | {c['update_ms']:.2f} | {c['create_ms']:.2f} (a new encounter) | {c['update_over_create']:.2f}x | <= 2x |",
         ]
+    return lines
+
+
+def server_rows(results: dict[str, Any]) -> list[str]:
+    """The rows measured against the benchmark's HAPI (none in an offline run)."""
+    lines: list[str] = []
     for p in results.get("push", []):
         n = p["encounters"]
         spread = ", ".join(f"{r['ours_over_limit']:.2f}" for r in p["rounds"])
@@ -1019,7 +1074,12 @@ def table(results: dict[str, Any]) -> str:
     if "pull" in results:
         pr = results["pull"]
         lines.append(f"| pull, enc/s | {pr['per_s']:.1f} ({pr['encounters']} encounters) | | | |")
-    lines += bulk_rows(results)
+    return lines + bulk_rows(results)
+
+
+def memory_rows(results: dict[str, Any]) -> list[str]:
+    """The rows of speed and peak memory at scale, in fresh processes."""
+    lines: list[str] = []
     mem = results["memory"]
     small, large = list(mem["convert"])
     lines.append(
@@ -1041,7 +1101,7 @@ def table(results: dict[str, Any]) -> str:
         lines.append(
             f"| re-push of {large:,} unchanged: first result after, s | {big['first_result_s']:.3f} | | | <= 1 s |"
         )
-    return "\n".join(lines) + "\n"
+    return lines
 
 
 def main() -> int:
@@ -1087,6 +1147,12 @@ def main() -> int:
         help="only the nightly-sync row, N encounters on the server (RESULTS-nightly.md)",
     )
     parser.add_argument(
+        "--cpu-only",
+        action="store_true",
+        help="only the rows of one core without a server: mapping each way, the push "
+        "client's CPU (RESULTS-cpu.md; a few minutes)",
+    )
+    parser.add_argument(
         "--profile",
         action="store_true",
         help="profile one more push of the first size with pyinstrument (profile-push.txt)",
@@ -1105,6 +1171,8 @@ def main() -> int:
         return bulk_only(args, sizes)
     if args.nightly_only:
         return nightly_only(args, sizes, args.nightly_only)
+    if args.cpu_only:
+        return cpu_only(args, sizes)
     results: dict[str, Any] = {
         "mode": mode + (", offline" if args.offline else ""),
         "date": time.strftime("%Y-%m-%d"),
@@ -1163,6 +1231,38 @@ def bulk_only(args: argparse.Namespace, sizes: Sizes) -> int:
     args.out.mkdir(parents=True, exist_ok=True)
     (args.out / "results-bulk.json").write_text(json.dumps(results, indent=2) + "\n", "utf-8")
     (args.out / "RESULTS-bulk.md").write_text("# Benchmark results: bulk\n\n" + text, "utf-8")
+    print(text)
+    return 0
+
+
+def cpu_only(args: argparse.Namespace, sizes: Sizes) -> int:
+    """The mapping and client-CPU rows alone, written to RESULTS-cpu.md and results-cpu.json."""
+    mode = "quick" if args.quick else "full"
+    results: dict[str, Any] = {
+        "mode": f"{mode}, cpu only",
+        "date": time.strftime("%Y-%m-%d"),
+        "machine": machine(),
+    }
+    with tempfile.TemporaryDirectory() as tmp:
+        results["mapping"] = bench_mapping(sizes.map, sizes.map_runs)
+        print("mapping", json.dumps(results["mapping"]), flush=True)
+        results["one_bundle"] = bench_one_bundle(sizes.one_bundle)
+        print("one_bundle", json.dumps(results["one_bundle"]), flush=True)
+        rounds = 2 if args.quick else 4
+        results["client_cpu"] = bench_client_cpu(sizes.cpu, rounds, Path(tmp))
+        print("client_cpu", json.dumps(results["client_cpu"]), flush=True)
+    m = results["machine"]
+    text = (
+        f"Measured {results['date']} on {m['cpu']} ({m['cores']} cores, {m['memory_gib']} GiB), "
+        f"Python {m['python']}; bench/run --cpu-only{' --quick' if args.quick else ''}.\n\n"
+        "| measure | ims-fhir | baseline | ratio | target |\n|---|---|---|---|---|\n"
+        + "\n".join(cpu_rows(results))
+        + "\n"
+    )
+    suffix = "-quick" if args.quick else ""
+    args.out.mkdir(parents=True, exist_ok=True)
+    (args.out / f"results-cpu{suffix}.json").write_text(json.dumps(results, indent=2) + "\n")
+    (args.out / f"RESULTS-cpu{suffix}.md").write_text("# Benchmark results: one core\n\n" + text)
     print(text)
     return 0
 

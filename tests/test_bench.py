@@ -61,3 +61,25 @@ def test_bench_quick_runs(root: Path, fhir_base_url: str, tmp_path: Path) -> Non
     assert "| mapping forward" in table and "| mapping reverse, one Bundle of 200" in table
     assert "| push client CPU per new encounter" in table and "| nightly sync: 20" in table
     assert "| peak RSS, re-push of unchanged encounters" in table
+    assert "| mapping reverse of the same Bundles as a server returns them" in table
+
+
+def test_bench_cpu_only_runs_without_a_server(root: Path, tmp_path: Path) -> None:
+    """--cpu-only measures the rows of one core (mapping, the client's CPU) and nothing else."""
+    env = os.environ | {"PYTHONPATH": str(root / "src"), "FHIR_BASE_URL": "http://127.0.0.1:9"}
+    result = subprocess.run(
+        [sys.executable, str(root / "bench" / "bench.py"), "--cpu-only", "--quick"]
+        + ["--out", str(tmp_path)],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    results = json.loads((tmp_path / "results-cpu-quick.json").read_text())
+    assert set(results) == {"mode", "date", "machine", "mapping", "one_bundle", "client_cpu"}
+    mapping = results["mapping"]
+    assert mapping["served_reverse_per_s"] > 0 and mapping["floor_served_reverse_per_s"] > 0
+    table = (tmp_path / "RESULTS-cpu-quick.md").read_text()
+    assert "| mapping reverse of the same Bundles as a server returns them" in table
+    assert "| push client CPU per changed encounter" in table and "| push 20" not in table
