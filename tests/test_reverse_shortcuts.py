@@ -1,8 +1,7 @@
 """The reverse mapping's shortcuts decide exactly what the long way decides.
 
 ``no_modifiers`` first asks orjson whether a resource plainly holds no ``modifierExtension``
-and nothing nested 65 deep (and, orjson refusing a lone surrogate, that none of its strings
-needs a Unicode check of its own); ``check_links`` skips comparing an element whose two copies
+and nothing nested 65 deep; ``check_links`` skips comparing an element whose two copies
 are equal as JSON and whose references point at the same things. Each test maps the same input
 with the shortcuts and without them (patched out) and requires the same report: records,
 errors (resource, path, reason), warnings and skipped resources. Element paths are written

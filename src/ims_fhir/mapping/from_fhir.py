@@ -298,16 +298,13 @@ def _orphans(index: _Index, used: set[_Res], namespaces: _Namespaces) -> list[Ma
 class _Res:
     """One resource of the input, with where it came from."""
 
-    __slots__ = ("_key", "_ours", "data", "full_url", "name", "plain", "pos", "type")
+    __slots__ = ("_key", "_ours", "data", "full_url", "name", "pos", "type")
 
     def __init__(self, data: Mapping[str, Any], where: str, full_url: Any, pos: int) -> None:
         self.data = data
         # Computed once, when first asked: the resource is not changed while it is read.
         self._ours: tuple[tuple[str, Kind, str], ...] | None = None
         self._key: str | None = None
-        # True once the whole resource is known to be plain JSON without a lone surrogate
-        # (``_Node.no_modifiers`` found it so): its strings need no Unicode check each.
-        self.plain = False
         rtype = data.get("resourceType")
         self.type = rtype if isinstance(rtype, str) else ""
         self.full_url = full_url if isinstance(full_url, str) and full_url else None
@@ -510,7 +507,7 @@ class _Index:
 class _Node:
     """A JSON object inside a resource, read with its element path kept for errors."""
 
-    __slots__ = ("_parent", "_path", "_step", "data", "res")
+    __slots__ = ("_index", "_key", "_parent", "_path", "data", "res")
 
     def __init__(
         self,
@@ -518,24 +515,24 @@ class _Node:
         path: str | None,
         data: Mapping[str, Any],
         parent: _Node | None = None,
-        step: str | tuple[str, int] = "",
+        key: Any = None,
+        index: int | None = None,
     ) -> None:
         self.res = res
         self.data = data
-        # A child's path is written only if an error names it: (parent, step) until then.
+        # A child's path is written only if an error names it: its parent, the key in the
+        # parent (the input's own key object) and its index in that array, until then.
         self._path = path
         self._parent = parent
-        self._step = step
+        self._key = key
+        self._index = index
 
     @property
     def path(self) -> str:
         if self._path is None:
             assert self._parent is not None
-            step = self._step
-            if isinstance(step, tuple):
-                self._path = f"{self._parent.at(step[0])}[{step[1]}]"
-            else:
-                self._path = self._parent.at(step)
+            path = self._parent.at(self._key)
+            self._path = path if self._index is None else f"{path}[{self._index}]"
         return self._path
 
     def at(self, key: str | None) -> str:
@@ -571,7 +568,7 @@ class _Node:
         for n, item in enumerate(value):
             if type(item) is not dict and not isinstance(item, Mapping):
                 raise self.fail(f"{key}[{n}]", "expected an object")
-            out.append(_Node(self.res, None, item, self, (key, n)))
+            out.append(_Node(self.res, None, item, self, key, n))
         return out
 
     def only(self, key: str) -> _Node | None:
@@ -587,7 +584,7 @@ class _Node:
             return None
         if not isinstance(value, str) or not value:
             raise self.fail(key, "expected a non-empty string")
-        if not self.res.plain and not _unicode(value):
+        if not _unicode(value):
             raise self.fail(key, "not valid Unicode (a lone surrogate)")
         return value
 
@@ -602,7 +599,7 @@ class _Node:
         if value is None:
             return []
         if not isinstance(value, list) or not all(
-            isinstance(v, str) and v and (self.res.plain or _unicode(v)) for v in value
+            isinstance(v, str) and v and _unicode(v) for v in value
         ):
             raise self.fail(key, "expected an array of non-empty strings")
         return list(value)
@@ -644,8 +641,6 @@ class _Node:
         if type(self.data) is not dict:
             return self._no_modifiers()
         if _plainly_without_modifiers(self.data):
-            if self.data is self.res.data:
-                self.res.plain = True
             return None
         stack: list[tuple[Any, int]] = [(self.data, 0)]
         while stack:
@@ -991,8 +986,7 @@ class _Rebuild:
             node = _Node(source, source.type, source.data)
             earlier = _earlier_shape(resource, encounter)
             data = source.data
-            present = (resource.keys() | data.keys() | earlier.keys()) & _DERIVED_SET
-            for element in sorted(present, key=_DERIVED.index):  # the same order each time
+            for element in _DERIVED:
                 ours, theirs = resource.get(element), data.get(element)
                 if ours is None and theirs is None and element not in earlier:
                     continue  # neither says anything (most elements, most resources)
@@ -1103,7 +1097,7 @@ class _Rebuild:
             elif isinstance(value, list):
                 for n, item in enumerate(value):
                     if isinstance(item, Mapping):
-                        self.known_displays(_Node(node.res, None, item, node, (key, n)), depth + 1)
+                        self.known_displays(_Node(node.res, None, item, node, key, n), depth + 1)
 
     def local_type(self, node: _Node, kind: Kind) -> None:
         """The clinic's own identifier of ``node`` has its type, or none (earlier versions)."""
@@ -1513,7 +1507,6 @@ _DERIVED = (
     "participant",
     "serviceProvider",
 )
-_DERIVED_SET = frozenset(_DERIVED)
 
 
 @functools.cache
