@@ -12,10 +12,12 @@ from __future__ import annotations
 import enum
 import hashlib
 import math
+import re
 from collections.abc import Mapping
 from decimal import Decimal
 from pathlib import Path
 from typing import Any
+from urllib.parse import quote
 
 import orjson
 import pytest
@@ -23,10 +25,12 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from ims_fhir import ReadRecord, read_records
-from ims_fhir.mapping.identity import without_contained_ids
+from ims_fhir.mapping import identity
+from ims_fhir.mapping.identity import search_escape, without_contained_ids
 from ims_fhir.mapping.to_fhir import bundle_dict
 from ims_fhir.record.model import Encounter
 from ims_fhir.record.synthetic import synthetic_encounters
+from ims_fhir.sync import push
 from ims_fhir.sync import signature as sig
 from ims_fhir.sync.signature import References, canonical_json
 
@@ -90,6 +94,46 @@ def _reference_signature(resource: Mapping[str, Any], references: References) ->
         references = sig._Local(references, local)
     digest = hashlib.sha256(canonical_json(_reference_normalised(content, references)))
     return digest.hexdigest()[:32]
+
+
+def _reference_literal(value: Any, literal_refs: dict[str, str]) -> Any:
+    """``push._literal`` before it dispatched once per element (ims-fhir 0.2)."""
+    kind = type(value)
+    if kind is dict:
+        changed: dict[str, Any] | None = None
+        for key, item in value.items():
+            if key == "reference" and type(item) is str:
+                new = literal_refs.get(item, item)
+            elif type(item) is dict or type(item) is list:
+                new = _reference_literal(item, literal_refs)
+            else:
+                continue
+            if new is not item:
+                if changed is None:
+                    changed = dict(value)
+                changed[key] = new
+        return value if changed is None else changed
+    if kind is list:
+        items: list[Any] | None = None
+        for n, item in enumerate(value):
+            if type(item) is dict or type(item) is list:
+                new = _reference_literal(item, literal_refs)
+                if new is not item:
+                    if items is None:
+                        items = list(value)
+                    items[n] = new
+        return value if items is None else items
+    return value
+
+
+_REFERENCE_PLAIN = re.compile(r"[A-Za-z0-9_.~-]*")
+
+
+def _reference_value_token(value: str) -> str:
+    """``identity._value_token`` before "/" had a fast path (ims-fhir 0.2)."""
+    if _REFERENCE_PLAIN.fullmatch(value):
+        return value
+    return quote(search_escape(value), safe="")
 
 
 # -- inputs -------------------------------------------------------------------------------------
@@ -239,3 +283,69 @@ def test_what_holds_no_reference_or_number_is_not_copied_and_the_input_is_not_ch
     assert orjson.dumps(bundle) == before
     coding = {"system": "s", "code": "c"}
     assert sig._normalised(coding, references) is coding
+
+
+# -- references made literal (push._rewrite) ----------------------------------------------------
+
+
+def _literal_refs(bundle: dict[str, Any]) -> dict[str, str]:
+    """Every other entry's fullUrl as a ``Type/id``, as a push has those it does not send."""
+    entries = [e for e in bundle["entry"] if "fullUrl" in e and "resource" in e]
+    return {
+        e["fullUrl"]: f"{e['resource']['resourceType']}/id{n}"
+        for n, e in enumerate(entries)
+        if n % 2 == 0
+    }
+
+
+def test_references_made_literal_in_mapped_and_fhir_fixture_resources_are_unchanged() -> None:
+    rewritten = 0
+    for bundle in _bundles():
+        literal_refs = _literal_refs(bundle)
+        for entry in bundle["entry"]:
+            resource = entry["resource"]
+            before = orjson.dumps(resource)
+            new = push._rewrite(resource, literal_refs)
+            old = _reference_literal(resource, literal_refs)
+            _same(new, old if old is not resource else dict(resource))
+            assert new is not resource  # callers set its id and meta
+            assert orjson.dumps(resource) == before
+            rewritten += new != resource
+    assert rewritten > 1000
+
+
+@settings(max_examples=1500, deadline=None)
+@given(json_values)
+def test_references_made_literal_in_generated_json_are_unchanged(value: Any) -> None:
+    literal_refs = {"urn:uuid:a": "Patient/p1", "#c": "Basic/c"}
+    _same(push._literal(value, literal_refs), _reference_literal(value, literal_refs))
+
+
+# -- search tokens (identity.identifier_query) --------------------------------------------------
+
+_token_text = st.text() | st.text(alphabet="aZ09_.~-/|,$\\% é\ud800", max_size=12)
+
+
+@settings(max_examples=3000, deadline=None)
+@given(_token_text)
+def test_a_value_token_is_percent_encoded_as_before(value: str) -> None:
+    assert _outcome(identity._value_token, value) == _outcome(_reference_value_token, value)
+
+
+def _outcome(function: Any, value: str) -> tuple[str, str]:
+    """What ``function(value)`` gives, or the type of what it raises (a lone surrogate)."""
+    try:
+        return "returns", function(value)
+    except Exception as exc:  # noqa: BLE001 - compared, not handled
+        return "raises", type(exc).__name__
+
+
+def test_identifier_queries_of_mapped_resources_are_unchanged() -> None:
+    count = 0
+    for bundle in _bundles()[:200]:
+        for entry in bundle["entry"]:
+            for item in entry["resource"].get("identifier") or []:
+                value = item["value"]
+                assert identity._value_token(value) == _reference_value_token(value)
+                count += "/" in value
+    assert count > 1000
