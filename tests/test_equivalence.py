@@ -182,7 +182,8 @@ _EDGE_NUMBERS = [
     float("-inf"),
     float("nan"),
 ]
-_keys = st.sampled_from(["reference", "value", "id", "coding", "x"]) | st.text(max_size=4)
+_names = ["reference", "value", "id", "contained", "coding", "x"]
+_keys = st.sampled_from(_names) | st.text(max_size=4)
 _leaves = (
     st.none()
     | st.booleans()
