@@ -45,13 +45,14 @@ def _system_token(identifier_system: str) -> str:
     return quote(search_escape(identifier_system), safe=":/")  # a few systems, met many times
 
 
-# What neither escaping nor percent-encoding changes: most values are such (ids, numbers).
-_PLAIN = re.compile(r"[A-Za-z0-9_.~-]*")
+# What escaping leaves as it is, and percent-encoding too but for "/": most values are such
+# (ids, numbers, ``enc-1/finding/f3``).
+_PLAIN = re.compile(r"[A-Za-z0-9_.~/-]*")
 
 
 def _value_token(value: str) -> str:
     if _PLAIN.fullmatch(value):
-        return value
+        return value.replace("/", "%2F")  # what quote(value, safe="") gives for these
     return quote(search_escape(value), safe="")
 
 

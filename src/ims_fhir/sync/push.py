@@ -1608,30 +1608,50 @@ def _rewrite(value: Any, literal_refs: dict[str, str]) -> Any:
 def _literal(value: Any, literal_refs: dict[str, str]) -> Any:
     kind = type(value)
     if kind is dict:
-        changed: dict[str, Any] | None = None
-        for key, item in value.items():
-            if key == "reference" and type(item) is str:
-                new = literal_refs.get(item, item)
-            elif type(item) is dict or type(item) is list:
-                new = _literal(item, literal_refs)
-            else:
-                continue
-            if new is not item:
-                if changed is None:
-                    changed = dict(value)
-                changed[key] = new
-        return value if changed is None else changed
+        return _literal_object(value, literal_refs)
     if kind is list:
-        items: list[Any] | None = None
-        for n, item in enumerate(value):
-            if type(item) is dict or type(item) is list:
-                new = _literal(item, literal_refs)
-                if new is not item:
-                    if items is None:
-                        items = list(value)
-                    items[n] = new
-        return value if items is None else items
+        return _literal_array(value, literal_refs)
     return value
+
+
+def _literal_object(value: JSON, literal_refs: dict[str, str]) -> JSON:
+    changed: JSON | None = None  # a copy, made at the first element that changes
+    new: Any
+    for key, item in value.items():
+        kind = type(item)
+        if kind is str:
+            if key != "reference":
+                continue
+            new = literal_refs.get(item, item)
+        elif kind is dict:
+            new = _literal_object(item, literal_refs)
+        elif kind is list:
+            new = _literal_array(item, literal_refs)
+        else:
+            continue
+        if new is not item:
+            if changed is None:
+                changed = dict(value)
+            changed[key] = new
+    return value if changed is None else changed
+
+
+def _literal_array(value: list[Any], literal_refs: dict[str, str]) -> list[Any]:
+    items: list[Any] | None = None  # a copy, made at the first element that changes
+    new: Any
+    for n, item in enumerate(value):
+        kind = type(item)
+        if kind is dict:
+            new = _literal_object(item, literal_refs)
+        elif kind is list:
+            new = _literal_array(item, literal_refs)
+        else:
+            continue
+        if new is not item:
+            if items is None:
+                items = list(value)
+            items[n] = new
+    return value if items is None else items
 
 
 def _retirement(current: JSON) -> JSON:

@@ -92,24 +92,72 @@ class References:
 
 
 def _normalised(value: Any, references: References) -> Any:
-    """``value`` with references as keys and numbers as their decimal text (see signature)."""
+    """``value`` with references as keys and numbers as their decimal text (see signature).
+
+    What holds neither is returned as it is, not copied (nothing changes it afterwards): most
+    of a resource is codings and text.
+    """
     kind = type(value)
     if kind is dict:
-        out = {}
-        for key, item in value.items():
-            kind = type(item)
-            if kind is str:
-                out[key] = references.resolve(item) if key == "reference" else item
-            elif kind is dict or kind is list:
-                out[key] = _normalised(item, references)
-            elif key == "reference" and isinstance(item, str):
-                out[key] = references.resolve(item)
-            else:
-                out[key] = _leaf(item, references)
-        return out
+        return _object(value, references)
     if kind is list:
-        return [item if type(item) is str else _normalised(item, references) for item in value]
+        return _array(value, references)
     return _leaf(value, references)
+
+
+def _object(value: dict[str, Any], references: References) -> dict[str, Any]:
+    out: dict[str, Any] | None = None  # a copy, made at the first element that changes
+    new: Any
+    for key, item in value.items():
+        kind = type(item)
+        if kind is str:
+            if key != "reference":
+                continue
+            new = references.resolve(item)
+        elif kind is dict:
+            new = _object(item, references)
+        elif kind is list:
+            new = _array(item, references)
+        elif kind is bool or item is None:
+            continue
+        elif kind is int and -_EXACT < item < _EXACT:
+            new = str(item)  # what the decimal route writes for an int of up to 28 digits
+        elif key == "reference" and isinstance(item, str):
+            new = references.resolve(item)
+        else:
+            new = _leaf(item, references)
+        if new is not item:
+            if out is None:
+                out = dict(value)
+            out[key] = new
+    return value if out is None else out
+
+
+def _array(value: list[Any], references: References) -> list[Any]:
+    out: list[Any] | None = None  # a copy, made at the first element that changes
+    new: Any
+    for n, item in enumerate(value):
+        kind = type(item)
+        if kind is str or kind is bool or item is None:
+            continue
+        if kind is dict:
+            new = _object(item, references)
+        elif kind is list:
+            new = _array(item, references)
+        elif kind is int and -_EXACT < item < _EXACT:
+            new = str(item)
+        else:
+            new = _leaf(item, references)
+        if new is not item:
+            if out is None:
+                out = list(value)
+            out[n] = new
+    return value if out is None else out
+
+
+# Integers the decimal route (``_number``) writes as ``str`` does: those within the default
+# decimal context's 28 digits of precision (beyond them, ``normalize`` rounds).
+_EXACT = 10**28
 
 
 def _leaf(value: Any, references: References) -> Any:
