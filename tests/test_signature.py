@@ -134,3 +134,21 @@ def _placed(resource: dict[str, Any]) -> dict[str, Any]:
         text = text.replace(f'"reference": "{old}"', f'"reference": "{new}"')
     placed: dict[str, Any] = json.loads(text)
     return placed
+
+
+def test_a_signature_does_not_depend_on_the_callers_decimal_context() -> None:
+    """An application embedding ims-fhir may change its thread's decimal context; a number's
+    text in a signature stays what the default context (28 digits) gave when it was stored."""
+    import decimal
+
+    resource = {
+        "resourceType": "Observation",
+        "valueQuantity": {"value": 123456.789, "unit": "mm"},
+        "component": [{"valueInteger": 10**30 + 7}, {"valueQuantity": {"value": 1.5e-7}}],
+    }
+    expected = signature(resource, References())
+    for precision in (3, 8, 40):
+        with decimal.localcontext() as context:
+            context.prec = precision
+            context.rounding = decimal.ROUND_DOWN
+            assert signature(resource, References()) == expected, precision

@@ -21,7 +21,7 @@ import hashlib
 import json
 import math
 from collections.abc import Iterable, Mapping
-from decimal import Decimal
+from decimal import Context, Decimal
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -172,11 +172,17 @@ def _leaf(value: Any, references: References) -> Any:
     return value
 
 
+# The decimal context signatures were first written in (Python's default: 28 digits), fixed
+# here: an application embedding ims-fhir may set its thread's context otherwise, and a
+# signature must not depend on it.
+_DECIMAL = Context(prec=28)
+
+
 def _number(value: float) -> str:
     """A number by its value: servers may write ``13.0`` as ``13`` (JSON does not tell them)."""
     if isinstance(value, float) and not math.isfinite(value):
         return repr(value)
-    return format(Decimal(str(value)).normalize(), "f")
+    return format(Decimal(str(value)).normalize(_DECIMAL), "f")
 
 
 def signature(resource: Mapping[str, Any], references: References) -> str:
