@@ -287,6 +287,18 @@ HOSTILE: list[tuple[str, Callable[[JSON], None], str, str]] = [
         "unknown linkId",
     ),
     (
+        "empty-link-id",
+        _add_top({"linkId": "", "answer": [{"valueString": "x"}]}),
+        "item",
+        "has no linkId",
+    ),
+    (
+        "a-long-unknown-link-id",
+        _add_top({"linkId": "x" * 5000, "answer": [{"valueString": "x"}]}),
+        "x" * 77 + "...",
+        "unknown linkId",
+    ),
+    (
         "misplaced",
         _add_top({"linkId": "pain.nrs", "answer": [{"valueInteger": 3}]}),
         "pain.nrs",
@@ -464,7 +476,7 @@ def test_a_hostile_response_is_refused_naming_the_link_id(
     with pytest.raises(MappingError) as caught:
         from_questionnaire_response(qr)
     assert caught.value.path == link_id, str(caught.value)
-    assert link_id in items_by_link_id() or link_id == "item" or link_id == "bogus"
+    assert link_id in items_by_link_id() or link_id in ("item", "bogus", "x" * 77 + "...")
     assert message in caught.value.reason, str(caught.value)
     assert str(caught.value).startswith("QuestionnaireResponse/qr-1: ")
 

@@ -306,7 +306,7 @@ def _read_items(
         if not isinstance(item, dict):
             raise _Error(parent or "item", f"an item of {where} is not a JSON object")
         link_id = item.get("linkId")
-        if not isinstance(link_id, str):
+        if not isinstance(link_id, str) or not link_id:  # "" names nothing: no path either
             raise _Error(parent or "item", f"an item of {where} has no linkId")
         if link_id not in by_id:
             known = items_by_link_id()
@@ -315,7 +315,8 @@ def _read_items(
                 if link_id in known
                 else f"unknown linkId in {where}"
             )
-            raise _Error(link_id, reason)
+            # The input's own text as the path: a line of an error, never the whole of it.
+            raise _Error(link_id if len(link_id) <= 80 else link_id[:77] + "...", reason)
         found.setdefault(link_id, []).append(item)
     # Questions first, then groups: a group's enableWhen reads its siblings' answers.
     ordered = sorted(specs, key=lambda s: s.type == "group")
