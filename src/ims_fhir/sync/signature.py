@@ -21,7 +21,7 @@ import hashlib
 import json
 import math
 from collections.abc import Iterable, Mapping
-from decimal import Context, Decimal
+from decimal import ROUND_HALF_EVEN, Context, Decimal, DivisionByZero, InvalidOperation, Overflow
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -165,17 +165,26 @@ def _leaf(value: Any, references: References) -> Any:
         return value
     if isinstance(value, int | float):
         return _number(value)
-    if isinstance(value, Mapping):
-        return _normalised(dict(value), references)
+    if isinstance(value, Mapping):  # straight to _object: no deeper a stack than a dict's
+        return _object(dict(value), references)
     if isinstance(value, list | tuple):
-        return [_normalised(item, references) for item in value]
+        return _array(list(value), references)
     return value
 
 
-# The decimal context signatures were first written in (Python's default: 28 digits), fixed
-# here: an application embedding ims-fhir may set its thread's context otherwise, and a
-# signature must not depend on it.
-_DECIMAL = Context(prec=28)
+# The decimal context signatures were first written in (Python's default), every field spelt
+# out: an application embedding ims-fhir may set its threads' context, or the DefaultContext
+# new ones copy, otherwise, and a signature must not depend on it.
+_DECIMAL = Context(
+    prec=28,
+    rounding=ROUND_HALF_EVEN,
+    Emin=-999999,
+    Emax=999999,
+    capitals=1,
+    clamp=0,
+    flags=[],
+    traps=[InvalidOperation, DivisionByZero, Overflow],
+)
 
 
 def _number(value: float) -> str:
