@@ -1220,17 +1220,29 @@ def bulk_only(args: argparse.Namespace, sizes: Sizes) -> int:
         if min(sizes.bulk_memory) > 0:  # --bulk-memory 0 0 leaves the row out
             results["bulk_memory"] = bench_bulk_memory(sizes.bulk_memory, workdir)
             print("bulk_memory", json.dumps(results["bulk_memory"]), flush=True)
+    return write_part(args, "bulk", "bulk", "bench/run --bulk-only", results, bulk_rows(results))
+
+
+def write_part(
+    args: argparse.Namespace,
+    name: str,
+    title: str,
+    command: str,
+    results: dict[str, Any],
+    rows: list[str],
+) -> int:
+    """One part's rows alone, written to RESULTS-<name>.md and results-<name>.json."""
     m = results["machine"]
     text = (
         f"Measured {results['date']} on {m['cpu']} ({m['cores']} cores, {m['memory_gib']} GiB), "
-        f"Python {m['python']}; bench/run --bulk-only.\n\n"
+        f"Python {m['python']}; {command}.\n\n"
         "| measure | ims-fhir | baseline | ratio | target |\n|---|---|---|---|---|\n"
-        + "\n".join(bulk_rows(results))
+        + "\n".join(rows)
         + "\n"
     )
     args.out.mkdir(parents=True, exist_ok=True)
-    (args.out / "results-bulk.json").write_text(json.dumps(results, indent=2) + "\n", "utf-8")
-    (args.out / "RESULTS-bulk.md").write_text("# Benchmark results: bulk\n\n" + text, "utf-8")
+    (args.out / f"results-{name}.json").write_text(json.dumps(results, indent=2) + "\n", "utf-8")
+    (args.out / f"RESULTS-{name}.md").write_text(f"# Benchmark results: {title}\n\n{text}", "utf-8")
     print(text)
     return 0
 
@@ -1251,20 +1263,10 @@ def cpu_only(args: argparse.Namespace, sizes: Sizes) -> int:
         rounds = 2 if args.quick else 4
         results["client_cpu"] = bench_client_cpu(sizes.cpu, rounds, Path(tmp))
         print("client_cpu", json.dumps(results["client_cpu"]), flush=True)
-    m = results["machine"]
-    text = (
-        f"Measured {results['date']} on {m['cpu']} ({m['cores']} cores, {m['memory_gib']} GiB), "
-        f"Python {m['python']}; bench/run --cpu-only{' --quick' if args.quick else ''}.\n\n"
-        "| measure | ims-fhir | baseline | ratio | target |\n|---|---|---|---|---|\n"
-        + "\n".join(cpu_rows(results))
-        + "\n"
-    )
-    suffix = "-quick" if args.quick else ""
-    args.out.mkdir(parents=True, exist_ok=True)
-    (args.out / f"results-cpu{suffix}.json").write_text(json.dumps(results, indent=2) + "\n")
-    (args.out / f"RESULTS-cpu{suffix}.md").write_text("# Benchmark results: one core\n\n" + text)
-    print(text)
-    return 0
+    quick = " --quick" if args.quick else ""
+    name = "cpu-quick" if args.quick else "cpu"
+    command = f"bench/run --cpu-only{quick}"
+    return write_part(args, name, "one core", command, results, cpu_rows(results))
 
 
 def _spread(inc: dict[str, Any]) -> str:
@@ -1286,21 +1288,12 @@ def nightly_only(args: argparse.Namespace, sizes: Sizes, size: int) -> int:
             warm_up(base, sizes.warmup, workdir)
             results["incremental"] = bench_incremental(base, size, 0.01, workdir)
             print("incremental", json.dumps(results["incremental"]), flush=True)
-    m = results["machine"]
     inc = results["incremental"]
-    text = (
-        f"Measured {results['date']} on {m['cpu']} ({m['cores']} cores, {m['memory_gib']} GiB), "
-        f"Python {m['python']}; bench/run --nightly-only {size}. ims-fhir's requests: "
-        f"{inc['ours_requests']}; its results: {inc['ours_actions']}.\n\n"
-        "| measure | ims-fhir | baseline | ratio | target |\n|---|---|---|---|---|\n"
-        + nightly_row(inc)
-        + "\n"
+    command = (
+        f"bench/run --nightly-only {size}. ims-fhir's requests: {inc['ours_requests']}; its "
+        f"results: {inc['ours_actions']}"
     )
-    args.out.mkdir(parents=True, exist_ok=True)
-    (args.out / "results-nightly.json").write_text(json.dumps(results, indent=2) + "\n", "utf-8")
-    (args.out / "RESULTS-nightly.md").write_text("# Benchmark results: nightly sync\n\n" + text)
-    print(text)
-    return 0
+    return write_part(args, "nightly", "nightly sync", command, results, [nightly_row(inc)])
 
 
 def measure_server(
