@@ -163,6 +163,11 @@ class StateError(ConfigurationError):
     """The sync state file cannot be used: unreadable, not a state file, read-only or locked."""
 
 
+def clip(text: str, limit: int = 120) -> str:
+    """At most ``limit`` characters of a value quoted in an error: a line, never the whole input."""
+    return text if len(text) <= limit else text[: limit - 3] + "..."
+
+
 def describe_request(request: httpx.Request | None) -> str:
     """Return ``METHOD scheme://host/path`` without the query (it may hold identifiers)."""
     if request is None:

@@ -31,7 +31,7 @@ from typing import Any
 import orjson
 from pydantic import ValidationError
 
-from .._exceptions import MappingError
+from .._exceptions import MappingError, clip
 from ..record.model import Encounter
 from ..record.reader import decode_json
 from ..record.terminology import Terminology, terminology
@@ -146,7 +146,7 @@ def from_fhir(resources: Any) -> MappingReport:
                     MappingError(
                         encounter.name,
                         "Encounter.identifier",
-                        f"{len(found)} Encounters carry identifier {_clip(repr(ours[1]))}: {names}",
+                        f"{len(found)} Encounters carry identifier {clip(repr(ours[1]))}: {names}",
                         namespaces=namespaces.of(encounter, ours),
                     )
                 )
@@ -284,7 +284,7 @@ def _orphans(index: _Index, used: set[_Res], namespaces: _Namespaces) -> list[Ma
                     MappingError(
                         target.name,
                         "Encounter.identifier",
-                        f"the parts of IMS encounter {_clip(repr(encounter_id))} point at this "
+                        f"the parts of IMS encounter {clip(repr(encounter_id))} point at this "
                         "Encounter, which has no ims-fhir identifier of that encounter",
                         namespaces=namespaces.of(target) | {namespace},
                     )
@@ -1018,7 +1018,7 @@ class _Rebuild:
                 raise MappingError(
                     res.name,
                     f"{res.type or 'resource'}.identifier",
-                    f"carries identifier {_clip(repr(ident))} of this encounter but is not one "
+                    f"carries identifier {clip(repr(ident))} of this encounter but is not one "
                     "of its parts (a duplicate, or not linked to it by encounter)",
                 )
 
@@ -1090,7 +1090,7 @@ class _Rebuild:
                     if known and (not isinstance(shown, str) or shown not in known):
                         raise node.fail(
                             f"coding[{n}].display",
-                            f"{_clip(repr(shown))}, but {code} is {min(known)!r}",
+                            f"{clip(repr(shown))}, but {code} is {min(known)!r}",
                         )
             elif isinstance(value, Mapping):
                 self.known_displays(_Node(node.res, None, value, node, key), depth + 1)
@@ -1319,7 +1319,7 @@ class _Rebuild:
                 )
             fid = self.part(target, Kind.OBSERVATION, "finding")
             if fid in order:
-                raise panel.fail(f"hasMember[{n}]", f"finding {_clip(repr(fid))} listed twice")
+                raise panel.fail(f"hasMember[{n}]", f"finding {clip(repr(fid))} listed twice")
             order[str(fid)] = n
         missing = [f["id"] for f in findings if f["id"] not in order]
         if missing:
@@ -1681,12 +1681,7 @@ def _emitted(system: Any, code: Any) -> Any:
 
 
 def _short(value: Any) -> str:
-    return _clip(json.dumps(value, ensure_ascii=False, default=str))
-
-
-def _clip(text: str) -> str:
-    """At most 120 characters of a value quoted in an error: a line, never the whole input."""
-    return text if len(text) <= 120 else text[:117] + "..."
+    return clip(json.dumps(value, ensure_ascii=False, default=str))
 
 
 def _key_of(resource: Mapping[str, Any]) -> str:

@@ -16,7 +16,7 @@ from typing import Any
 
 from pydantic import ValidationError
 
-from .._exceptions import MappingError
+from .._exceptions import MappingError, clip
 from ..record.model import Encounter
 from .from_fhir import MappingReport
 from .questionnaire_form import (
@@ -316,7 +316,7 @@ def _read_items(
                 else f"unknown linkId in {where}"
             )
             # The input's own text as the path: a line of an error, never the whole of it.
-            raise _Error(link_id if len(link_id) <= 80 else link_id[:77] + "...", reason)
+            raise _Error(clip(link_id, 80), reason)
         found.setdefault(link_id, []).append(item)
     # Questions first, then groups: a group's enableWhen reads its siblings' answers.
     ordered = sorted(specs, key=lambda s: s.type == "group")
