@@ -1180,12 +1180,7 @@ def main() -> int:
     }
     with tempfile.TemporaryDirectory() as tmp:
         workdir = Path(tmp)
-        results["mapping"] = bench_mapping(sizes.map, sizes.map_runs)
-        print("mapping", json.dumps(results["mapping"]), flush=True)
-        results["one_bundle"] = bench_one_bundle(sizes.one_bundle)
-        print("one_bundle", json.dumps(results["one_bundle"]), flush=True)
-        results["client_cpu"] = bench_client_cpu(sizes.cpu, 2 if args.quick else 4, workdir)
-        print("client_cpu", json.dumps(results["client_cpu"]), flush=True)
+        measure_cpu(args, sizes, results, workdir)
         if not args.offline:
             with server() as base:
                 measure_server(args, sizes, results, base, workdir)
@@ -1247,6 +1242,18 @@ def write_part(
     return 0
 
 
+def measure_cpu(
+    args: argparse.Namespace, sizes: Sizes, results: dict[str, Any], workdir: Path
+) -> None:
+    """The rows of one core without a server: mapping each way, the push client's CPU."""
+    results["mapping"] = bench_mapping(sizes.map, sizes.map_runs)
+    print("mapping", json.dumps(results["mapping"]), flush=True)
+    results["one_bundle"] = bench_one_bundle(sizes.one_bundle)
+    print("one_bundle", json.dumps(results["one_bundle"]), flush=True)
+    results["client_cpu"] = bench_client_cpu(sizes.cpu, 2 if args.quick else 4, workdir)
+    print("client_cpu", json.dumps(results["client_cpu"]), flush=True)
+
+
 def cpu_only(args: argparse.Namespace, sizes: Sizes) -> int:
     """The mapping and client-CPU rows alone, written to RESULTS-cpu.md and results-cpu.json."""
     mode = "quick" if args.quick else "full"
@@ -1256,13 +1263,7 @@ def cpu_only(args: argparse.Namespace, sizes: Sizes) -> int:
         "machine": machine(),
     }
     with tempfile.TemporaryDirectory() as tmp:
-        results["mapping"] = bench_mapping(sizes.map, sizes.map_runs)
-        print("mapping", json.dumps(results["mapping"]), flush=True)
-        results["one_bundle"] = bench_one_bundle(sizes.one_bundle)
-        print("one_bundle", json.dumps(results["one_bundle"]), flush=True)
-        rounds = 2 if args.quick else 4
-        results["client_cpu"] = bench_client_cpu(sizes.cpu, rounds, Path(tmp))
-        print("client_cpu", json.dumps(results["client_cpu"]), flush=True)
+        measure_cpu(args, sizes, results, Path(tmp))
     quick = " --quick" if args.quick else ""
     name = "cpu-quick" if args.quick else "cpu"
     command = f"bench/run --cpu-only{quick}"
